@@ -1,0 +1,577 @@
+/* checkpoint.c - image management and libcriu calls. */
+#define _GNU_SOURCE
+#include "checkpoint.h"
+
+#include <criu/criu.h>
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <ftw.h>
+#include <msgpack.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+#include <zlib.h>
+
+#include "json.h"
+#include "log.h"
+#include "mp.h"
+#include "util.h"
+
+#define PROVISIONED_CRIU "/usr/local/lib/beam/criu"
+#define MAX_FILES 4096
+
+const char *bw_ckpt_find_criu(const char *configured) {
+    if (configured && *configured)
+        return configured;
+    const char *env = getenv("BEAM_CRIU");
+    if (env && *env)
+        return env;
+    if (access(PROVISIONED_CRIU, X_OK) == 0)
+        return PROVISIONED_CRIU;
+    return "criu";
+}
+
+static int mkdir_private(const char *path) {
+    if (mkdir(path, 0700) < 0 && errno != EEXIST)
+        return -1;
+    return 0;
+}
+
+/* mkdir -p, creating missing components 0700. */
+static int mkdirs(const char *path) {
+    char tmp[PATH_MAX];
+    snprintf(tmp, sizeof tmp, "%s", path);
+    for (char *p = tmp + 1; *p; p++) {
+        if (*p != '/')
+            continue;
+        *p = '\0';
+        if (mkdir_private(tmp) < 0)
+            return -1;
+        *p = '/';
+    }
+    return mkdir_private(tmp);
+}
+
+int bw_ckpt_open(struct bw_ckpt *c, const char *root, const char *key, const char *criu,
+                 double timeout_s, char *err, size_t errlen) {
+    memset(c, 0, sizeof *c);
+    snprintf(c->root, sizeof c->root, "%s", root);
+    snprintf(c->key, sizeof c->key, "%s", key);
+    snprintf(c->dir, sizeof c->dir, "%s/%s", root, key);
+    snprintf(c->failed, sizeof c->failed, "%s/%s.failed", root, key);
+    c->criu = bw_ckpt_find_criu(criu);
+    c->timeout_s = timeout_s;
+    struct stat st;
+    if (mkdirs(root) < 0 || stat(root, &st) < 0) {
+        snprintf(err, errlen, "cannot create checkpoint dir %s: %s", root, strerror(errno));
+        return -1;
+    }
+    /* Images hold the whole process memory: only their owner may touch them. */
+    if (!S_ISDIR(st.st_mode) || st.st_uid != geteuid() || (st.st_mode & 022)) {
+        snprintf(err, errlen, "refusing checkpoint dir %s: it must be a directory owned by "
+                 "uid %d and not writable by group or others (mode is %03o)",
+                 root, (int)geteuid(), st.st_mode & 0777);
+        return -1;
+    }
+    if (st.st_mode & 077)
+        chmod(root, 0700);
+    return 0;
+}
+
+int bw_ckpt_exists(const struct bw_ckpt *c) {
+    char p[PATH_MAX + 300];
+    snprintf(p, sizeof p, "%s/restore.msgpack", c->dir);
+    return access(p, R_OK) == 0;
+}
+
+int bw_ckpt_failed_before(const struct bw_ckpt *c, char *reason, size_t cap) {
+    FILE *f = fopen(c->failed, "r");
+    if (!f)
+        return 0;
+    size_t n = fread(reason, 1, cap - 1, f);
+    reason[n] = '\0';
+    fclose(f);
+    return 1;
+}
+
+void bw_ckpt_mark_failed(const struct bw_ckpt *c, const char *reason) {
+    int fd = open(c->failed, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+    if (fd < 0)
+        return;
+    FILE *f = fdopen(fd, "w");
+    fputs("{\"reason\": ", f);
+    bw_json_write_str(f, reason);
+    fprintf(f, ", \"time\": %lld}\n", (long long)time(NULL));
+    fclose(f);
+}
+
+void bw_ckpt_clear_failed(const struct bw_ckpt *c) { unlink(c->failed); }
+
+static int rm_entry(const char *path, const struct stat *st, int flag, struct FTW *ftw) {
+    (void)st;
+    (void)flag;
+    (void)ftw;
+    return remove(path);
+}
+
+static void rm_rf(const char *path) { nftw(path, rm_entry, 16, FTW_DEPTH | FTW_PHYS); }
+
+void bw_ckpt_discard(const struct bw_ckpt *c) { rm_rf(c->dir); }
+
+/* ---- bounded CRIU calls ------------------------------------------------------------
+ * libcriu forks `criu swrk` from the calling thread and blocks on its socket. A stuck
+ * criu (the notes record dumps hanging forever) must become an error: a watchdog
+ * thread kills the calling thread's `criu` children once the time is up. */
+
+struct watchdog {
+    pthread_t thread;
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    bool done, fired;
+    pid_t caller_tid;
+    double timeout_s;
+};
+
+static void kill_criu_children(pid_t tid) {
+    char path[64], buf[4096];
+    snprintf(path, sizeof path, "/proc/self/task/%d/children", (int)tid);
+    FILE *f = fopen(path, "r");
+    if (!f)
+        return;
+    size_t n = fread(buf, 1, sizeof buf - 1, f);
+    fclose(f);
+    buf[n] = '\0';
+    for (char *tok = strtok(buf, " \n"); tok; tok = strtok(NULL, " \n")) {
+        char comm[64] = "";
+        snprintf(path, sizeof path, "/proc/%s/comm", tok);
+        FILE *cf = fopen(path, "r");
+        if (!cf)
+            continue;
+        if (fgets(comm, sizeof comm, cf) && strncmp(comm, "criu", 4) == 0)
+            kill(atoi(tok), SIGKILL);
+        fclose(cf);
+    }
+}
+
+static void *watchdog_main(void *arg) {
+    struct watchdog *w = arg;
+    struct timespec until;
+    clock_gettime(CLOCK_REALTIME, &until);
+    until.tv_sec += (time_t)w->timeout_s;
+    pthread_mutex_lock(&w->mu);
+    while (!w->done) {
+        if (pthread_cond_timedwait(&w->cv, &w->mu, &until) == ETIMEDOUT && !w->done) {
+            w->fired = true;
+            kill_criu_children(w->caller_tid);
+            break;
+        }
+    }
+    pthread_mutex_unlock(&w->mu);
+    return NULL;
+}
+
+static void watchdog_start(struct watchdog *w, double timeout_s) {
+    memset(w, 0, sizeof *w);
+    pthread_mutex_init(&w->mu, NULL);
+    pthread_cond_init(&w->cv, NULL);
+    w->caller_tid = gettid();
+    w->timeout_s = timeout_s;
+    pthread_create(&w->thread, NULL, watchdog_main, w);
+}
+
+static bool watchdog_stop(struct watchdog *w) {
+    pthread_mutex_lock(&w->mu);
+    w->done = true;
+    pthread_cond_signal(&w->cv);
+    pthread_mutex_unlock(&w->mu);
+    pthread_join(w->thread, NULL);
+    pthread_mutex_destroy(&w->mu);
+    pthread_cond_destroy(&w->cv);
+    return w->fired;
+}
+
+/* CRIU's own error lines are the best explanation a user can get: quote the last. */
+static void criu_log_reason(const char *log, char *err, size_t errlen, const char *what, int rc) {
+    char line[512], last[512] = "";
+    FILE *f = fopen(log, "r");
+    if (f) {
+        while (fgets(line, sizeof line, f))
+            if (strstr(line, "Error") || strstr(line, "error"))
+                snprintf(last, sizeof last, "%s", line);
+        fclose(f);
+    }
+    size_t n = strlen(last);
+    while (n && (last[n - 1] == '\n' || last[n - 1] == '\r'))
+        last[--n] = '\0';
+    snprintf(err, errlen, "%s failed (libcriu %d%s%s); log: %s", what, rc, *last ? ": " : "",
+             last, log);
+}
+
+static int criu_opts_new(const struct bw_ckpt *c, criu_opts **o, int img_fd, int work_fd,
+                         const char *log_name) {
+    if (criu_local_init_opts(o) < 0)
+        return -1;
+    criu_local_set_service_binary(*o, c->criu);
+    criu_local_set_images_dir_fd(*o, img_fd);
+    criu_local_set_work_dir_fd(*o, work_fd);
+    criu_local_set_log_file(*o, log_name);
+    const char *lvl = getenv("BEAM_CRIU_LOG_LEVEL");
+    criu_local_set_log_level(*o, lvl ? atoi(lvl) : 2);
+    /* The notes: hardware breakpoints never fire in these VMs and dumps hang without
+     * CRIU's FI_NO_BREAKPOINTS fault mode. The criu child inherits our environment. */
+    const char *fault = getenv("BEAM_CRIU_FAULT");
+    setenv("CRIU_FAULT", fault ? fault : "130", 1);
+    return 0;
+}
+
+/* ---- image files ---------------------------------------------------------------- */
+
+struct file_entry {
+    char name[256];
+    unsigned long long size;
+    unsigned long crc;
+};
+
+static int file_crc(int dirfd, const char *name, unsigned long *crc) {
+    int fd = openat(dirfd, name, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return -1;
+    static char buf[1 << 16];
+    uLong c = crc32(0L, Z_NULL, 0);
+    ssize_t n;
+    while ((n = read(fd, buf, sizeof buf)) > 0)
+        c = crc32(c, (const Bytef *)buf, (uInt)n);
+    close(fd);
+    *crc = c;
+    return n < 0 ? -1 : 0;
+}
+
+/* Page data is most of the image and is checked by size only: hashing it on every
+ * restore would cost more than the restore (docs/checkpoint.md). */
+static bool is_page_data(const char *name) { return strncmp(name, "pages-", 6) == 0; }
+
+static int list_files(const char *img, struct file_entry **out, int *n,
+                      unsigned long long *bytes) {
+    DIR *d = opendir(img);
+    if (!d)
+        return -1;
+    struct file_entry *v = calloc(MAX_FILES, sizeof *v);
+    *n = 0;
+    *bytes = 0;
+    struct dirent *e;
+    while (v && (e = readdir(d)) && *n < MAX_FILES) {
+        struct stat st;
+        if (e->d_name[0] == '.' || fstatat(dirfd(d), e->d_name, &st, 0) < 0 || !S_ISREG(st.st_mode))
+            continue;
+        struct file_entry *f = &v[(*n)++];
+        snprintf(f->name, sizeof f->name, "%s", e->d_name);
+        f->size = (unsigned long long)st.st_size;
+        *bytes += f->size;
+        fchmodat(dirfd(d), e->d_name, 0600, 0);
+        if (!is_page_data(f->name) && file_crc(dirfd(d), f->name, &f->crc) < 0) {
+            free(v);
+            v = NULL;
+        }
+    }
+    closedir(d);
+    *out = v;
+    return v ? 0 : -1;
+}
+
+static int write_restore_meta(const char *path, const struct bw_ckpt_ids *ids,
+                              const struct file_entry *files, int n, const char *config,
+                              size_t config_len) {
+    msgpack_sbuffer sb;
+    msgpack_sbuffer_init(&sb);
+    msgpack_packer pk;
+    msgpack_packer_init(&pk, &sb, msgpack_sbuffer_write);
+    msgpack_pack_map(&pk, 4);
+    bw_mp_kv_int(&pk, "v", 1);
+    bw_mp_str(&pk, "ids");
+    msgpack_pack_array(&pk, 3);
+    msgpack_pack_unsigned_long(&pk, ids->out_ino);
+    msgpack_pack_unsigned_long(&pk, ids->err_ino);
+    msgpack_pack_unsigned_long(&pk, ids->ctl_ino);
+    bw_mp_str(&pk, "files");
+    msgpack_pack_array(&pk, (size_t)n);
+    for (int i = 0; i < n; i++) {
+        msgpack_pack_array(&pk, 3);
+        bw_mp_str(&pk, files[i].name);
+        msgpack_pack_unsigned_long_long(&pk, files[i].size);
+        msgpack_pack_unsigned_long(&pk, files[i].crc);
+    }
+    bw_mp_str(&pk, "config");
+    msgpack_sbuffer_write(&sb, config, config_len);
+    int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+    int rc = fd >= 0 ? bw_write_full(fd, sb.data, sb.size) : -1;
+    if (fd >= 0 && (fsync(fd) < 0 || close(fd) < 0))
+        rc = -1;
+    msgpack_sbuffer_destroy(&sb);
+    return rc;
+}
+
+static void write_manifest(const char *path, const struct bw_ckpt *c, const char *app,
+                           const char *config, size_t config_len, const char *profile_json,
+                           int nfiles, unsigned long long bytes, double dump_ms) {
+    int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+    if (fd < 0)
+        return;
+    FILE *f = fdopen(fd, "w");
+    fprintf(f, "{\n  \"key\": ");
+    bw_json_write_str(f, c->key);
+    fprintf(f, ",\n  \"status\": \"ok\",\n  \"created\": %lld,\n  \"app\": ", (long long)time(NULL));
+    bw_json_write_str(f, app);
+    fprintf(f, ",\n  \"worker_version\": \"%s\",\n  \"criu\": ", BW_VERSION);
+    bw_json_write_str(f, c->criu);
+    fprintf(f, ",\n  \"image_bytes\": %llu,\n  \"files\": %d,\n  \"dump_ms\": %.1f,\n"
+               "  \"profile\": %s,\n  \"config\": ", bytes, nfiles, dump_ms,
+            profile_json ? profile_json : "{}");
+    bw_json_write_msgpack(f, config, config_len);
+    fprintf(f, "\n}\n");
+    fclose(f);
+}
+
+int bw_ckpt_dump(const struct bw_ckpt *c, pid_t pid, const struct bw_ckpt_ids *ids,
+                 const char *config, size_t config_len, const char *app, const char *profile_json,
+                 double *ms, unsigned long long *bytes, char *err, size_t errlen) {
+    char tmp[PATH_MAX + 200], img[PATH_MAX + 300], log[PATH_MAX + 300], key[64];
+    snprintf(tmp, sizeof tmp, "%s/.tmp-%s-%d", c->root, c->key, (int)getpid());
+    snprintf(img, sizeof img, "%s/img", tmp);
+    snprintf(log, sizeof log, "%s/dump.log", tmp);
+    rm_rf(tmp);
+    if (mkdir(tmp, 0700) < 0 || mkdir(img, 0700) < 0) {
+        snprintf(err, errlen, "cannot create %s: %s", img, strerror(errno));
+        return -1;
+    }
+    int img_fd = open(img, O_DIRECTORY | O_CLOEXEC), work_fd = open(tmp, O_DIRECTORY | O_CLOEXEC);
+    criu_opts *o = NULL;
+    int rc = -1;
+    if (img_fd < 0 || work_fd < 0 || criu_opts_new(c, &o, img_fd, work_fd, "dump.log") < 0) {
+        snprintf(err, errlen, "cannot prepare CRIU options: %s", strerror(errno));
+        goto out;
+    }
+    criu_local_set_pid(o, pid);
+    criu_local_set_leave_running(o, true);
+    /* The host's stdio pipes and control socket lead to us, outside the tree: the image
+     * records them as external, and each restore plugs in new ones. */
+    snprintf(key, sizeof key, "pipe:[%lu]", ids->out_ino);
+    criu_local_add_external(o, key);
+    if (ids->err_ino != ids->out_ino) {
+        snprintf(key, sizeof key, "pipe:[%lu]", ids->err_ino);
+        criu_local_add_external(o, key);
+    }
+    snprintf(key, sizeof key, "unix[%lu]", ids->ctl_ino);
+    criu_local_add_external(o, key);
+
+    double t0 = bw_now_ms();
+    struct watchdog w;
+    watchdog_start(&w, c->timeout_s);
+    int r = criu_local_dump(o);
+    bool timed_out = watchdog_stop(&w);
+    *ms = bw_now_ms() - t0;
+    if (timed_out) {
+        kill(pid, SIGCONT); /* never leave the serving process frozen */
+        snprintf(err, errlen, "CRIU dump timed out after %gs (criu: %s); log: %s", c->timeout_s,
+                 c->criu, log);
+        goto out;
+    }
+    if (r < 0) {
+        criu_log_reason(log, err, errlen, "CRIU dump", r);
+        goto out;
+    }
+    struct file_entry *files = NULL;
+    int n = 0;
+    char meta[PATH_MAX + 300], man[PATH_MAX + 300];
+    if (list_files(img, &files, &n, bytes) < 0 || n == 0) {
+        snprintf(err, errlen, "cannot read back the image in %s", img);
+        free(files);
+        goto out;
+    }
+    snprintf(meta, sizeof meta, "%s/restore.msgpack", tmp);
+    snprintf(man, sizeof man, "%s/manifest.json", tmp);
+    int wr = write_restore_meta(meta, ids, files, n, config, config_len);
+    free(files);
+    if (wr < 0) {
+        snprintf(err, errlen, "cannot write %s: %s", meta, strerror(errno));
+        goto out;
+    }
+    write_manifest(man, c, app, config, config_len, profile_json, n, *bytes, *ms);
+    syncfs(img_fd);
+    /* Only a complete image gets the key's name. If another supervisor got there
+     * first, theirs is as good as ours. */
+    if (rename(tmp, c->dir) < 0 && errno != ENOTEMPTY && errno != EEXIST) {
+        snprintf(err, errlen, "cannot publish %s: %s", c->dir, strerror(errno));
+        goto out;
+    }
+    rc = 0;
+out:
+    if (o)
+        criu_local_free_opts(o);
+    if (img_fd >= 0)
+        close(img_fd);
+    if (work_fd >= 0)
+        close(work_fd);
+    if (rc == 0 && access(tmp, F_OK) == 0)
+        rm_rf(tmp); /* lost the race: ours is redundant */
+    if (rc < 0 && !getenv("BEAM_KEEP_FAILED_DUMP"))
+        rm_rf(tmp);
+    return rc;
+}
+
+static char *read_file(const char *path, size_t *len) {
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return NULL;
+    struct stat st;
+    char *buf = NULL;
+    if (fstat(fd, &st) == 0 && st.st_size < (1 << 24)) {
+        buf = malloc((size_t)st.st_size + 1);
+        if (buf && bw_read_full(fd, buf, (size_t)st.st_size) < 0) {
+            free(buf);
+            buf = NULL;
+        }
+        *len = (size_t)st.st_size;
+    }
+    close(fd);
+    return buf;
+}
+
+static int verify_files(const char *img, const msgpack_object *files, unsigned long long *bytes,
+                        char *err, size_t errlen) {
+    int dfd = open(img, O_DIRECTORY | O_CLOEXEC);
+    if (dfd < 0) {
+        snprintf(err, errlen, "image directory %s missing", img);
+        return -1;
+    }
+    int rc = 0;
+    *bytes = 0;
+    for (uint32_t i = 0; rc == 0 && i < files->via.array.size; i++) {
+        const msgpack_object *e = &files->via.array.ptr[i];
+        char name[256];
+        if (e->type != MSGPACK_OBJECT_ARRAY || e->via.array.size != 3 ||
+            !bw_mp_strdup(&e->via.array.ptr[0], name, sizeof name) || strchr(name, '/')) {
+            snprintf(err, errlen, "corrupt restore.msgpack");
+            rc = -1;
+            break;
+        }
+        unsigned long long size = e->via.array.ptr[1].via.u64;
+        unsigned long crc = (unsigned long)e->via.array.ptr[2].via.u64, got = 0;
+        struct stat st;
+        if (fstatat(dfd, name, &st, 0) < 0) {
+            snprintf(err, errlen, "image file %s is missing", name);
+            rc = -1;
+        } else if ((unsigned long long)st.st_size != size) {
+            snprintf(err, errlen, "image file %s has %lld bytes, expected %llu (truncated?)",
+                     name, (long long)st.st_size, size);
+            rc = -1;
+        } else if (!is_page_data(name) && (file_crc(dfd, name, &got) < 0 || got != crc)) {
+            snprintf(err, errlen, "image file %s is corrupt (CRC mismatch)", name);
+            rc = -1;
+        }
+        *bytes += size;
+    }
+    close(dfd);
+    return rc;
+}
+
+int bw_ckpt_load(const struct bw_ckpt *c, struct bw_ckpt_image *img, char *err, size_t errlen) {
+    char path[PATH_MAX + 300], imgdir[PATH_MAX + 300];
+    memset(img, 0, sizeof *img);
+    snprintf(path, sizeof path, "%s/restore.msgpack", c->dir);
+    snprintf(imgdir, sizeof imgdir, "%s/img", c->dir);
+    size_t len = 0;
+    char *buf = read_file(path, &len);
+    if (!buf) {
+        snprintf(err, errlen, "cannot read %s: %s", path, strerror(errno));
+        return -1;
+    }
+    msgpack_zone zone;
+    msgpack_zone_init(&zone, 4096);
+    msgpack_object m;
+    int rc = -1;
+    const msgpack_object *ids, *files, *config;
+    if (bw_mp_unpack_exact(buf, len, &zone, &m) < 0 || !(ids = bw_mp_get(&m, "ids")) ||
+        ids->type != MSGPACK_OBJECT_ARRAY || ids->via.array.size != 3 ||
+        !(files = bw_mp_get(&m, "files")) || files->type != MSGPACK_OBJECT_ARRAY ||
+        !(config = bw_mp_get(&m, "config"))) {
+        snprintf(err, errlen, "%s is corrupt", path);
+        goto out;
+    }
+    img->ids.out_ino = (unsigned long)ids->via.array.ptr[0].via.u64;
+    img->ids.err_ino = (unsigned long)ids->via.array.ptr[1].via.u64;
+    img->ids.ctl_ino = (unsigned long)ids->via.array.ptr[2].via.u64;
+    if (verify_files(imgdir, files, &img->bytes, err, errlen) < 0)
+        goto out;
+    msgpack_sbuffer sb;
+    msgpack_sbuffer_init(&sb);
+    msgpack_packer pk;
+    msgpack_packer_init(&pk, &sb, msgpack_sbuffer_write);
+    msgpack_pack_object(&pk, *config);
+    img->config = sb.data;
+    img->config_len = sb.size;
+    rc = 0;
+out:
+    msgpack_zone_destroy(&zone);
+    free(buf);
+    return rc;
+}
+
+void bw_ckpt_image_free(struct bw_ckpt_image *img) {
+    free(img->config);
+    img->config = NULL;
+}
+
+int bw_ckpt_restore(const struct bw_ckpt *c, const struct bw_ckpt_image *img, int out_fd,
+                    int err_fd, int ctl_fd, pid_t *pid, char *err, size_t errlen) {
+    char imgdir[PATH_MAX + 300], logdir[PATH_MAX + 100], logname[64], log[PATH_MAX + 200],
+        key[64];
+    snprintf(imgdir, sizeof imgdir, "%s/img", c->dir);
+    snprintf(logdir, sizeof logdir, "%s/.logs", c->root);
+    mkdir_private(logdir);
+    snprintf(logname, sizeof logname, "restore-%d.log", (int)getpid());
+    snprintf(log, sizeof log, "%s/%s", logdir, logname);
+    int img_fd = open(imgdir, O_DIRECTORY | O_CLOEXEC), work_fd = open(logdir, O_DIRECTORY | O_CLOEXEC);
+    criu_opts *o = NULL;
+    int rc = -1;
+    if (img_fd < 0 || work_fd < 0 || criu_opts_new(c, &o, img_fd, work_fd, logname) < 0) {
+        snprintf(err, errlen, "cannot prepare CRIU restore: %s", strerror(errno));
+        goto out;
+    }
+    snprintf(key, sizeof key, "pipe:[%lu]", img->ids.out_ino);
+    criu_local_add_inherit_fd(o, out_fd, key);
+    if (img->ids.err_ino != img->ids.out_ino) {
+        snprintf(key, sizeof key, "pipe:[%lu]", img->ids.err_ino);
+        criu_local_add_inherit_fd(o, err_fd, key);
+    }
+    snprintf(key, sizeof key, "socket:[%lu]", img->ids.ctl_ino);
+    criu_local_add_inherit_fd(o, ctl_fd, key);
+
+    struct watchdog w;
+    watchdog_start(&w, c->timeout_s);
+    int r = criu_local_restore_child(o);
+    bool timed_out = watchdog_stop(&w);
+    if (timed_out)
+        snprintf(err, errlen, "CRIU restore timed out after %gs; log: %s", c->timeout_s, log);
+    else if (r <= 0)
+        criu_log_reason(log, err, errlen, "CRIU restore", r);
+    else {
+        *pid = r;
+        rc = 0;
+        unlink(log);
+    }
+out:
+    if (o)
+        criu_local_free_opts(o);
+    if (img_fd >= 0)
+        close(img_fd);
+    if (work_fd >= 0)
+        close(work_fd);
+    return rc;
+}

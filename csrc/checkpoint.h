@@ -1,0 +1,69 @@
+/* checkpoint.h - CRIU images of the host: where they live, how they are made, checked
+ * and restored. A thin layer over libcriu's RPC (the criu binary does the work).
+ *
+ * Layout under the checkpoint root (mode 0700, refused if group/other-writable):
+ *   <key>/img/        CRIU's image files (0600)
+ *   <key>/restore.msgpack  what a restore needs: fd identities, file sizes and CRCs,
+ *                          the endpoint configuration
+ *   <key>/manifest.json    the same for people and `beam checkpoints ls`, plus timings
+ *   <key>.failed           a checkpoint of this key failed: boot cold, don't retry
+ *   .tmp-<key>-<pid>/      a dump in progress; renamed to <key> only when complete,
+ *                          so a half-written image is never used
+ */
+#ifndef BW_CHECKPOINT_H
+#define BW_CHECKPOINT_H
+
+#include <limits.h>
+#include <stddef.h>
+#include <sys/types.h>
+
+struct bw_ckpt {
+    char root[PATH_MAX];
+    char dir[PATH_MAX + 200];
+    char failed[PATH_MAX + 200];
+    char key[160];
+    const char *criu;
+    double timeout_s;
+};
+
+/* Identities of the host's stdout/stderr pipes and control socket as the image knows
+ * them: a restore maps fresh ones in their place (CRIU inherit-fd). */
+struct bw_ckpt_ids {
+    unsigned long out_ino, err_ino, ctl_ino;
+};
+
+struct bw_ckpt_image {
+    struct bw_ckpt_ids ids;
+    char *config; /* packed msgpack map (the endpoint configuration); malloc'd */
+    size_t config_len;
+    unsigned long long bytes;
+};
+
+/* Prepare the root directory. 0, or -1 with a reason in err. */
+int bw_ckpt_open(struct bw_ckpt *c, const char *root, const char *key, const char *criu,
+                 double timeout_s, char *err, size_t errlen);
+/* The criu binary to use, resolved from --criu, $BEAM_CRIU, the provisioned path, PATH. */
+const char *bw_ckpt_find_criu(const char *configured);
+
+int bw_ckpt_failed_before(const struct bw_ckpt *c, char *reason, size_t cap);
+void bw_ckpt_mark_failed(const struct bw_ckpt *c, const char *reason);
+void bw_ckpt_clear_failed(const struct bw_ckpt *c);
+int bw_ckpt_exists(const struct bw_ckpt *c);
+
+/* Dump the tree rooted at pid (left running). On success *ms and *bytes are set. */
+int bw_ckpt_dump(const struct bw_ckpt *c, pid_t pid, const struct bw_ckpt_ids *ids,
+                 const char *config, size_t config_len, const char *app, const char *profile_json,
+                 double *ms, unsigned long long *bytes, char *err, size_t errlen);
+
+/* Read and verify an image (sizes of all files, CRC32 of all but page data). */
+int bw_ckpt_load(const struct bw_ckpt *c, struct bw_ckpt_image *img, char *err, size_t errlen);
+void bw_ckpt_image_free(struct bw_ckpt_image *img);
+
+/* Restore a replica as our child, with fresh stdout/stderr/control fds (not CLOEXEC). */
+int bw_ckpt_restore(const struct bw_ckpt *c, const struct bw_ckpt_image *img, int out_fd,
+                    int err_fd, int ctl_fd, pid_t *pid, char *err, size_t errlen);
+
+/* Remove an image that failed to restore, so the next start makes a new one. */
+void bw_ckpt_discard(const struct bw_ckpt *c);
+
+#endif

@@ -1,0 +1,111 @@
+/* control.c - framed messages with fd passing over a unix stream socket. */
+#define _GNU_SOURCE
+#include "control.h"
+
+#include <errno.h>
+#include <poll.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+
+#include "frame.h"
+#include "util.h"
+
+int bw_ctl_send(int sock, const char *body, size_t len, const int *fds, int nfds) {
+    unsigned char hdr[BW_FRAME_HEADER];
+    if (len > BW_CTL_MAX_MSG || nfds > BW_CTL_MAX_FDS) {
+        errno = EMSGSIZE;
+        return -1;
+    }
+    bw_store_be32(hdr, (uint32_t)len);
+    struct iovec iov[2] = {{hdr, sizeof hdr}, {(void *)body, len}};
+    union {
+        char buf[CMSG_SPACE(sizeof(int) * BW_CTL_MAX_FDS)];
+        struct cmsghdr align;
+    } u;
+    struct msghdr msg = {.msg_iov = iov, .msg_iovlen = 2};
+    if (nfds > 0) {
+        memset(&u, 0, sizeof u);
+        msg.msg_control = u.buf;
+        msg.msg_controllen = CMSG_SPACE(sizeof(int) * (size_t)nfds);
+        struct cmsghdr *c = CMSG_FIRSTHDR(&msg);
+        c->cmsg_level = SOL_SOCKET;
+        c->cmsg_type = SCM_RIGHTS;
+        c->cmsg_len = CMSG_LEN(sizeof(int) * (size_t)nfds);
+        memcpy(CMSG_DATA(c), fds, sizeof(int) * (size_t)nfds);
+    }
+    ssize_t w;
+    do {
+        w = sendmsg(sock, &msg, MSG_NOSIGNAL);
+    } while (w < 0 && errno == EINTR);
+    if (w < 0)
+        return -1;
+    /* The fds went with the first byte; finish a short write without them. */
+    size_t total = sizeof hdr + len, done = (size_t)w;
+    if (done < sizeof hdr) {
+        if (bw_write_full(sock, hdr + done, sizeof hdr - done) < 0)
+            return -1;
+        done = sizeof hdr;
+    }
+    return bw_write_full(sock, body + (done - sizeof hdr), total - done);
+}
+
+static int wait_readable(int sock, int timeout_ms) {
+    struct pollfd p = {.fd = sock, .events = POLLIN};
+    int r;
+    do {
+        r = poll(&p, 1, timeout_ms);
+    } while (r < 0 && errno == EINTR);
+    if (r == 0) {
+        errno = ETIMEDOUT;
+        return -1;
+    }
+    return r < 0 ? -1 : 0;
+}
+
+int bw_ctl_recv(int sock, char **body, size_t *len, int *fds, int *nfds, int timeout_ms) {
+    unsigned char hdr[BW_FRAME_HEADER];
+    union {
+        char buf[CMSG_SPACE(sizeof(int) * BW_CTL_MAX_FDS)];
+        struct cmsghdr align;
+    } u;
+    struct iovec iov = {hdr, sizeof hdr};
+    struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = u.buf,
+                         .msg_controllen = sizeof u.buf};
+    *nfds = 0;
+    *body = NULL;
+    if (timeout_ms >= 0 && wait_readable(sock, timeout_ms) < 0)
+        return -1;
+    ssize_t r;
+    do {
+        r = recvmsg(sock, &msg, MSG_CMSG_CLOEXEC);
+    } while (r < 0 && errno == EINTR);
+    if (r <= 0) {
+        if (r == 0)
+            errno = EPIPE;
+        return -1;
+    }
+    for (struct cmsghdr *c = CMSG_FIRSTHDR(&msg); c; c = CMSG_NXTHDR(&msg, c)) {
+        if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS)
+            continue;
+        int n = (int)((c->cmsg_len - CMSG_LEN(0)) / sizeof(int));
+        memcpy(fds + *nfds, CMSG_DATA(c), sizeof(int) * (size_t)n);
+        *nfds += n;
+    }
+    if ((size_t)r < sizeof hdr && bw_read_full(sock, hdr + r, sizeof hdr - (size_t)r) < 0)
+        return -1;
+    *len = bw_load_be32(hdr);
+    if (*len > BW_CTL_MAX_MSG) {
+        errno = EMSGSIZE;
+        return -1;
+    }
+    *body = malloc(*len ? *len : 1);
+    if (!*body)
+        return -1;
+    if (bw_read_full(sock, *body, *len) < 0) {
+        free(*body);
+        *body = NULL;
+        return -1;
+    }
+    return 0;
+}

@@ -1,0 +1,34 @@
+/* control.h - the control channel between supervisor and host.
+ *
+ * A SOCK_STREAM socketpair carrying the same frames as the wire protocol (4-byte
+ * length + one msgpack map with a "t" field naming the message). File descriptors
+ * (the listening sockets) travel with a message as SCM_RIGHTS ancillary data.
+ *
+ * Messages, in the order they occur:
+ *   host -> supervisor  {"t":"ready", "checkpoint":bool, "config":{..}, "profile":{..}}
+ *       after on_start; if "checkpoint" the host is quiescent and may be dumped now.
+ *   supervisor -> host  {"t":"start", "restored":bool, "container_id":str,
+ *                        "env":{..}, "listeners":[address..], "profile":{..}} + fds
+ *       the first message a restored host reads: it resumes blocked in that read.
+ *   host -> supervisor  {"t":"serving", "workers":N}
+ *   host -> supervisor  {"t":"fatal", "message":str} before the host exits on error.
+ */
+#ifndef BW_CONTROL_H
+#define BW_CONTROL_H
+
+#include <msgpack.h>
+#include <stddef.h>
+
+#define BW_CTL_FD 3        /* the host's end, at this fd number in the host */
+#define BW_CTL_MAX_FDS 8
+#define BW_CTL_MAX_MSG (16u * 1024u * 1024u)
+
+/* Send one framed message (body = msgpack bytes) with optional fds. 0 or -1 (errno). */
+int bw_ctl_send(int sock, const char *body, size_t len, const int *fds, int nfds);
+
+/* Receive one framed message; *body is malloc'd (caller frees). Received fds are
+ * stored in fds[] and counted in *nfds. timeout_ms < 0 waits forever.
+ * 0, or -1 with errno (EPIPE when the peer closed, ETIMEDOUT). */
+int bw_ctl_recv(int sock, char **body, size_t *len, int *fds, int *nfds, int timeout_ms);
+
+#endif

@@ -1,0 +1,340 @@
+/* host.c - the host: PID 1 of its own PID namespace.
+ *
+ * Boot: start CPython, import the app, run on_start once, then tell the supervisor
+ * "ready" and block until it answers "start". If the supervisor checkpoints, it does so
+ * during that wait; a restored copy resumes inside the very same read, which is why
+ * "start" is the only message that can arrive there and carries everything a replica
+ * needs to be itself: restored or not, a container id, the environment, the sockets.
+ *
+ * Serve: fork `workers` processes that share the post-on_start memory copy-on-write;
+ * each runs the libuv server. The host stays a small init: it reaps every child (also
+ * orphans of the app's subprocesses), replaces crashed workers, and on SIGTERM stops
+ * them and exits 0. */
+#define _GNU_SOURCE
+#include "host.h"
+
+#include <errno.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/prctl.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "app.h"
+#include "control.h"
+#include "log.h"
+#include "mp.h"
+#include "server.h"
+#include "util.h"
+
+#define MAX_WORKERS 256
+#define RESPAWN_WINDOW_MS 10000.0
+#define RESPAWN_MAX 5
+
+static volatile sig_atomic_t got_term, got_chld;
+
+static void on_boot_term(int sig) { _exit(128 + sig); } /* nothing to drain yet */
+static void on_term(int sig) { (void)sig; got_term = 1; }
+static void on_chld(int sig) { (void)sig; got_chld = 1; }
+
+static void set_handler(int sig, void (*fn)(int)) {
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = fn;
+    sigemptyset(&sa.sa_mask);
+    sigaction(sig, &sa, NULL);
+}
+
+static int send_msg(msgpack_sbuffer *sb) {
+    int rc = bw_ctl_send(BW_CTL_FD, sb->data, sb->size, NULL, 0);
+    msgpack_sbuffer_destroy(sb);
+    return rc;
+}
+
+static int fatal(const char *message) {
+    msgpack_sbuffer sb;
+    msgpack_sbuffer_init(&sb);
+    msgpack_packer pk;
+    msgpack_packer_init(&pk, &sb, msgpack_sbuffer_write);
+    msgpack_pack_map(&pk, 2);
+    bw_mp_kv_str(&pk, "t", "fatal");
+    bw_mp_kv_str(&pk, "message", message);
+    if (send_msg(&sb) < 0)
+        bw_error("%s", message); /* no supervisor to tell: say it ourselves */
+    return 1;
+}
+
+static int send_ready(bool checkpoint, const struct bw_boot_profile *p) {
+    msgpack_sbuffer sb;
+    msgpack_sbuffer_init(&sb);
+    msgpack_packer pk;
+    msgpack_packer_init(&pk, &sb, msgpack_sbuffer_write);
+    msgpack_pack_map(&pk, 4);
+    bw_mp_kv_str(&pk, "t", "ready");
+    bw_mp_kv_bool(&pk, "checkpoint", checkpoint);
+    bw_mp_str(&pk, "config");
+    if (bw_app_pack_config(&pk) < 0) {
+        msgpack_sbuffer_destroy(&sb);
+        return -1;
+    }
+    bw_mp_str(&pk, "profile");
+    msgpack_pack_map(&pk, 3);
+    bw_mp_kv_double(&pk, "interpreter_init_ms", p->interpreter_init_ms);
+    bw_mp_kv_double(&pk, "import_ms", p->import_ms);
+    bw_mp_kv_double(&pk, "on_start_ms", p->on_start_ms);
+    return send_msg(&sb);
+}
+
+/* The replica's profile as the supervisor measured it, plus the host's own phase. */
+static void pack_profile(msgpack_sbuffer *sb, const msgpack_object *sup, double hooks_ms) {
+    msgpack_packer pk;
+    msgpack_packer_init(&pk, sb, msgpack_sbuffer_write);
+    uint32_t n = sup && sup->type == MSGPACK_OBJECT_MAP ? sup->via.map.size : 0;
+    msgpack_pack_map(&pk, n + 1);
+    for (uint32_t i = 0; i < n; i++) {
+        msgpack_pack_object(&pk, sup->via.map.ptr[i].key);
+        msgpack_pack_object(&pk, sup->via.map.ptr[i].val);
+    }
+    bw_mp_kv_double(&pk, "after_start_ms", hooks_ms);
+}
+
+struct start_info {
+    bool restored;
+    char container_id[40];
+    char bind_address[512];
+    int fds[BW_CTL_MAX_FDS];
+    int nfds;
+    msgpack_sbuffer profile;
+};
+
+static int wait_start(struct start_info *si) {
+    char *body;
+    size_t len;
+    if (bw_ctl_recv(BW_CTL_FD, &body, &len, si->fds, &si->nfds, -1) < 0) {
+        bw_error("host: control channel lost before start: %s", strerror(errno));
+        return -1;
+    }
+    msgpack_zone zone;
+    msgpack_zone_init(&zone, 2048);
+    msgpack_object m;
+    int rc = -1;
+    if (bw_mp_unpack_exact(body, len, &zone, &m) < 0 || !bw_mp_is_str(bw_mp_get(&m, "t"), "start")) {
+        bw_error("host: expected a start message");
+        goto out;
+    }
+    si->restored = bw_mp_true(bw_mp_get(&m, "restored"));
+    if (!bw_mp_strdup(bw_mp_get(&m, "container_id"), si->container_id, sizeof si->container_id))
+        bw_id_new(si->container_id);
+    const msgpack_object *l = bw_mp_get(&m, "listeners");
+    si->bind_address[0] = '\0';
+    if (l && l->type == MSGPACK_OBJECT_ARRAY && l->via.array.size > 0)
+        bw_mp_strdup(&l->via.array.ptr[0], si->bind_address, sizeof si->bind_address);
+    double hooks_ms = 0;
+    if (bw_app_after_start(si->restored, bw_mp_get(&m, "env"), &hooks_ms) < 0) {
+        fatal(bw_app_error());
+        goto out;
+    }
+    msgpack_sbuffer_init(&si->profile);
+    pack_profile(&si->profile, bw_mp_get(&m, "profile"), hooks_ms);
+    rc = 0;
+out:
+    msgpack_zone_destroy(&zone);
+    free(body);
+    return rc;
+}
+
+struct workers {
+    pid_t pid[MAX_WORKERS];
+    int n;
+    double respawns[RESPAWN_MAX];
+    int nrespawns;
+};
+
+static pid_t spawn_worker(const struct bw_options *o, const struct start_info *si, int index,
+                          const sigset_t *orig_mask) {
+    bw_app_before_fork();
+    pid_t pid = fork();
+    if (pid != 0) {
+        bw_app_after_fork(false);
+        return pid;
+    }
+    bw_app_after_fork(true);
+    prctl(PR_SET_PDEATHSIG, SIGKILL);
+    set_handler(SIGTERM, SIG_DFL);
+    set_handler(SIGINT, SIG_DFL);
+    set_handler(SIGCHLD, SIG_DFL);
+    sigprocmask(SIG_SETMASK, orig_mask, NULL);
+    close(BW_CTL_FD);
+    if (bw_app_worker_init(index, si->container_id, si->bind_address, si->restored,
+                           si->profile.data, si->profile.size) < 0) {
+        bw_error("worker %d: %s", index, bw_app_error());
+        _exit(1);
+    }
+    int rc = bw_server_run(si->fds, si->nfds, o->max_frame, o->grace_s);
+    fflush(NULL);
+    _exit(rc == 0 ? 0 : 1);
+}
+
+static int worker_index(const struct workers *w, pid_t pid) {
+    for (int i = 0; i < w->n; i++)
+        if (w->pid[i] == pid)
+            return i;
+    return -1;
+}
+
+static int alive(const struct workers *w) {
+    int n = 0;
+    for (int i = 0; i < w->n; i++)
+        n += w->pid[i] > 0;
+    return n;
+}
+
+/* A worker that crashes is replaced from the host's pristine post-on_start memory,
+ * unless it keeps crashing: more than RESPAWN_MAX in RESPAWN_WINDOW_MS stops the host. */
+static int respawn_allowed(struct workers *w) {
+    double now = bw_now_ms();
+    int keep = 0;
+    for (int i = 0; i < w->nrespawns; i++)
+        if (now - w->respawns[i] < RESPAWN_WINDOW_MS)
+            w->respawns[keep++] = w->respawns[i];
+    w->nrespawns = keep;
+    if (keep >= RESPAWN_MAX)
+        return 0;
+    w->respawns[w->nrespawns++] = now;
+    return 1;
+}
+
+static void describe_status(int status, char *buf, size_t cap) {
+    if (WIFSIGNALED(status))
+        snprintf(buf, cap, "killed by signal %d (%s)", WTERMSIG(status), strsignal(WTERMSIG(status)));
+    else
+        snprintf(buf, cap, "exited with status %d", WEXITSTATUS(status));
+}
+
+static int reap(struct workers *w, bool stopping, const struct bw_options *o,
+                const struct start_info *si, const sigset_t *orig_mask) {
+    int status;
+    pid_t pid;
+    while ((pid = waitpid(-1, &status, WNOHANG)) > 0) {
+        int i = worker_index(w, pid);
+        if (i < 0)
+            continue; /* an orphan of the app's own children: reaped, as init must */
+        w->pid[i] = 0;
+        if (stopping)
+            continue;
+        char why[128];
+        describe_status(status, why, sizeof why);
+        if (!respawn_allowed(w)) {
+            bw_error("worker %d %s; too many crashes in %.0fs, stopping", i, why,
+                     RESPAWN_WINDOW_MS / 1000);
+            return -1;
+        }
+        bw_warn("worker %d %s; replacing it", i, why);
+        w->pid[i] = spawn_worker(o, si, i, orig_mask);
+    }
+    return 0;
+}
+
+static void signal_all(const struct workers *w, int sig) {
+    for (int i = 0; i < w->n; i++)
+        if (w->pid[i] > 0)
+            kill(w->pid[i], sig);
+}
+
+static int supervise(const struct bw_options *o, struct start_info *si, const sigset_t *orig) {
+    struct workers w = {.n = o->workers > 0 ? o->workers : bw_app_workers()};
+    if (w.n < 1)
+        w.n = 1;
+    if (w.n > MAX_WORKERS)
+        w.n = MAX_WORKERS;
+    for (int i = 0; i < w.n; i++)
+        w.pid[i] = spawn_worker(o, si, i, orig);
+
+    msgpack_sbuffer sb;
+    msgpack_sbuffer_init(&sb);
+    msgpack_packer pk;
+    msgpack_packer_init(&pk, &sb, msgpack_sbuffer_write);
+    msgpack_pack_map(&pk, 3);
+    bw_mp_kv_str(&pk, "t", "serving");
+    bw_mp_kv_int(&pk, "workers", w.n);
+    bw_mp_str(&pk, "profile");
+    msgpack_sbuffer_write(&sb, si->profile.data, si->profile.size);
+    send_msg(&sb);
+
+    bool stopping = false;
+    double deadline = 0;
+    int rc = 0;
+    for (;;) {
+        if (got_chld) {
+            got_chld = 0;
+            if (reap(&w, stopping, o, si, orig) < 0) {
+                rc = 1;
+                got_term = 1;
+            }
+        }
+        if (got_term && !stopping) {
+            stopping = true;
+            deadline = bw_now_ms() + (o->grace_s + 2) * 1000;
+            for (int i = 0; i < si->nfds; i++)
+                close(si->fds[i]); /* no one may queue on a socket no worker serves */
+            signal_all(&w, SIGTERM);
+        }
+        if (stopping && alive(&w) == 0)
+            return rc;
+        if (stopping && bw_now_ms() > deadline) {
+            signal_all(&w, SIGKILL);
+            deadline = bw_now_ms() + 5000;
+        }
+        struct pollfd p = {.fd = BW_CTL_FD, .events = POLLIN};
+        struct timespec ts = {0, 200 * 1000 * 1000};
+        int r = ppoll(&p, stopping ? 0 : 1, &ts, orig);
+        if (r > 0 && (p.revents & (POLLIN | POLLHUP | POLLERR))) {
+            char buf[256];
+            if (read(BW_CTL_FD, buf, sizeof buf) <= 0) {
+                bw_warn("host: supervisor went away, stopping");
+                got_term = 1;
+            }
+        }
+    }
+}
+
+int bw_host_main(const struct bw_options *o) {
+    bw_log_init("beam", o->json_logs);
+    setsid(); /* a session of our own: CRIU restores sessions only inside the tree */
+    set_handler(SIGTERM, on_boot_term);
+    set_handler(SIGINT, on_boot_term);
+
+    struct bw_boot_profile prof = {0};
+    if (bw_app_init(o->python, o->may_checkpoint, &prof.interpreter_init_ms) < 0)
+        return fatal(bw_app_error());
+    if (bw_app_load(o->app, o->volume_root, &prof.import_ms) < 0)
+        return fatal(bw_app_error());
+    if (bw_app_on_start(&prof.on_start_ms) < 0)
+        return fatal(bw_app_error());
+
+    bool checkpoint = o->may_checkpoint && bw_app_checkpoint_enabled();
+    if (checkpoint && bw_app_before_checkpoint() < 0)
+        return fatal(bw_app_error());
+    if (send_ready(checkpoint, &prof) < 0)
+        return fatal(bw_app_error());
+
+    /* From here until "start" arrives the supervisor may dump this process. */
+    struct start_info si;
+    memset(&si, 0, sizeof si);
+    if (wait_start(&si) < 0)
+        return 1;
+
+    sigset_t block, orig;
+    sigemptyset(&block);
+    sigaddset(&block, SIGTERM);
+    sigaddset(&block, SIGINT);
+    sigaddset(&block, SIGCHLD);
+    sigprocmask(SIG_BLOCK, &block, &orig);
+    set_handler(SIGTERM, on_term);
+    set_handler(SIGINT, on_term);
+    set_handler(SIGCHLD, on_chld);
+    return supervise(o, &si, &orig);
+}

@@ -1,0 +1,182 @@
+/* options.c - beam-worker's command line. */
+#define _GNU_SOURCE
+#include "options.h"
+
+#include <errno.h>
+#include <getopt.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "frame.h"
+#include "util.h"
+
+static const char usage[] =
+    "usage: beam-worker [OPTIONS] APP\n"
+    "\n"
+    "Serve the @endpoint function APP (path/to/app.py:function or package.module:function)\n"
+    "over length-prefixed msgpack (docs/protocol.md). Most users run it through\n"
+    "`python -m beam serve`, which also computes the checkpoint key.\n"
+    "\n"
+    "Listening (default: --tcp 127.0.0.1:8765):\n"
+    "  --socket PATH         listen on a unix socket (mode 0600; repeatable)\n"
+    "  --tcp [HOST:]PORT     listen on TCP; HOST defaults to 127.0.0.1, PORT 0 picks one\n"
+    "\n"
+    "Serving:\n"
+    "  --python PATH         interpreter whose environment (venv) the app runs in\n"
+    "                        (default: $BEAM_PYTHON, else the build's interpreter)\n"
+    "  --workers N           worker processes (default: the endpoint's `workers`)\n"
+    "  --max-frame BYTES     largest accepted request frame (default 67108864)\n"
+    "  --grace SECONDS       time to finish answered requests on SIGTERM (default 10)\n"
+    "  --volume-root DIR     where Volume(name) directories live\n"
+    "                        (default: $BEAM_VOLUME_ROOT, else ~/.cache/beam/volumes)\n"
+    "  --json-logs           log as one JSON object per line\n"
+    "\n"
+    "Checkpointing (needs root and CRIU; see `python -m beam doctor`):\n"
+    "  --checkpoint-dir DIR  image root (default: $BEAM_CHECKPOINT_DIR, else\n"
+    "                        ~/.cache/beam/checkpoints); created with mode 0700\n"
+    "  --checkpoint-key KEY  identity of app + config; without it nothing is checkpointed\n"
+    "  --no-checkpoint       never dump nor restore\n"
+    "  --retry-checkpoint    try again for a key whose checkpoint failed before\n"
+    "  --criu PATH           criu binary (default: $BEAM_CRIU, /usr/local/lib/beam/criu, criu)\n"
+    "  --criu-timeout SEC    bound on one CRIU dump or restore (default 120)\n"
+    "  --restore-timeout SEC bound on a restored replica becoming ready (default 30)\n"
+    "\n"
+    "  -h, --help            this text\n"
+    "  --version             print the version\n";
+
+enum {
+    OPT_SOCKET = 256, OPT_TCP, OPT_PYTHON, OPT_WORKERS, OPT_MAX_FRAME, OPT_GRACE,
+    OPT_VOLUME_ROOT, OPT_JSON_LOGS, OPT_CKPT_DIR, OPT_CKPT_KEY, OPT_NO_CKPT, OPT_RETRY_CKPT,
+    OPT_CRIU, OPT_CRIU_TIMEOUT, OPT_RESTORE_TIMEOUT, OPT_VERSION, OPT_HOST, OPT_MAY_CKPT,
+};
+
+static const struct option long_opts[] = {
+    {"socket", required_argument, 0, OPT_SOCKET},
+    {"tcp", required_argument, 0, OPT_TCP},
+    {"python", required_argument, 0, OPT_PYTHON},
+    {"workers", required_argument, 0, OPT_WORKERS},
+    {"max-frame", required_argument, 0, OPT_MAX_FRAME},
+    {"grace", required_argument, 0, OPT_GRACE},
+    {"volume-root", required_argument, 0, OPT_VOLUME_ROOT},
+    {"json-logs", no_argument, 0, OPT_JSON_LOGS},
+    {"checkpoint-dir", required_argument, 0, OPT_CKPT_DIR},
+    {"checkpoint-key", required_argument, 0, OPT_CKPT_KEY},
+    {"no-checkpoint", no_argument, 0, OPT_NO_CKPT},
+    {"retry-checkpoint", no_argument, 0, OPT_RETRY_CKPT},
+    {"criu", required_argument, 0, OPT_CRIU},
+    {"criu-timeout", required_argument, 0, OPT_CRIU_TIMEOUT},
+    {"restore-timeout", required_argument, 0, OPT_RESTORE_TIMEOUT},
+    {"help", no_argument, 0, 'h'},
+    {"version", no_argument, 0, OPT_VERSION},
+    {"host", no_argument, 0, OPT_HOST},             /* internal */
+    {"may-checkpoint", no_argument, 0, OPT_MAY_CKPT}, /* internal */
+    {0, 0, 0, 0},
+};
+
+static int parse_double(const char *name, const char *s, double min, double *out) {
+    char *end;
+    errno = 0;
+    double v = strtod(s, &end);
+    if (errno || *end || end == s || v < min) {
+        fprintf(stderr, "beam-worker: %s: invalid value %s\n", name, s);
+        return -1;
+    }
+    *out = v;
+    return 0;
+}
+
+/* A path under the user's cache dir, honouring XDG_CACHE_HOME. */
+static const char *cache_path(const char *env, const char *leaf) {
+    const char *v = getenv(env);
+    if (v && *v)
+        return v;
+    static char bufs[2][4096];
+    static int which;
+    char *b = bufs[which++ & 1];
+    const char *xdg = getenv("XDG_CACHE_HOME"), *home = getenv("HOME");
+    if (xdg && *xdg)
+        snprintf(b, 4096, "%s/beam/%s", xdg, leaf);
+    else
+        snprintf(b, 4096, "%s/.cache/beam/%s", home && *home ? home : "/tmp", leaf);
+    return b;
+}
+
+int bw_options_parse(struct bw_options *o, int argc, char **argv) {
+    memset(o, 0, sizeof *o);
+    o->max_frame = BW_DEFAULT_MAX_FRAME;
+    o->grace_s = 10;
+    o->criu_timeout_s = 120;
+    o->restore_timeout_s = 30;
+    o->python = getenv("BEAM_PYTHON");
+    if (!o->python || !*o->python)
+        o->python = BW_BUILD_PYTHON;
+    o->criu = getenv("BEAM_CRIU");
+    o->volume_root = cache_path("BEAM_VOLUME_ROOT", "volumes");
+    o->checkpoint_dir = cache_path("BEAM_CHECKPOINT_DIR", "checkpoints");
+    double d;
+    int c;
+    optind = 1;
+    while ((c = getopt_long(argc, argv, "h", long_opts, NULL)) != -1) {
+        switch (c) {
+        case OPT_SOCKET:
+        case OPT_TCP: {
+            int *n = c == OPT_SOCKET ? &o->nsockets : &o->ntcps;
+            if (*n >= BW_MAX_LISTENERS) {
+                fprintf(stderr, "beam-worker: at most %d of each listener kind\n", BW_MAX_LISTENERS);
+                return -1;
+            }
+            (c == OPT_SOCKET ? o->sockets : o->tcps)[(*n)++] = optarg;
+            break;
+        }
+        case OPT_PYTHON: o->python = optarg; break;
+        case OPT_WORKERS:
+            if (parse_double("--workers", optarg, 1, &d) < 0 || d > 256 || d != (int)d) {
+                fprintf(stderr, "beam-worker: --workers must be an integer from 1 to 256\n");
+                return -1;
+            }
+            o->workers = (int)d;
+            break;
+        case OPT_MAX_FRAME:
+            if (parse_double("--max-frame", optarg, 16, &d) < 0 || d > 4294967295.0)
+                return -1;
+            o->max_frame = (size_t)d;
+            break;
+        case OPT_GRACE:
+            if (parse_double("--grace", optarg, 0, &o->grace_s) < 0)
+                return -1;
+            break;
+        case OPT_VOLUME_ROOT: o->volume_root = optarg; break;
+        case OPT_JSON_LOGS: o->json_logs = true; break;
+        case OPT_CKPT_DIR: o->checkpoint_dir = optarg; break;
+        case OPT_CKPT_KEY: o->checkpoint_key = optarg; break;
+        case OPT_NO_CKPT: o->no_checkpoint = true; break;
+        case OPT_RETRY_CKPT: o->retry_checkpoint = true; break;
+        case OPT_CRIU: o->criu = optarg; break;
+        case OPT_CRIU_TIMEOUT:
+            if (parse_double("--criu-timeout", optarg, 1, &o->criu_timeout_s) < 0)
+                return -1;
+            break;
+        case OPT_RESTORE_TIMEOUT:
+            if (parse_double("--restore-timeout", optarg, 1, &o->restore_timeout_s) < 0)
+                return -1;
+            break;
+        case OPT_HOST: o->host = true; break;
+        case OPT_MAY_CKPT: o->may_checkpoint = true; break;
+        case 'h': fputs(usage, stdout); return 1;
+        case OPT_VERSION: printf("beam-worker %s\n", BW_VERSION); return 1;
+        default: fputs(usage, stderr); return -1;
+        }
+    }
+    if (optind != argc - 1) {
+        fprintf(stderr, "beam-worker: expected exactly one APP argument\n\n%s", usage);
+        return -1;
+    }
+    o->app = argv[optind];
+    if (o->checkpoint_key && (strlen(o->checkpoint_key) > 128 || strchr(o->checkpoint_key, '/') ||
+                              o->checkpoint_key[0] == '.')) {
+        fprintf(stderr, "beam-worker: --checkpoint-key must be a plain name of at most 128 characters\n");
+        return -1;
+    }
+    return 0;
+}

@@ -1,0 +1,36 @@
+/* options.h - command line of beam-worker (supervisor) and of its host re-exec. */
+#ifndef BW_OPTIONS_H
+#define BW_OPTIONS_H
+
+#include <stdbool.h>
+#include <stddef.h>
+
+#define BW_MAX_LISTENERS 4
+
+struct bw_options {
+    const char *app;             /* path/app.py:func or pkg.mod:func */
+    const char *python;          /* interpreter whose environment the host uses */
+    const char *sockets[BW_MAX_LISTENERS]; /* unix socket paths */
+    int nsockets;
+    const char *tcps[BW_MAX_LISTENERS];    /* HOST:PORT */
+    int ntcps;
+    int workers;                 /* 0: the endpoint's setting */
+    size_t max_frame;
+    double grace_s;
+    const char *volume_root;
+    const char *checkpoint_dir;
+    const char *checkpoint_key;
+    bool no_checkpoint, retry_checkpoint;
+    const char *criu;
+    double criu_timeout_s;
+    double restore_timeout_s;
+    bool json_logs;
+    /* internal: set when the supervisor re-executes itself as the host */
+    bool host;
+    bool may_checkpoint;
+};
+
+/* Fills defaults, parses argv. Returns 0, 1 (--help/--version printed: exit 0), -1. */
+int bw_options_parse(struct bw_options *o, int argc, char **argv);
+
+#endif

@@ -1,0 +1,33 @@
+/* util.h - small helpers shared by every part of beam-worker. */
+#ifndef BW_UTIL_H
+#define BW_UTIL_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#define BW_VERSION "0.1.0"
+
+/* Monotonic clock in milliseconds, as a double so phases keep sub-ms precision. */
+double bw_now_ms(void);
+
+/* Task and container ids: random UUID4 strings (37 bytes with the NUL).
+ * The generator is seeded from getrandom(); bw_id_reseed() must run after every
+ * restore, otherwise all replicas of one image would hand out the same ids. */
+#define BW_ID_LEN 37
+void bw_id_reseed(void);
+void bw_id_new(char out[BW_ID_LEN]);
+
+/* Read/write exactly n bytes, retrying on EINTR and short transfers. 0 or -1 (errno). */
+int bw_read_full(int fd, void *buf, size_t n);
+int bw_write_full(int fd, const void *buf, size_t n);
+
+/* Big-endian 32-bit helpers for frame headers. */
+static inline uint32_t bw_load_be32(const unsigned char *p) {
+    return ((uint32_t)p[0] << 24) | ((uint32_t)p[1] << 16) | ((uint32_t)p[2] << 8) | p[3];
+}
+static inline void bw_store_be32(unsigned char *p, uint32_t v) {
+    p[0] = (unsigned char)(v >> 24); p[1] = (unsigned char)(v >> 16);
+    p[2] = (unsigned char)(v >> 8); p[3] = (unsigned char)v;
+}
+
+#endif
