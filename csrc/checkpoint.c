@@ -135,29 +135,46 @@ struct watchdog {
     pthread_mutex_t mu;
     pthread_cond_t cv;
     bool done, fired;
-    pid_t caller_tid;
+    pid_t caller_tid, spare;
     double timeout_s;
 };
 
-static void kill_criu_children(pid_t tid) {
-    char path[64], buf[4096];
-    snprintf(path, sizeof path, "/proc/self/task/%d/children", (int)tid);
+/* Read the pids listed in /proc/<pid>/task/<tid>/children. */
+static int children_of(pid_t pid, pid_t tid, pid_t *out, int cap) {
+    char path[96], buf[4096];
+    snprintf(path, sizeof path, "/proc/%d/task/%d/children", (int)pid, (int)tid);
     FILE *f = fopen(path, "r");
     if (!f)
-        return;
+        return 0;
     size_t n = fread(buf, 1, sizeof buf - 1, f);
     fclose(f);
     buf[n] = '\0';
-    for (char *tok = strtok(buf, " \n"); tok; tok = strtok(NULL, " \n")) {
-        char comm[64] = "";
-        snprintf(path, sizeof path, "/proc/%s/comm", tok);
-        FILE *cf = fopen(path, "r");
-        if (!cf)
-            continue;
-        if (fgets(comm, sizeof comm, cf) && strncmp(comm, "criu", 4) == 0)
-            kill(atoi(tok), SIGKILL);
-        fclose(cf);
-    }
+    int k = 0;
+    char *save = NULL;
+    for (char *tok = strtok_r(buf, " \n", &save); tok && k < cap; tok = strtok_r(NULL, " \n", &save))
+        out[k++] = (pid_t)atoi(tok);
+    return k;
+}
+
+/* SIGKILL a process and everything below it: a criu that forked helpers must not keep
+ * the RPC socket open (and libcriu blocked) after its parent is gone. */
+static void kill_tree(pid_t pid, int depth) {
+    pid_t kids[256];
+    kill(pid, SIGSTOP); /* no new children while we look */
+    int n = depth < 8 ? children_of(pid, pid, kids, 256) : 0;
+    for (int i = 0; i < n; i++)
+        kill_tree(kids[i], depth + 1);
+    kill(pid, SIGKILL);
+}
+
+/* Our children at the time of a CRIU call are the criu helper and, for a dump, the
+ * host being dumped (spared: it keeps serving). */
+static void kill_criu_children(pid_t tid, pid_t spare) {
+    pid_t kids[256];
+    int n = children_of(getpid(), tid, kids, 256);
+    for (int i = 0; i < n; i++)
+        if (kids[i] != spare)
+            kill_tree(kids[i], 0);
 }
 
 static void *watchdog_main(void *arg) {
@@ -169,7 +186,7 @@ static void *watchdog_main(void *arg) {
     while (!w->done) {
         if (pthread_cond_timedwait(&w->cv, &w->mu, &until) == ETIMEDOUT && !w->done) {
             w->fired = true;
-            kill_criu_children(w->caller_tid);
+            kill_criu_children(w->caller_tid, w->spare);
             break;
         }
     }
@@ -177,12 +194,13 @@ static void *watchdog_main(void *arg) {
     return NULL;
 }
 
-static void watchdog_start(struct watchdog *w, double timeout_s) {
+static void watchdog_start(struct watchdog *w, double timeout_s, pid_t spare) {
     memset(w, 0, sizeof *w);
     pthread_mutex_init(&w->mu, NULL);
     pthread_cond_init(&w->cv, NULL);
     w->caller_tid = gettid();
     w->timeout_s = timeout_s;
+    w->spare = spare;
     pthread_create(&w->thread, NULL, watchdog_main, w);
 }
 
@@ -372,8 +390,10 @@ int bw_ckpt_dump(const struct bw_ckpt *c, pid_t pid, const struct bw_ckpt_ids *i
 
     double t0 = bw_now_ms();
     struct watchdog w;
-    watchdog_start(&w, c->timeout_s);
+    watchdog_start(&w, c->timeout_s, pid);
+    mode_t old_umask = umask(077); /* criu inherits it: every file it writes is 0600 */
     int r = criu_local_dump(o);
+    umask(old_umask);
     bool timed_out = watchdog_stop(&w);
     *ms = bw_now_ms() - t0;
     if (timed_out) {
@@ -554,8 +574,10 @@ int bw_ckpt_restore(const struct bw_ckpt *c, const struct bw_ckpt_image *img, in
     criu_local_add_inherit_fd(o, ctl_fd, key);
 
     struct watchdog w;
-    watchdog_start(&w, c->timeout_s);
+    watchdog_start(&w, c->timeout_s, 0);
+    mode_t old_umask = umask(077);
     int r = criu_local_restore_child(o);
+    umask(old_umask);
     bool timed_out = watchdog_stop(&w);
     if (timed_out)
         snprintf(err, errlen, "CRIU restore timed out after %gs; log: %s", c->timeout_s, log);

@@ -198,9 +198,16 @@ static int pack(msgpack_packer *pk, PyObject *obj, int depth, char *err, size_t 
     if (PyByteArray_Check(obj))
         return pack_bin(pk, PyByteArray_AS_STRING(obj), PyByteArray_GET_SIZE(obj));
     if (PyMemoryView_Check(obj)) {
-        Py_buffer *view = PyMemoryView_GET_BUFFER(obj);
-        if (PyBuffer_IsContiguous(view, 'C'))
-            return pack_bin(pk, view->buf, view->len);
+        /* Via the buffer protocol, not PyMemoryView_GET_BUFFER: a released view still
+         * holds a pointer into memory its exporter may have freed since. */
+        Py_buffer view;
+        if (PyObject_GetBuffer(obj, &view, PyBUF_C_CONTIGUOUS) < 0) {
+            set_err_from_python(err, errlen, "cannot send memoryview");
+            return -1;
+        }
+        int rc = pack_bin(pk, view.buf, view.len);
+        PyBuffer_Release(&view);
+        return rc;
     }
     snprintf(err, errlen, "cannot send a value of type %.100s (use None, bool, int, float, "
              "str, bytes, list, tuple or dict)", t->tp_name);

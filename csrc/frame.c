@@ -38,6 +38,8 @@ int bw_buf_reserve(struct bw_buf *b, size_t extra) {
         if (b->cap - b->len >= extra)
             return 0;
     }
+    if (extra > SIZE_MAX - b->len)
+        return -1; /* len + extra would wrap and "succeed" with too little room */
     size_t want = b->len + extra, cap = b->cap ? b->cap : 4096;
     while (cap < want) {
         if (cap > SIZE_MAX / 2)

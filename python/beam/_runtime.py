@@ -32,6 +32,9 @@ class AppLoadError(Exception):
     """The app spec could not be imported or does not name an ``@endpoint`` function."""
 
 
+_endpoint: Optional[Endpoint] = None
+
+
 def load(spec: str) -> Tuple[Endpoint, str]:
     """Import ``path/to/app.py:func`` or ``package.module:func``; return the endpoint and
     the app's directory (which becomes the working directory)."""
@@ -62,6 +65,8 @@ def load(spec: str) -> Tuple[Endpoint, str]:
         raise AppLoadError(f"{module_part} has no attribute {func_name!r}")
     if not isinstance(obj, Endpoint):
         raise AppLoadError(f"{module_part}:{func_name} is not decorated with @beam.endpoint")
+    global _endpoint
+    _endpoint = obj
     return obj, app_dir
 
 
@@ -146,7 +151,12 @@ def before_checkpoint() -> None:
 
 def after_start(restored: bool, env: Dict[str, str]) -> None:
     """Called in every start, cold or restored, once the supervisor sent the current
-    environment: inject it, and after a restore make this replica unique again."""
+    environment: inject it, and after a restore make this replica unique again.
+
+    ``env={}`` from the decorator was removed before the dump like the secrets; it is
+    put back here, then the secrets the supervisor read from its environment."""
+    if _endpoint is not None:
+        apply_env(_endpoint)
     for k, v in env.items():
         os.environ[k] = v
     if restored:

@@ -1,0 +1,601 @@
+"""``python -m beam`` / ``beam``: serve an app, call it, manage checkpoints, check the host."""
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence
+
+from . import __version__
+from ._paths import WorkerNotFound, criu_candidates, default_checkpoint_dir, find_criu, worker_binary
+
+#: CRIU fault-injection code 130 (FI_NO_BREAKPOINTS): makes ``criu check`` and dumps skip
+#: hardware breakpoints, which many VMs do not virtualise.
+CRIU_FAULT = "130"
+
+
+class CLIError(Exception):
+    """A user-facing failure: printed as ``beam: <message>``, exit status 1."""
+
+
+# ---------------------------------------------------------------------------- helpers
+def _worker_version(binary: str) -> str:
+    try:
+        p = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=30)
+    except OSError as exc:
+        raise CLIError(f"cannot run {binary}: {exc}") from exc
+    except subprocess.TimeoutExpired as exc:
+        raise CLIError(f"{binary} --version did not answer within 30s") from exc
+    if p.returncode != 0:
+        raise CLIError(f"{binary} --version failed (exit {p.returncode}): {(p.stderr or p.stdout).strip()}")
+    return p.stdout.strip()
+
+
+def _key_extra(workers: Optional[int], volume_root: Optional[str]) -> Dict[str, Any]:
+    root = volume_root or os.environ.get("BEAM_VOLUME_ROOT")
+    return {"workers": workers, "volume_root": os.path.abspath(root) if root else None}
+
+
+def _current_key(app: str, workers: Optional[int], volume_root: Optional[str],
+                 binary: Optional[str] = None) -> str:
+    from .checkpoint_key import AppSpecError, compute_key
+
+    binary = binary or _binary()
+    try:
+        return compute_key(app, sys.executable, _worker_version(binary),
+                           _key_extra(workers, volume_root), worker_binary=binary)
+    except AppSpecError as exc:
+        raise CLIError(str(exc)) from exc
+
+
+def _binary() -> str:
+    try:
+        return worker_binary()
+    except WorkerNotFound as exc:
+        raise CLIError(str(exc)) from exc
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {v}")
+    return v
+
+
+def _nonneg_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected seconds >= 0, got {v}")
+    return v
+
+
+def _host_port(text: str) -> str:
+    from .client import parse_address  # cheap: only reached when --tcp is given
+
+    try:
+        kind, _ = parse_address(text if "://" in text else "tcp://" + text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if kind != "tcp":
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
+    return text[len("tcp://"):] if text.startswith("tcp://") else text
+
+
+# ------------------------------------------------------------------------------ serve
+def _absolute_app(app: str) -> str:
+    """File apps are passed on absolute, so manifests and logs name them unambiguously."""
+    from .checkpoint_key import split_spec
+
+    module_part, func, is_file = split_spec(app)
+    return f"{os.path.abspath(module_part)}:{func}" if is_file else app
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    binary = _binary()
+    key = _current_key(args.app, args.workers, args.volume_root, binary)
+    ckpt_dir = os.path.abspath(os.path.expanduser(args.checkpoint_dir or default_checkpoint_dir()))
+    if not args.no_checkpoint and not os.path.isdir(ckpt_dir):
+        try:
+            os.makedirs(ckpt_dir, mode=0o700, exist_ok=True)
+        except OSError as exc:
+            raise CLIError(f"cannot create checkpoint dir {ckpt_dir}: {exc}") from exc
+    argv = [binary, "--python", sys.executable, "--checkpoint-key", key, "--checkpoint-dir", ckpt_dir]
+    if args.socket:
+        argv += ["--socket", os.path.abspath(args.socket)]
+    if args.tcp:
+        argv += ["--tcp", args.tcp]
+    if args.workers is not None:
+        argv += ["--workers", str(args.workers)]
+    if args.no_checkpoint:
+        argv.append("--no-checkpoint")
+    if args.retry_checkpoint:
+        argv.append("--retry-checkpoint")
+    if args.volume_root:
+        argv += ["--volume-root", os.path.abspath(args.volume_root)]
+    if args.max_frame is not None:
+        argv += ["--max-frame", str(args.max_frame)]
+    if args.criu:
+        argv += ["--criu", os.path.abspath(args.criu)]
+    if args.grace is not None:
+        argv += ["--grace", f"{args.grace:g}"]
+    if args.criu_timeout is not None:
+        argv += ["--criu-timeout", f"{args.criu_timeout:g}"]
+    if args.restore_timeout is not None:
+        argv += ["--restore-timeout", f"{args.restore_timeout:g}"]
+    if args.json_logs:
+        argv.append("--json-logs")
+    argv.append(_absolute_app(args.app))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(binary, argv)
+    return 0  # not reached
+
+
+# ------------------------------------------------------------------------------- call
+def _jsonable(value: Any, saw_bytes: List[bool]) -> Any:
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        saw_bytes[0] = True
+        return base64.b64encode(bytes(value)).decode("ascii")
+    if isinstance(value, dict):
+        return {(_jsonable(k, saw_bytes) if isinstance(k, (bytes, bytearray)) else
+                 k if isinstance(k, (str, int, float, bool)) or k is None else str(k)):
+                _jsonable(v, saw_bytes) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v, saw_bytes) for v in value]
+    return value
+
+
+def _print_json(value: Any) -> None:
+    saw_bytes = [False]
+    print(json.dumps(_jsonable(value, saw_bytes), indent=2, ensure_ascii=False))
+    if saw_bytes[0]:
+        print("note: bytes values are shown base64-encoded", file=sys.stderr)
+
+
+def cmd_call(args: argparse.Namespace) -> int:
+    from .client import Client
+    from .exceptions import BeamError, RemoteError
+
+    if (args.ping or args.stats) and args.json is not None:
+        raise CLIError("--ping/--stats take no JSON argument")
+    kwargs: Dict[str, Any] = {}
+    if args.json is not None:
+        text = sys.stdin.read() if args.json == "-" else args.json
+        try:
+            kwargs = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise CLIError(f"JSON argument is not valid JSON: {exc}") from exc
+        if not isinstance(kwargs, dict):
+            raise CLIError("JSON argument must be an object: its keys become keyword arguments")
+    try:
+        with Client(args.address, timeout=args.timeout or None) as client:
+            if args.ping:
+                result = client.ping()
+            elif args.stats:
+                result = client.stats()
+            else:
+                result = client.call(**kwargs)
+    except RemoteError as exc:
+        if exc.remote_traceback:
+            print(exc.remote_traceback.rstrip(), file=sys.stderr)
+        print(f"{exc.type}: {exc.message}", file=sys.stderr)
+        if exc.task_id:
+            print(f"task_id: {exc.task_id}", file=sys.stderr)
+        return 1
+    except (BeamError, OSError, ValueError) as exc:
+        raise CLIError(f"{args.address}: {exc}") from exc
+    _print_json(result)
+    return 0
+
+
+# ------------------------------------------------------------------------ checkpoints
+@dataclass
+class Entry:
+    key: str
+    status: str
+    path: str
+    app: str = ""
+    bytes: Optional[int] = None
+    created: Optional[float] = None
+    reason: str = ""
+    manifest: Optional[Dict[str, Any]] = None
+    extra_paths: List[str] = field(default_factory=list)
+
+    def as_json(self, now: float) -> Dict[str, Any]:
+        return {"key": self.key, "status": self.status, "app": self.app, "bytes": self.bytes,
+                "created": self.created,
+                "age_s": None if self.created is None else round(now - self.created, 3),
+                "path": self.path, "reason": self.reason, "manifest": self.manifest}
+
+
+def _du(path: str) -> int:
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return 0
+    if not stat.S_ISDIR(st.st_mode):
+        return st.st_size
+    total = 0
+    for dirpath, dirnames, filenames in os.walk(path):
+        for name in filenames + [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]:
+            try:
+                total += os.lstat(os.path.join(dirpath, name)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def _tmp_key(rest: str) -> str:
+    """Key of a ``.tmp-<key>[suffix]`` dir: its leading hex digits when there are enough."""
+    n = 0
+    while n < len(rest) and rest[n] in "0123456789abcdef":
+        n += 1
+    return rest[:n] if n >= 8 else rest
+
+
+def _read_json(path: str) -> Optional[Dict[str, Any]]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def scan_checkpoints(directory: str) -> List[Entry]:
+    """Every entry under the checkpoint dir: images, failure markers, leftovers."""
+    try:
+        names = sorted(os.listdir(directory))
+    except FileNotFoundError:
+        return []
+    entries: List[Entry] = []
+    for name in names:
+        path = os.path.join(directory, name)
+        try:
+            st = os.lstat(path)
+        except OSError:
+            continue
+        is_dir = stat.S_ISDIR(st.st_mode)
+        if name.startswith(".tmp-"):
+            entries.append(Entry(_tmp_key(name[5:]), "incomplete", path, bytes=_du(path),
+                                 created=st.st_mtime, reason="temporary dir of an unfinished dump"))
+        elif name.endswith(".failed") and stat.S_ISREG(st.st_mode):
+            marker = _read_json(path) or {}
+            created = marker.get("time")
+            entries.append(Entry(name[:-len(".failed")], "failed", path, bytes=st.st_size,
+                                 created=float(created) if isinstance(created, (int, float)) else st.st_mtime,
+                                 reason=str(marker.get("reason", "")), manifest=marker or None))
+        elif is_dir and not name.startswith("."):
+            manifest = _read_json(os.path.join(path, "manifest.json"))
+            if manifest is None:
+                entries.append(Entry(name, "incomplete", path, bytes=_du(path), created=st.st_mtime,
+                                     reason="no readable manifest.json"))
+                continue
+            size = manifest.get("image_bytes")
+            created = manifest.get("created")
+            entries.append(Entry(
+                str(manifest.get("key") or name), str(manifest.get("status", "unknown")), path,
+                app=str(manifest.get("app", "")),
+                bytes=size if isinstance(size, int) else _du(path),
+                created=float(created) if isinstance(created, (int, float)) else st.st_mtime,
+                reason=str(manifest.get("reason", "") or ""), manifest=manifest))
+    return entries
+
+
+def _age(seconds: Optional[float]) -> str:
+    if seconds is None:
+        return "-"
+    s = max(0, int(seconds))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if s >= size:
+            return f"{s // size}{unit}"
+    return f"{s}s"
+
+
+def _ckpt_dir(args: argparse.Namespace) -> str:
+    return os.path.abspath(os.path.expanduser(args.dir or default_checkpoint_dir()))
+
+
+def cmd_checkpoints_ls(args: argparse.Namespace) -> int:
+    directory = _ckpt_dir(args)
+    entries = scan_checkpoints(directory)
+    now = time.time()
+    if args.json:
+        print(json.dumps({"dir": directory, "entries": [e.as_json(now) for e in entries]}, indent=2))
+        return 0
+    if not entries:
+        print(f"no checkpoints in {directory}")
+        return 0
+    rows = [("KEY", "STATUS", "APP", "SIZE MiB", "AGE")]
+    for e in entries:
+        size = "-" if e.bytes is None else f"{e.bytes / 2**20:.1f}"
+        rows.append((e.key[:12], e.status, e.app or "-", size,
+                     _age(None if e.created is None else now - e.created)))
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    for r in rows:
+        print("  ".join([r[0].ljust(widths[0]), r[1].ljust(widths[1]), r[2].ljust(widths[2]),
+                         r[3].rjust(widths[3]), r[4].rjust(widths[4])]).rstrip())
+    return 0
+
+
+def _same_app(manifest_app: str, app: str) -> bool:
+    if not manifest_app:
+        return False
+    if manifest_app == app:
+        return True
+    from .checkpoint_key import AppSpecError, split_spec
+
+    try:
+        m_mod, m_fn, m_file = split_spec(manifest_app)
+        a_mod, a_fn, a_file = split_spec(app)
+    except AppSpecError:
+        return False
+    if m_fn != a_fn or m_file != a_file:
+        return False
+    if m_file:
+        return os.path.realpath(m_mod) == os.path.realpath(a_mod)
+    return m_mod == a_mod
+
+
+def cmd_checkpoints_rm(args: argparse.Namespace) -> int:
+    directory = _ckpt_dir(args)
+    selectors_given = sum(bool(x) for x in (args.keys, args.all, args.failed, args.stale))
+    if selectors_given != 1:
+        raise CLIError("give KEY-PREFIX..., or exactly one of --all, --failed, --stale")
+    if args.app and not args.stale:
+        raise CLIError("--app only makes sense with --stale")
+    entries = scan_checkpoints(directory)
+    if args.all:
+        chosen = entries
+    elif args.failed:
+        chosen = [e for e in entries if e.status == "failed"]
+    elif args.stale:
+        broken = [e for e in entries if e.status in ("failed", "incomplete")]
+        if args.app:
+            current = _current_key(args.app, args.workers, args.volume_root)
+            chosen = [e for e in entries if e in broken
+                      or (e.key != current and _same_app(e.app, args.app))]
+        else:
+            chosen = broken
+    else:
+        chosen = []
+        problems = []
+        for prefix in args.keys:
+            keys = sorted({e.key for e in entries if e.key.startswith(prefix)})
+            if not keys:
+                problems.append(f"no checkpoint key starts with {prefix!r}")
+            elif len(keys) > 1:
+                problems.append(f"prefix {prefix!r} is ambiguous: " + ", ".join(k[:16] for k in keys))
+            else:
+                chosen += [e for e in entries if e.key == keys[0] and e not in chosen]
+        if problems:
+            raise CLIError("; ".join(problems) + " (nothing removed)")
+    if not chosen:
+        print(f"nothing to remove in {directory}")
+        return 0
+    failed = False
+    for e in chosen:
+        what = f"{e.key[:12]} ({e.status}{', ' + e.app if e.app else ''}) {e.path}"
+        if args.dry_run:
+            print(f"would remove {what}")
+            continue
+        try:
+            if os.path.isdir(e.path) and not os.path.islink(e.path):
+                shutil.rmtree(e.path)
+            else:
+                os.unlink(e.path)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            print(f"beam: cannot remove {e.path}: {exc}", file=sys.stderr)
+            failed = True
+            continue
+        print(f"removed {what}")
+    return 1 if failed else 0
+
+
+# ----------------------------------------------------------------------------- doctor
+def _check_dir(path: str) -> tuple:
+    if os.path.lexists(path):
+        try:
+            st = os.stat(path)
+        except OSError as exc:
+            return False, f"{path}: {exc.strerror}"
+        if not stat.S_ISDIR(st.st_mode):
+            return False, f"{path} exists and is not a directory"
+        mode = stat.S_IMODE(st.st_mode)
+        if st.st_uid != os.geteuid():
+            return False, f"{path} is owned by uid {st.st_uid}, not by this user ({os.geteuid()})"
+        if mode & 0o022:
+            return False, f"{path} has mode {mode:04o}: writable by group/others; chmod 700 it"
+        if not os.access(path, os.W_OK | os.X_OK):
+            return False, f"{path} is not writable"
+        note = "" if mode & 0o077 == 0 else f" (mode {mode:04o}; 0700 recommended)"
+        return True, f"{path} exists, mode {mode:04o}{note}"
+    parent = path
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if os.access(parent, os.W_OK | os.X_OK):
+        return True, f"{path} does not exist yet; will be created with mode 0700"
+    return False, f"{path} cannot be created: {parent} is not writable"
+
+
+def _check_gpu() -> tuple:
+    import ctypes
+
+    try:
+        lib = ctypes.CDLL("libcuda.so.1")
+    except OSError as exc:
+        return False, f"libcuda.so.1 not loadable ({exc}); CPU-only checkpoints"
+    has_api = hasattr(lib, "cuCheckpointProcessLock")
+    return True, ("libcuda.so.1 loaded; driver has cuCheckpoint* API: GPU checkpoint possible"
+                  if has_api else "libcuda.so.1 loaded, but no cuCheckpoint* API (driver < r570): "
+                  "GPU processes cannot be checkpointed")
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    results = []
+
+    def report(name: str, ok: Optional[bool], reason: str, required: bool = True) -> None:
+        results.append((ok, required))
+        tag = "OK" if ok else ("FAIL" if required else "INFO")
+        print(f"{tag:<5} {name}: {reason}")
+
+    try:
+        binary = worker_binary()
+        try:
+            report("worker", True, f"{binary} ({_worker_version(binary)})")
+        except CLIError as exc:
+            report("worker", False, str(exc))
+    except WorkerNotFound as exc:
+        report("worker", False, str(exc))
+
+    euid = os.geteuid()
+    report("root", euid == 0, "running as root" if euid == 0 else
+           f"running as uid {euid}; CRIU needs root to checkpoint and restore")
+
+    criu = find_criu()
+    if criu is None:
+        looked = ", ".join(f"{src}={p}" if p and p != src else src for src, p in criu_candidates())
+        report("criu", False, f"no criu binary found (looked at {looked}); run scripts/install-criu.sh")
+    else:
+        try:
+            v = subprocess.run([criu, "--version"], capture_output=True, text=True, timeout=30)
+            version = (v.stdout.strip().splitlines() or ["unknown version"])[0]
+            c = subprocess.run([criu, "check"], capture_output=True, text=True, timeout=120,
+                               env={**os.environ, "CRIU_FAULT": CRIU_FAULT})
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            report("criu", False, f"{criu}: cannot run: {exc}")
+        else:
+            out = (c.stdout + c.stderr).strip()
+            tail = " | ".join(out.splitlines()[-3:]) if out else "(no output)"
+            report("criu", True, f"{criu}: {version}")
+            report("criu check", c.returncode == 0,
+                   f"CRIU_FAULT={CRIU_FAULT} criu check exit {c.returncode}: {tail}")
+
+    ok, reason = _check_dir(os.path.abspath(os.path.expanduser(args.dir or default_checkpoint_dir())))
+    report("checkpoint dir", ok, reason)
+
+    ok, reason = _check_gpu()
+    report("gpu", ok, reason, required=False)
+
+    can = all(ok for ok, required in results if required)
+    print("checkpointing can work on this host" if can else
+          "checkpointing will NOT work on this host; the worker will still serve, cold-starting every time")
+    return 0 if can else 1
+
+
+# ------------------------------------------------------------------------------ parser
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="beam", description="Serve a @beam.endpoint function from a checkpointed worker.")
+    p.add_argument("--version", action="version", version=f"beam {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    s = sub.add_parser("serve", help="serve an app (execs beam-worker)",
+                       description="Compute the app's checkpoint key and exec beam-worker. "
+                       "Without --socket/--tcp the worker listens on tcp 127.0.0.1:8765.")
+    s.add_argument("app", metavar="APP", help="path/to/app.py:function or package.module:function")
+    s.add_argument("--socket", metavar="PATH", help="listen on this unix socket")
+    s.add_argument("--tcp", metavar="HOST:PORT", type=_host_port, help="listen on this TCP address")
+    s.add_argument("--workers", metavar="N", type=_positive_int,
+                   help="worker processes (default: the endpoint's workers=)")
+    s.add_argument("--checkpoint-dir", metavar="DIR",
+                   help="where images are kept (default: $BEAM_CHECKPOINT_DIR, "
+                   "$XDG_CACHE_HOME/beam/checkpoints or ~/.cache/beam/checkpoints)")
+    s.add_argument("--no-checkpoint", action="store_true", help="never checkpoint or restore")
+    s.add_argument("--retry-checkpoint", action="store_true",
+                   help="try again even if this key's checkpoint failed before")
+    s.add_argument("--volume-root", metavar="DIR", help="where volumes live (default: $BEAM_VOLUME_ROOT "
+                   "or ~/.cache/beam/volumes)")
+    s.add_argument("--max-frame", metavar="BYTES", type=_positive_int, help="largest request frame accepted")
+    s.add_argument("--criu", metavar="PATH", help="criu binary to use")
+    s.add_argument("--grace", metavar="SECONDS", type=_nonneg_float,
+                   help="how long in-flight requests may finish on shutdown")
+    s.add_argument("--criu-timeout", metavar="SECONDS", type=_nonneg_float,
+                   help="bound on one CRIU dump (worker default 120)")
+    s.add_argument("--restore-timeout", metavar="SECONDS", type=_nonneg_float,
+                   help="bound on one restore before booting cold (worker default 30)")
+    s.add_argument("--json-logs", action="store_true", help="log one JSON object per line")
+    s.set_defaults(func=cmd_serve)
+
+    c = sub.add_parser("call", help="call a running worker",
+                       description="Call the endpoint with the JSON object's keys as keyword "
+                       "arguments and print the result as JSON. Exit 1 on a remote error.",
+                       epilog="examples: beam call tcp://127.0.0.1:8765 '{\"x\": 2}'   "
+                       "beam call unix:///tmp/app.sock --stats")
+    c.add_argument("address", metavar="ADDRESS", help="tcp://HOST:PORT, HOST:PORT, unix:///abs/path or a socket path")
+    c.add_argument("json", metavar="JSON", nargs="?", help="kwargs as a JSON object ('-' reads stdin; default {})")
+    g = c.add_mutually_exclusive_group()
+    g.add_argument("--ping", action="store_true", help="send a ping instead of a call")
+    g.add_argument("--stats", action="store_true", help="print the serving worker's stats")
+    c.add_argument("--timeout", metavar="SECONDS", type=_nonneg_float, default=30.0,
+                   help="give up after this long without an answer (0: wait forever; default 30)")
+    c.set_defaults(func=cmd_call)
+
+    k = sub.add_parser("checkpoints", help="list or remove checkpoint images",
+                       description="Manage the checkpoint dir.")
+    ksub = k.add_subparsers(dest="ckpt_command", metavar="ACTION")
+    ls = ksub.add_parser("ls", help="list checkpoints", description="List checkpoints, failure "
+                         "markers and incomplete dumps.")
+    ls.add_argument("--dir", metavar="DIR", help="checkpoint dir (default: as for serve)")
+    ls.add_argument("--json", action="store_true", help="machine-readable output")
+    ls.set_defaults(func=cmd_checkpoints_ls)
+    rm = ksub.add_parser("rm", help="remove checkpoints",
+                         description="Remove checkpoints by key prefix, or by kind. --stale removes "
+                         "failed/incomplete entries, and with --app also APP's checkpoints whose key "
+                         "is not APP's current key.")
+    rm.add_argument("keys", metavar="KEY-PREFIX", nargs="*", help="key prefixes (must be unambiguous)")
+    rm.add_argument("--all", action="store_true", help="remove everything")
+    rm.add_argument("--failed", action="store_true", help="remove failed entries")
+    rm.add_argument("--stale", action="store_true", help="remove failed/incomplete (and, with --app, outdated) entries")
+    rm.add_argument("--app", metavar="APP", help="with --stale: the app whose current key is kept")
+    rm.add_argument("--workers", metavar="N", type=_positive_int,
+                    help="with --app: the --workers the app is served with (part of the key)")
+    rm.add_argument("--volume-root", metavar="DIR", help="with --app: the --volume-root it is served with")
+    rm.add_argument("--dir", metavar="DIR", help="checkpoint dir (default: as for serve)")
+    rm.add_argument("-n", "--dry-run", action="store_true", help="print what would be removed")
+    rm.set_defaults(func=cmd_checkpoints_rm)
+    k.set_defaults(func=None, subparser=k)
+
+    d = sub.add_parser("doctor", help="check that this host can checkpoint",
+                       description="Check the worker binary, root, CRIU, the checkpoint dir and "
+                       "the GPU driver. Exit 0 if checkpointing can work.")
+    d.add_argument("--dir", metavar="DIR", help="checkpoint dir to check (default: as for serve)")
+    d.set_defaults(func=cmd_doctor)
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func = getattr(args, "func", None)
+    if func is None:
+        (getattr(args, "subparser", None) or parser).print_help(sys.stderr)
+        return 2
+    try:
+        return func(args)
+    except CLIError as exc:
+        print(f"beam: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:  # e.g. `beam checkpoints ls | head`
+        try:
+            sys.stdout = open(os.devnull, "w")
+        except OSError:
+            pass
+        return 141

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# install-deps.sh — system packages for building and testing beam (Debian 12, as root).
+#
+# Idempotent and fast when already done: apt-get runs only if a package is missing.
+# Then provisions CRIU with scripts/install-criu.sh. Run scripts/venv.sh afterwards.
+set -euo pipefail
+
+PKGS=(build-essential cmake pkg-config libuv1-dev libmsgpack-dev libhttp-parser-dev
+      python3-dev python3-venv clang libclang-rt-14-dev curl wrk)
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+
+if [ "$(id -u)" != 0 ]; then
+  echo "install-deps: must run as root" >&2
+  exit 1
+fi
+
+missing=()
+for p in "${PKGS[@]}"; do
+  status=$(dpkg-query -W -f='${Status}' "$p" 2>/dev/null || true)
+  [ "$status" = "install ok installed" ] || missing+=("$p")
+done
+
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "install-deps: installing ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+criu_script="$here/install-criu.sh"
+if [ -x "$criu_script" ]; then
+  "$criu_script"
+elif [ -f "$criu_script" ]; then
+  bash "$criu_script"   # present but not marked executable: run it anyway
+else
+  echo "install-deps: $criu_script not found; skipping CRIU (checkpoints will not work)" >&2
+fi

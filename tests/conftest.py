@@ -1,0 +1,120 @@
+"""Shared fixtures: run the real beam-worker binary against apps in tests/apps/."""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+APPS = Path(__file__).resolve().parent / "apps"
+
+
+def worker_binary() -> str:
+    env = os.environ.get("BEAM_WORKER_BINARY")
+    if env:
+        return env
+    try:
+        from beam._paths import worker_binary as installed
+        return installed()
+    except Exception:
+        return str(ROOT / "build" / "beam-worker")
+
+
+class Worker:
+    """One running beam-worker (supervisor + host), its log and its addresses."""
+
+    def __init__(self, app: str, args: List[str], env: Dict[str, str], tmp: Path,
+                 wait_ready: bool = True, timeout: float = 90.0) -> None:
+        self.tmp = tmp
+        self.log_path = tmp / f"worker-{time.monotonic_ns()}.log"
+        self._log = open(self.log_path, "wb")
+        cmd = [worker_binary(), "--python", sys.executable, *args, app]
+        self.cmd = cmd
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env,
+                                     cwd=str(tmp), start_new_session=True)
+        self.addresses: List[str] = []
+        if wait_ready:
+            self.wait_for("ready:", timeout)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_for(self, text: str, timeout: float = 60.0, count: int = 1) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            log = self.log()
+            self.addresses = re.findall(r"listening on (\S+)", log)
+            if log.count(text) >= count:
+                return log
+            if self.proc.poll() is not None:
+                raise AssertionError(f"worker exited ({self.proc.returncode}) before {text!r}:\n{log}")
+            time.sleep(0.02)
+        raise AssertionError(f"timed out waiting for {text!r}:\n{self.log()}")
+
+    @property
+    def unix(self) -> str:
+        return next(a for a in self.addresses if a.startswith("unix://"))
+
+    @property
+    def tcp(self) -> str:
+        return next(a for a in self.addresses if a.startswith("tcp://"))
+
+    def client(self, address: Optional[str] = None, timeout: float = 30.0):
+        from beam.client import Client
+        return Client(address or self.addresses[0], timeout=timeout)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        self._log.close()
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.proc.wait(10)
+
+
+@pytest.fixture
+def workdir():
+    with tempfile.TemporaryDirectory(prefix="beam-test-") as d:
+        yield Path(d)
+
+
+@pytest.fixture
+def start_worker(workdir):
+    """start_worker(app, *args, env={}, wait_ready=True) -> Worker; all are stopped after."""
+    started: List[Worker] = []
+
+    def start(app: str, *args: str, env: Optional[Dict[str, str]] = None,
+              wait_ready: bool = True, timeout: float = 90.0) -> Worker:
+        full_env = dict(os.environ)
+        full_env.setdefault("BEAM_VOLUME_ROOT", str(workdir / "volumes"))
+        full_env.setdefault("BEAM_CHECKPOINT_DIR", str(workdir / "checkpoints"))
+        full_env["PYTHONUNBUFFERED"] = "1"
+        full_env.update(env or {})
+        if not app.startswith("/") and ".py:" in app:
+            app = str(APPS / app)
+        w = Worker(app, list(args), full_env, workdir, wait_ready, timeout)
+        started.append(w)
+        return w
+
+    yield start
+    for w in started:
+        w.kill()
