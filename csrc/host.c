@@ -67,14 +67,16 @@ static int fatal(const char *message) {
     return 1;
 }
 
-static int send_ready(bool checkpoint, const struct bw_boot_profile *p) {
+static int send_ready(bool checkpoint, const char *skipped, const struct bw_boot_profile *p) {
     msgpack_sbuffer sb;
     msgpack_sbuffer_init(&sb);
     msgpack_packer pk;
     msgpack_packer_init(&pk, &sb, msgpack_sbuffer_write);
-    msgpack_pack_map(&pk, 4);
+    msgpack_pack_map(&pk, skipped ? 5 : 4);
     bw_mp_kv_str(&pk, "t", "ready");
     bw_mp_kv_bool(&pk, "checkpoint", checkpoint);
+    if (skipped)
+        bw_mp_kv_str(&pk, "checkpoint_error", skipped);
     bw_mp_str(&pk, "config");
     if (bw_app_pack_config(&pk) < 0) {
         msgpack_sbuffer_destroy(&sb);
@@ -315,10 +317,14 @@ int bw_host_main(const struct bw_options *o) {
     if (bw_app_on_start(&prof.on_start_ms) < 0)
         return fatal(bw_app_error());
 
+    /* A failing before_checkpoint hook costs the checkpoint, not the service. */
     bool checkpoint = o->may_checkpoint && bw_app_checkpoint_enabled();
-    if (checkpoint && bw_app_before_checkpoint() < 0)
-        return fatal(bw_app_error());
-    if (send_ready(checkpoint, &prof) < 0)
+    const char *skipped = NULL;
+    if (checkpoint && bw_app_before_checkpoint() < 0) {
+        skipped = bw_app_error();
+        checkpoint = false;
+    }
+    if (send_ready(checkpoint, skipped, &prof) < 0)
         return fatal(bw_app_error());
 
     /* From here until "start" arrives the supervisor may dump this process. */

@@ -356,8 +356,15 @@ static void handle_ready(const msgpack_object *m) {
             msgpack_pack_object(&bp, prof->via.map.ptr[i].key);
             msgpack_pack_object(&bp, prof->via.map.ptr[i].val);
         }
-    if (bw_mp_true(bw_mp_get(m, "checkpoint")) && S.may_dump)
+    const msgpack_object *skipped = bw_mp_get(m, "checkpoint_error");
+    if (skipped && skipped->type == MSGPACK_OBJECT_STR && S.may_dump) {
+        char why[2048];
+        bw_mp_strdup(skipped, why, sizeof why);
+        bw_warn("not checkpointing, serving without one: %s", why);
+        bw_ckpt_mark_failed(&S.ck, why);
+    } else if (bw_mp_true(bw_mp_get(m, "checkpoint")) && S.may_dump) {
         do_checkpoint(prof, &bp, &n);
+    }
     profile_reset();
     msgpack_packer_init(&pk, &S.profile, msgpack_sbuffer_write);
     msgpack_pack_map(&pk, (size_t)n);

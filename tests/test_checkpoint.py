@@ -264,3 +264,13 @@ def test_serve_cli_keys_on_source(workdir, ckpt_env):
     assert "mode=cold" in three and "checkpoint written" in three
     keys = [p for p in (workdir / "checkpoints").iterdir() if p.is_dir() and not p.name.startswith(".")]
     assert len(keys) == 2
+
+
+def test_failing_before_checkpoint_hook_serves_without_image(start_worker, workdir):
+    w = start_ckpt(start_worker, workdir, {}, "a", app="ckpt_badhook.py:predict")
+    log = w.log()
+    assert "not checkpointing, serving without one" in log
+    assert "cannot close the database" in log
+    assert w.client().call() == 42
+    assert (workdir / "checkpoints" / "k1.failed").exists()
+    assert not ckpt_dir(workdir).exists()

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# test.sh — everything the tests need, then all the tests (README's test command, and
+# what CI runs). Debian 12, as root: CRIU checkpoint tests really dump and restore.
+#
+#   1. system packages and CRIU          scripts/install-deps.sh
+#   2. .venv with beam installed          scripts/venv.sh
+#   3. C unit tests (ctest), then again under ASan/UBSan
+#   4. end-to-end tests against the installed beam-worker (pytest)
+#
+#   BEAM_TEST_ARGS="-k foo"   extra pytest arguments
+set -euo pipefail
+
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$repo"
+jobs=${BEAM_BUILD_JOBS:-2}
+
+step() { printf '\n== %s\n' "$*"; }
+
+step "system packages and CRIU"
+scripts/install-deps.sh
+
+step "virtual environment"
+venv=$(scripts/venv.sh | tail -n 1)
+py=$venv/bin/python
+
+step "C unit tests"
+cmake -S . -B build/ctest -DPython3_EXECUTABLE=/usr/bin/python3 -DBEAM_WERROR=ON >/dev/null
+cmake --build build/ctest -j"$jobs" >/dev/null
+(cd build/ctest && ctest --output-on-failure)
+
+step "C unit tests under AddressSanitizer + UndefinedBehaviorSanitizer"
+cmake -S . -B build/asan -DPython3_EXECUTABLE=/usr/bin/python3 -DBEAM_SANITIZE=ON \
+      -DBEAM_BUILD_BENCH=OFF >/dev/null
+cmake --build build/asan -j"$jobs" >/dev/null
+(cd build/asan && ctest --output-on-failure)
+
+step "end-to-end tests (real beam-worker, real CRIU)"
+# The installed worker, exactly as users get it.
+export BEAM_WORKER_BINARY="$venv/bin/beam-worker"
+# shellcheck disable=SC2086
+"$py" -m pytest tests -q -p no:cacheprovider ${BEAM_TEST_ARGS:-}
