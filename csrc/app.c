@@ -265,7 +265,7 @@ int bw_app_worker_init(int index, const char *container_id, const char *bind_add
     w->profile_len = profile_len;
     w->func = PyObject_GetAttrString(endpoint, "func");
     PyObject *exc_mod = PyImport_ImportModule("beam.exceptions");
-    w->timeout_error = exc_mod ? PyObject_GetAttrString(exc_mod, "TimeoutError") : NULL;
+    w->timeout_error = exc_mod ? PyObject_GetAttrString(exc_mod, "TaskTimeout") : NULL;
     Py_XDECREF(exc_mod);
     w->describe_exc = PyObject_GetAttrString(runtime, "describe_exception");
     w->context_factory = NULL;

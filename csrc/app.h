@@ -50,7 +50,7 @@ const char *bw_app_error(void);
 struct bw_worker_state {
     void *func;            /* PyObject*: the endpoint's function */
     void *context_factory; /* PyObject*: f(task_id) -> Context, or NULL */
-    void *timeout_error;   /* PyObject*: beam.exceptions.TimeoutError */
+    void *timeout_error;   /* PyObject*: beam.exceptions.TaskTimeout */
     void *describe_exc;    /* PyObject*: beam._runtime.describe_exception */
     double timeout_s;      /* <= 0: no limit */
     int index;

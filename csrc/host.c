@@ -164,6 +164,7 @@ static pid_t spawn_worker(const struct bw_options *o, const struct start_info *s
         return pid;
     }
     bw_app_after_fork(true);
+    bw_id_reseed(); /* sibling workers must not hand out the same task ids */
     prctl(PR_SET_PDEATHSIG, SIGKILL);
     set_handler(SIGTERM, SIG_DFL);
     set_handler(SIGINT, SIG_DFL);

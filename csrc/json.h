@@ -1,4 +1,4 @@
-/* json.h - writing JSON for manifests (reading it is the Python CLI's job). */
+/* json.h - JSON <-> msgpack: manifests on disk and the HTTP front's bodies. */
 #ifndef BW_JSON_H
 #define BW_JSON_H
 
@@ -6,9 +6,20 @@
 #include <stddef.h>
 #include <stdio.h>
 
+#define BW_JSON_MAX_DEPTH 32
+
+/* Append JSON text to `out` (a byte buffer). bin becomes a base64 string; NaN and
+ * infinities become null (JSON has neither). */
+void bw_json_append_object(msgpack_sbuffer *out, const msgpack_object *o);
+void bw_json_append_str(msgpack_sbuffer *out, const char *s, size_t n);
+
+/* Convenience for files. */
 void bw_json_write_str(FILE *f, const char *s);
 void bw_json_write_object(FILE *f, const msgpack_object *o);
-/* Decode one packed msgpack value and write it as JSON ("null" if it does not parse). */
-void bw_json_write_msgpack(FILE *f, const char *buf, size_t len);
+void bw_json_write_msgpack(FILE *f, const char *buf, size_t len); /* "null" if unparsable */
+
+/* Parse JSON text and pack it as one msgpack value. Integers that fit int64 stay
+ * integers. 0, or -1 with a reason in err (not JSON, nested deeper than 32). */
+int bw_json_to_msgpack(const char *text, size_t len, msgpack_packer *pk, char *err, size_t errlen);
 
 #endif

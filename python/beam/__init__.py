@@ -13,14 +13,14 @@ from typing import Any, List
 
 from .context import Context
 from .endpoint import Endpoint, Image, Volume, endpoint
-from .exceptions import BeamError, ConnectionClosed, RemoteError, TimeoutError  # noqa: A004
+from .exceptions import BeamError, ConnectionClosed, RemoteError, TaskTimeout, TimeoutError  # noqa: A004
 from .hooks import after_restore, before_checkpoint
 
 __version__ = "0.1.0"
 
 __all__ = [
     "endpoint", "Endpoint", "Image", "Volume", "Context", "Client",
-    "RemoteError", "ConnectionClosed", "BeamError",
+    "RemoteError", "ConnectionClosed", "BeamError", "TaskTimeout",
     "before_checkpoint", "after_restore", "__version__",
 ]
 

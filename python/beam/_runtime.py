@@ -22,7 +22,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 from . import hooks
 from .context import Context
 from .endpoint import Endpoint
-from .exceptions import TimeoutError as BeamTimeoutError
+from .exceptions import TaskTimeout
 
 #: How long all hooks of one kind may run together before the start is failed.
 HOOK_TIMEOUT_S = float(os.environ.get("BEAM_HOOK_TIMEOUT", "30"))
@@ -136,7 +136,7 @@ def _run_bounded(fns: List[Callable[[], Any]], what: str) -> None:
     for fn in fns:
         left = deadline - time.monotonic()
         if left <= 0:
-            raise BeamTimeoutError(f"{what} hooks exceeded {HOOK_TIMEOUT_S:g}s")
+            raise TaskTimeout(f"{what} hooks exceeded {HOOK_TIMEOUT_S:g}s")
         signal.setitimer(signal.ITIMER_REAL, left)
         try:
             fn()
@@ -176,7 +176,7 @@ def reseed() -> None:
 
 
 def _on_alarm(signum: int, frame: Any) -> None:
-    raise BeamTimeoutError("request exceeded the endpoint's timeout")
+    raise TaskTimeout("request exceeded the endpoint's timeout")
 
 
 def install_alarm_handler() -> None:
@@ -206,10 +206,26 @@ def make_context_factory(ep: Endpoint, on_start_value: Any, container_id: str,
     return factory
 
 
+def _clean(text: str) -> str:
+    """Strings go out as UTF-8: lone surrogates become escapes instead of failing."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def describe_exception(exc: BaseException) -> Tuple[str, str, str]:
-    """(type name, message, formatted traceback) for an error response."""
-    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-    return type(exc).__name__, str(exc), tb
+    """(type name, message, formatted traceback) for an error response. Never raises:
+    an exception whose ``__str__`` fails is still reported, by its repr or type."""
+    try:
+        message = str(exc)
+    except BaseException:  # noqa: B036 - a broken __str__ must not hide the error
+        try:
+            message = repr(exc)
+        except BaseException:  # noqa: B036
+            message = f"<{type(exc).__name__} with unprintable message>"
+    try:
+        tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    except BaseException:  # noqa: B036
+        tb = f"{type(exc).__name__}: {message}\n"
+    return _clean(type(exc).__name__), _clean(message), _clean(tb)
 
 
 def thread_count() -> int:

@@ -10,6 +10,13 @@ class TimeoutError(BeamError):  # noqa: A001 - mirrors the remote error type's r
     """A request ran past the endpoint's ``timeout`` (raised inside the handler)."""
 
 
+class TaskTimeout(BaseException):
+    """Raised *inside* a handler (or a hook) that ran past its time limit.
+
+    A ``BaseException``, like ``KeyboardInterrupt``: an ``except Exception:`` in the
+    handler must not swallow the timeout and keep running."""
+
+
 class RemoteError(BeamError):
     """The worker answered a request with an error.
 

@@ -1,0 +1,378 @@
+#!/usr/bin/env python3
+"""Benchmark beam-worker against uvicorn + FastAPI on a no-op handler.
+
+Starts ``beam-worker`` serving ``bench/apps/noop.py:predict`` and drives it with
+``beam-loadgen`` over its unix socket and over TCP; then starts uvicorn serving the same
+handler with FastAPI (``bench/apps/noop_fastapi.py``, JSON over HTTP/1.1) and drives it
+with the same client (same connections, pipeline depth, warm-up and duration). Prints a
+table and, as the last line, ``serve_vs_fastapi_rps_ratio=<float>``: beam over the unix
+socket / FastAPI with a plain ``def`` handler, both at the first ``--workers`` count.
+See bench/README.md for the method and its caveats.
+
+    PYTHONPATH=$PWD/python python bench/serve.py --quick
+
+Exit status: 0 when every run completed without errors, 1 when a run saw errors or a
+server failed, 2 on a setup problem (missing binary, missing package).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from typing import Dict, List, Optional
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BEAM_APP = os.path.join(REPO, "bench", "apps", "noop.py") + ":predict"
+FASTAPI_APPS = {"def": "bench.apps.noop_fastapi:app", "async def": "bench.apps.noop_fastapi:app_async"}
+
+
+class BenchError(Exception):
+    pass
+
+
+class SetupError(Exception):
+    pass
+
+
+# ---- helpers ---------------------------------------------------------------------------
+
+
+def cpu_plan(workers: int, mode: str) -> tuple:
+    """(server CPUs, client CPUs) or (None, None) for no pinning.
+
+    With pinning the load generator gets the last CPU and the servers the rest, the same
+    for beam and uvicorn, so neither server shares a core with the client."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if mode == "off" or len(cpus) < 2:
+        return None, None
+    if mode == "auto" and workers > len(cpus) - 1:
+        return None, None  # the servers would be squeezed onto fewer cores than workers
+    return set(cpus[:-1]), {cpus[-1]}
+
+
+def affinity(cpus: Optional[set]):
+    if not cpus:
+        return None
+    return lambda: os.sched_setaffinity(0, cpus)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def fmt_ms(us: float) -> str:
+    return f"{us / 1000:.3f}"
+
+
+class LogPump(threading.Thread):
+    """Reads a child's stderr line by line (so the pipe never fills), keeps the tail."""
+
+    def __init__(self, stream):
+        super().__init__(daemon=True)
+        self.stream = stream
+        self.lines: List[str] = []
+        self.cond = threading.Condition()
+        self.closed = False
+        self.start()
+
+    def run(self):
+        for raw in self.stream:
+            line = raw.decode(errors="replace").rstrip("\n")
+            with self.cond:
+                self.lines.append(line)
+                del self.lines[:-200]
+                self.cond.notify_all()
+        with self.cond:
+            self.closed = True
+            self.cond.notify_all()
+
+    def tail(self, n: int = 20) -> str:
+        with self.cond:
+            return "\n".join(self.lines[-n:])
+
+
+def stop(proc: subprocess.Popen, name: str, grace: float = 15.0) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            print(f"warning: {name} ignored SIGTERM for {grace:.0f}s; killing it", file=sys.stderr)
+            proc.kill()
+            proc.wait()
+
+
+# ---- the load generator ----------------------------------------------------------------
+
+
+def find_loadgen(build_dir: str) -> str:
+    path = os.path.join(build_dir, "beam-loadgen")
+    if os.access(path, os.X_OK):
+        return path
+    if os.path.exists(os.path.join(build_dir, "CMakeCache.txt")) and shutil.which("cmake"):
+        print(f"building {path} ...", file=sys.stderr)
+        r = subprocess.run(["cmake", "--build", build_dir, "--target", "beam-loadgen"],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        if r.returncode == 0 and os.access(path, os.X_OK):
+            return path
+        sys.stderr.write(r.stderr[-2000:])
+    raise SetupError(
+        f"{path} not found. Build it with:\n"
+        f"  cmake -S {REPO} -B {build_dir} -DBEAM_BUILD_BENCH=ON && "
+        f"cmake --build {build_dir} --target beam-loadgen")
+
+
+def find_worker(build_dir: str) -> str:
+    path = os.path.join(build_dir, "beam-worker")
+    for _ in range(30):  # someone may be relinking it right now
+        if os.access(path, os.X_OK):
+            return path
+        time.sleep(1)
+    raise SetupError(f"{path} not found; build it with cmake --build {build_dir}")
+
+
+def loadgen(args, target: List[str], proto: str, cpus: Optional[set]) -> Dict:
+    # --quickack for HTTP only: uvicorn --workers N (asyncio loop) loses TCP_NODELAY and
+    # writes headers and body separately, so without it every response waits ~40 ms for
+    # the client's delayed ACK. It only helps the baseline. beam answers in one write.
+    extra = ["--quickack"] if proto == "http" else []
+    cmd = [args.loadgen, "--proto", proto, *target, *extra,
+           "--connections", str(args.connections), "--pipeline", str(args.pipeline),
+           "--threads", str(args.threads),
+           "--duration", str(args.duration), "--warmup", str(args.warmup)]
+    timeout = args.duration + args.warmup + 30
+    r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                       timeout=timeout, preexec_fn=affinity(cpus))
+    if r.returncode != 0:
+        raise BenchError(f"{' '.join(cmd)} failed ({r.returncode}): {r.stderr.strip()}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+# ---- beam-worker -----------------------------------------------------------------------
+
+
+def run_beam(args, workers: int, server_cpus, client_cpus) -> List[Dict]:
+    tmp = tempfile.mkdtemp(prefix="beam-bench-")
+    sock = os.path.join(tmp, "s.sock")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in [os.path.join(REPO, "python"), env.get("PYTHONPATH", "")] if p)
+    cmd = [args.worker, "--python", args.python, "--no-checkpoint", "--workers", str(workers),
+           "--socket", sock, "--tcp", "127.0.0.1:0", BEAM_APP]
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, env=env, preexec_fn=affinity(server_cpus))
+    log = LogPump(proc.stderr)
+    try:
+        addrs: List[str] = []
+        deadline = time.monotonic() + 60
+        seen = 0
+        ready = False
+        while not ready:
+            with log.cond:
+                while len(log.lines) <= seen and not log.closed:
+                    if not log.cond.wait(max(0.0, deadline - time.monotonic())):
+                        break
+                new, seen = log.lines[seen:], len(log.lines)
+                closed = log.closed
+            for line in new:
+                if "listening on " in line:
+                    addrs.append(line.split("listening on ", 1)[1].strip())
+                elif "ready:" in line:
+                    ready = True
+            if not ready and (closed or time.monotonic() > deadline):
+                raise BenchError(f"beam-worker did not become ready:\n{log.tail()}")
+        unix = next((a[len("unix://"):] for a in addrs if a.startswith("unix://")), None)
+        tcp = next((a[len("tcp://"):] for a in addrs if a.startswith("tcp://")), None)
+        if not unix or not tcp:
+            raise BenchError(f"beam-worker listening lines not understood: {addrs}")
+        rows = []
+        for transport, target in (("unix", ["--unix", unix]), ("tcp", ["--tcp", tcp])):
+            res = loadgen(args, target, "msgpack", client_cpus)
+            rows.append(dict(res, server="beam", transport=transport, workers=workers))
+            if proc.poll() is not None:
+                raise BenchError(f"beam-worker exited during the run:\n{log.tail()}")
+        return rows
+    finally:
+        stop(proc, "beam-worker")
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ---- uvicorn + FastAPI -----------------------------------------------------------------
+
+
+def http_ready(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+            s.sendall(b"POST / HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: 2\r\nConnection: close\r\n\r\n{}")
+            return s.recv(64).startswith(b"HTTP/1.1 200")
+    except OSError:
+        return False
+
+
+def uvicorn_impl(python: str) -> str:
+    """Which HTTP parser and event loop uvicorn's `auto` settings pick in `python`."""
+    code = ("import importlib.util as u, uvicorn\n"
+            "h = 'httptools' if u.find_spec('httptools') else 'h11'\n"
+            "l = 'uvloop' if u.find_spec('uvloop') else 'asyncio'\n"
+            "import fastapi\n"
+            "print(f'uvicorn {uvicorn.__version__} (http={h}, loop={l}), fastapi {fastapi.__version__}')")
+    r = subprocess.run([python, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if r.returncode != 0:
+        raise SetupError(f"{python} cannot import uvicorn/fastapi; install them with\n"
+                         f"  {python} -m pip install fastapi uvicorn\n{r.stderr.strip()[-500:]}")
+    return r.stdout.strip()
+
+
+def run_fastapi(args, workers: int, variant: str, server_cpus, client_cpus) -> Dict:
+    port = free_port()
+    cmd = [args.python, "-m", "uvicorn", FASTAPI_APPS[variant], "--app-dir", REPO,
+           "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers),
+           "--log-level", "warning", "--no-access-log"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, preexec_fn=affinity(server_cpus))
+    log = LogPump(proc.stderr)
+    try:
+        deadline = time.monotonic() + 60
+        while not http_ready(port):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise BenchError(f"uvicorn did not become ready:\n{log.tail()}")
+            time.sleep(0.1)
+        if workers > 1:
+            time.sleep(1.0)  # the first worker answered; give the others time to import
+        res = loadgen(args, ["--tcp", f"127.0.0.1:{port}"], "http", client_cpus)
+        if proc.poll() is not None:
+            raise BenchError(f"uvicorn exited during the run:\n{log.tail()}")
+        return dict(res, server=f"fastapi ({variant})", transport="http/tcp", workers=workers)
+    finally:
+        stop(proc, "uvicorn")
+
+
+# ---- main ------------------------------------------------------------------------------
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(
+        description="Requests/s and latency of beam-worker vs uvicorn+FastAPI on a no-op handler.",
+        epilog="The last line printed is serve_vs_fastapi_rps_ratio=<beam unix rps / FastAPI rps>.")
+    ap.add_argument("--quick", action="store_true",
+                    help="short runs (3 s each, 0.5 s warm-up); finishes in well under a minute")
+    ap.add_argument("--connections", type=int, default=16, help="client connections (default 16)")
+    ap.add_argument("--pipeline", type=int, default=1,
+                    help="requests in flight per connection (default 1)")
+    ap.add_argument("--threads", type=int, default=1, help="load generator threads (default 1)")
+    ap.add_argument("--duration", type=float, default=None,
+                    help="measured seconds per run (default 10; 3 with --quick)")
+    ap.add_argument("--warmup", type=float, default=None,
+                    help="unmeasured seconds before each run (default 1; 0.5 with --quick)")
+    ap.add_argument("--workers", default="1",
+                    help="server processes, or a comma list to compare several (e.g. 1,2); "
+                         "the headline ratio uses the first (default 1)")
+    ap.add_argument("--build-dir", default=os.path.join(REPO, "build"),
+                    help="where beam-worker and beam-loadgen are (default build)")
+    ap.add_argument("--python", default=sys.executable,
+                    help="interpreter for both servers (default: this one)")
+    ap.add_argument("--pin", choices=["auto", "on", "off"], default="auto",
+                    help="pin the client to the last CPU and the servers to the others "
+                         "(auto: only when the servers' workers fit on the others; default auto)")
+    ap.add_argument("--no-async", action="store_true",
+                    help="skip the FastAPI `async def` variant")
+    ap.add_argument("--json", metavar="OUT", help="also write all results to this JSON file")
+    args = ap.parse_args(argv)
+    if args.duration is None:
+        args.duration = 3.0 if args.quick else 10.0
+    if args.warmup is None:
+        args.warmup = 0.5 if args.quick else 1.0
+    try:
+        worker_counts = [int(w) for w in args.workers.split(",")]
+        if not worker_counts or min(worker_counts) < 1:
+            raise ValueError
+    except ValueError:
+        ap.error("--workers wants positive integers, e.g. 1 or 1,2")
+    if args.connections < 1 or args.pipeline < 1 or args.threads < 1:
+        ap.error("--connections, --pipeline and --threads must be >= 1")
+
+    build = os.path.abspath(args.build_dir)
+    try:
+        args.loadgen = find_loadgen(build)
+        args.worker = find_worker(build)
+        impl = uvicorn_impl(args.python)
+    except SetupError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    variants = ["def"] if args.no_async else ["def", "async def"]
+    rows: List[Dict] = []
+    failed = None
+    try:
+        for w in worker_counts:
+            server_cpus, client_cpus = cpu_plan(w, args.pin)
+            pin = (f"servers on CPUs {sorted(server_cpus)}, client on {sorted(client_cpus)}"
+                   if server_cpus else "unpinned")
+            print(f"workers={w}: {pin}", file=sys.stderr)
+            for r in run_beam(args, w, server_cpus, client_cpus):
+                rows.append(dict(r, pinning=pin))
+            for v in variants:
+                rows.append(dict(run_fastapi(args, w, v, server_cpus, client_cpus), pinning=pin))
+    except BenchError as e:
+        failed = str(e)
+    except subprocess.TimeoutExpired as e:
+        failed = f"timed out: {e}"
+
+    print(f"no-op handler; {args.connections} connections x pipeline {args.pipeline}, "
+          f"{args.threads} client thread(s), {args.warmup:g}s warm-up + {args.duration:g}s; {impl}")
+    hdr = f"{'server':<20} {'transport':<9} {'workers':>7} {'req/s':>10} {'p50 ms':>8} " \
+          f"{'p99 ms':>8} {'p99.9 ms':>9} {'errors':>7}"
+    print(hdr)
+    print("-" * len(hdr))
+    for r in rows:
+        print(f"{r['server']:<20} {r['transport']:<9} {r['workers']:>7} {r['rps']:>10.0f} "
+              f"{fmt_ms(r['p50_us']):>8} {fmt_ms(r['p99_us']):>8} {fmt_ms(r['p999_us']):>9} "
+              f"{r['errors']:>7}")
+
+    def rps(server: str, transport: Optional[str], w: int) -> Optional[float]:
+        for r in rows:
+            if r["server"] == server and r["workers"] == w and transport in (None, r["transport"]):
+                return r["rps"]
+        return None
+
+    ratios = {}
+    for w in worker_counts:
+        base, base_async = rps("fastapi (def)", None, w), rps("fastapi (async def)", None, w)
+        for transport in ("unix", "tcp"):
+            beam = rps("beam", transport, w)
+            if beam and base:
+                ratios[f"workers{w}_{transport}_vs_fastapi"] = beam / base
+            if beam and base_async:
+                ratios[f"workers{w}_{transport}_vs_fastapi_async"] = beam / base_async
+    for k, v in ratios.items():
+        print(f"{k}={v:.2f}")
+
+    errors = sum(r["errors"] for r in rows)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"config": {k: getattr(args, k) for k in (
+                "connections", "pipeline", "threads", "duration", "warmup", "workers", "python", "pin")},
+                "uvicorn": impl, "runs": rows, "ratios": ratios, "error": failed}, f, indent=2)
+    if failed:
+        print(f"error: {failed}", file=sys.stderr)
+    if errors:
+        print(f"error: {errors} request(s) failed", file=sys.stderr)
+    head = ratios.get(f"workers{worker_counts[0]}_unix_vs_fastapi")
+    sys.stdout.flush()
+    print(f"serve_vs_fastapi_rps_ratio={head:.2f}" if head else "serve_vs_fastapi_rps_ratio=nan")
+    return 1 if failed or errors or not head else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
