@@ -108,6 +108,14 @@ static long config_long(const char *key, long dflt) {
 int bw_app_workers(void) { return (int)config_long("workers", 1); }
 bool bw_app_checkpoint_enabled(void) { return config_long("checkpoint_enabled", 0) != 0; }
 
+void bw_app_gpu(char *buf, size_t cap) {
+    PyObject *v = config ? PyDict_GetItemString(config, "gpu") : NULL;
+    const char *s = v && PyUnicode_Check(v) ? PyUnicode_AsUTF8(v) : NULL;
+    if (!s)
+        PyErr_Clear();
+    snprintf(buf, cap, "%s", s ? s : "");
+}
+
 double bw_app_timeout(void) {
     PyObject *v = config ? PyDict_GetItemString(config, "timeout") : NULL;
     return v ? PyFloat_AsDouble(v) : 0;

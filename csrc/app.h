@@ -25,6 +25,8 @@ int bw_app_on_start(double *elapsed_ms);
 int bw_app_workers(void);
 double bw_app_timeout(void);
 bool bw_app_checkpoint_enabled(void);
+/* The endpoint's gpu= as text ("" when none). */
+void bw_app_gpu(char *buf, size_t cap);
 /* Pack the endpoint's configuration (a map) for the supervisor. */
 int bw_app_pack_config(msgpack_packer *pk);
 

@@ -305,12 +305,12 @@ static int list_files(const char *img, struct file_entry **out, int *n,
 
 static int write_restore_meta(const char *path, const struct bw_ckpt_ids *ids,
                               const struct file_entry *files, int n, const char *config,
-                              size_t config_len) {
+                              size_t config_len, const char *gpu, size_t gpu_len) {
     msgpack_sbuffer sb;
     msgpack_sbuffer_init(&sb);
     msgpack_packer pk;
     msgpack_packer_init(&pk, &sb, msgpack_sbuffer_write);
-    msgpack_pack_map(&pk, 4);
+    msgpack_pack_map(&pk, gpu ? 5 : 4);
     bw_mp_kv_int(&pk, "v", 1);
     bw_mp_str(&pk, "ids");
     msgpack_pack_array(&pk, 3);
@@ -327,6 +327,10 @@ static int write_restore_meta(const char *path, const struct bw_ckpt_ids *ids,
     }
     bw_mp_str(&pk, "config");
     msgpack_sbuffer_write(&sb, config, config_len);
+    if (gpu) {
+        bw_mp_str(&pk, "gpu");
+        msgpack_sbuffer_write(&sb, gpu, gpu_len);
+    }
     int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
     int rc = fd >= 0 ? bw_write_full(fd, sb.data, sb.size) : -1;
     if (fd >= 0 && (fsync(fd) < 0 || close(fd) < 0))
@@ -337,7 +341,8 @@ static int write_restore_meta(const char *path, const struct bw_ckpt_ids *ids,
 
 static void write_manifest(const char *path, const struct bw_ckpt *c, const char *app,
                            const char *config, size_t config_len, const char *profile_json,
-                           int nfiles, unsigned long long bytes, double dump_ms) {
+                           const char *gpu, size_t gpu_len, int nfiles, unsigned long long bytes,
+                           double dump_ms) {
     int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
     if (fd < 0)
         return;
@@ -352,13 +357,18 @@ static void write_manifest(const char *path, const struct bw_ckpt *c, const char
                "  \"profile\": %s,\n  \"config\": ", bytes, nfiles, dump_ms,
             profile_json ? profile_json : "{}");
     bw_json_write_msgpack(f, config, config_len);
+    if (gpu) {
+        fprintf(f, ",\n  \"gpu\": ");
+        bw_json_write_msgpack(f, gpu, gpu_len);
+    }
     fprintf(f, "\n}\n");
     fclose(f);
 }
 
 int bw_ckpt_dump(const struct bw_ckpt *c, pid_t pid, const struct bw_ckpt_ids *ids,
                  const char *config, size_t config_len, const char *app, const char *profile_json,
-                 double *ms, unsigned long long *bytes, char *err, size_t errlen) {
+                 const char *gpu, size_t gpu_len, double *ms, unsigned long long *bytes,
+                 char *err, size_t errlen) {
     char tmp[PATH_MAX + 200], img[PATH_MAX + 300], log[PATH_MAX + 300], key[64];
     snprintf(tmp, sizeof tmp, "%s/.tmp-%s-%d", c->root, c->key, (int)getpid());
     snprintf(img, sizeof img, "%s/img", tmp);
@@ -416,13 +426,13 @@ int bw_ckpt_dump(const struct bw_ckpt *c, pid_t pid, const struct bw_ckpt_ids *i
     }
     snprintf(meta, sizeof meta, "%s/restore.msgpack", tmp);
     snprintf(man, sizeof man, "%s/manifest.json", tmp);
-    int wr = write_restore_meta(meta, ids, files, n, config, config_len);
+    int wr = write_restore_meta(meta, ids, files, n, config, config_len, gpu, gpu_len);
     free(files);
     if (wr < 0) {
         snprintf(err, errlen, "cannot write %s: %s", meta, strerror(errno));
         goto out;
     }
-    write_manifest(man, c, app, config, config_len, profile_json, n, *bytes, *ms);
+    write_manifest(man, c, app, config, config_len, profile_json, gpu, gpu_len, n, *bytes, *ms);
     syncfs(img_fd);
     /* Only a complete image gets the key's name. If another supervisor got there
      * first, theirs is as good as ours. */
@@ -536,6 +546,13 @@ int bw_ckpt_load(const struct bw_ckpt *c, struct bw_ckpt_image *img, char *err, 
     msgpack_pack_object(&pk, *config);
     img->config = sb.data;
     img->config_len = sb.size;
+    const msgpack_object *gpu = bw_mp_get(&m, "gpu");
+    if (gpu) {
+        msgpack_sbuffer_init(&sb);
+        msgpack_pack_object(&pk, *gpu);
+        img->gpu = sb.data;
+        img->gpu_len = sb.size;
+    }
     rc = 0;
 out:
     msgpack_zone_destroy(&zone);
@@ -546,6 +563,8 @@ out:
 void bw_ckpt_image_free(struct bw_ckpt_image *img) {
     free(img->config);
     img->config = NULL;
+    free(img->gpu);
+    img->gpu = NULL;
 }
 
 int bw_ckpt_restore(const struct bw_ckpt *c, const struct bw_ckpt_image *img, int out_fd,

@@ -37,6 +37,8 @@ struct bw_ckpt_image {
     char *config; /* packed msgpack map (the endpoint configuration); malloc'd */
     size_t config_len;
     unsigned long long bytes;
+    char *gpu; /* packed msgpack map of the GPU state (docs/gpu.md), or NULL; malloc'd */
+    size_t gpu_len;
 };
 
 /* Prepare the root directory. 0, or -1 with a reason in err. */
@@ -50,10 +52,12 @@ void bw_ckpt_mark_failed(const struct bw_ckpt *c, const char *reason);
 void bw_ckpt_clear_failed(const struct bw_ckpt *c);
 int bw_ckpt_exists(const struct bw_ckpt *c);
 
-/* Dump the tree rooted at pid (left running). On success *ms and *bytes are set. */
+/* Dump the tree rooted at pid (left running). On success *ms and *bytes are set.
+ * gpu (packed msgpack, may be NULL) is stored as "gpu" in restore.msgpack and manifest. */
 int bw_ckpt_dump(const struct bw_ckpt *c, pid_t pid, const struct bw_ckpt_ids *ids,
                  const char *config, size_t config_len, const char *app, const char *profile_json,
-                 double *ms, unsigned long long *bytes, char *err, size_t errlen);
+                 const char *gpu, size_t gpu_len, double *ms, unsigned long long *bytes,
+                 char *err, size_t errlen);
 
 /* Read and verify an image (sizes of all files, CRC32 of all but page data). */
 int bw_ckpt_load(const struct bw_ckpt *c, struct bw_ckpt_image *img, char *err, size_t errlen);

@@ -25,6 +25,7 @@
 
 #include "app.h"
 #include "control.h"
+#include "cuda_ckpt.h"
 #include "log.h"
 #include "mp.h"
 #include "server.h"
@@ -247,13 +248,39 @@ static void signal_all(const struct workers *w, int sig) {
             kill(w->pid[i], sig);
 }
 
+/* A host that uses CUDA serves from its own process: a CUDA context does not survive
+ * fork(), so a forked worker could not touch the GPU state on_start built. The app's
+ * orphaned subprocesses are not reaped while it serves (docs/gpu.md). */
+static int serve_in_process(const struct bw_options *o, const struct start_info *si,
+                            const sigset_t *orig_mask) {
+    set_handler(SIGTERM, SIG_DFL);
+    set_handler(SIGINT, SIG_DFL);
+    set_handler(SIGCHLD, SIG_DFL);
+    sigprocmask(SIG_SETMASK, orig_mask, NULL);
+    prctl(PR_SET_PDEATHSIG, SIGTERM); /* the supervisor is gone: drain and stop */
+    if (bw_app_worker_init(0, si->container_id, si->bind_address, si->restored,
+                           si->profile.data, si->profile.size) < 0) {
+        bw_error("host: %s", bw_app_error());
+        return 1;
+    }
+    int rc = bw_server_run(si->fds, si->nfds, o->max_frame, o->grace_s);
+    fflush(NULL);
+    return rc == 0 ? 0 : 1;
+}
+
 static int supervise(const struct bw_options *o, struct start_info *si, const sigset_t *orig) {
     struct workers w = {.n = o->workers > 0 ? o->workers : bw_app_workers()};
     if (w.n < 1)
         w.n = 1;
     if (w.n > MAX_WORKERS)
         w.n = MAX_WORKERS;
-    for (int i = 0; i < w.n; i++)
+    bool in_process = bw_cuda_process_uses_gpu(0);
+    if (in_process && w.n > 1)
+        bw_warn("the app uses CUDA, and CUDA contexts do not survive fork(): serving from one "
+                "process instead of %d workers", w.n);
+    if (in_process)
+        w.n = 1;
+    for (int i = 0; i < w.n && !in_process; i++)
         w.pid[i] = spawn_worker(o, si, i, orig);
 
     msgpack_sbuffer sb;
@@ -266,6 +293,8 @@ static int supervise(const struct bw_options *o, struct start_info *si, const si
     bw_mp_str(&pk, "profile");
     msgpack_sbuffer_write(&sb, si->profile.data, si->profile.size);
     send_msg(&sb);
+    if (in_process)
+        return serve_in_process(o, si, orig);
 
     bool stopping = false;
     double deadline = 0;
@@ -304,6 +333,29 @@ static int supervise(const struct bw_options *o, struct start_info *si, const si
     }
 }
 
+/* gpu= on the endpoint needs a usable GPU, asked in a child process so that this one
+ * never maps the driver itself (a mapped libcuda marks a host as a CUDA process). */
+static int check_gpu(const struct bw_options *o) {
+    char gpu[128], why[1024] = "", names[1024] = "", msg[2400];
+    bw_app_gpu(gpu, sizeof gpu);
+    if (!gpu[0])
+        return 0;
+    if (bw_cuda_probe_isolated(why, sizeof why, names, sizeof names) > 0) {
+        bw_info("gpu=\"%s\": this machine has %s", gpu, names);
+        return 0;
+    }
+    if (o->allow_cpu) {
+        bw_warn("the endpoint asks for gpu=\"%s\", but this machine has no usable GPU (%s); "
+                "serving on CPU because of --allow-cpu", gpu, why);
+        return 0;
+    }
+    snprintf(msg, sizeof msg, "the endpoint asks for gpu=\"%s\", but this machine has no usable "
+             "GPU: %s. Serve it on a GPU machine, or pass --allow-cpu to serve it on CPU",
+             gpu, why);
+    fatal(msg);
+    return -1;
+}
+
 int bw_host_main(const struct bw_options *o) {
     bw_log_init("beam", o->json_logs);
     setsid(); /* a session of our own: CRIU restores sessions only inside the tree */
@@ -315,6 +367,8 @@ int bw_host_main(const struct bw_options *o) {
         return fatal(bw_app_error());
     if (bw_app_load(o->app, o->volume_root, &prof.import_ms) < 0)
         return fatal(bw_app_error());
+    if (check_gpu(o) < 0)
+        return 1;
     if (bw_app_on_start(&prof.on_start_ms) < 0)
         return fatal(bw_app_error());
 

@@ -31,7 +31,8 @@ void bw_json_append_str(msgpack_sbuffer *out, const char *s, size_t n) {
             put(out, esc, 6);
         }
     }
-    put(out, s + run, n - run);
+    if (n > run) /* s may be NULL when n == 0 (msgpack-c's empty str): no NULL + 0 */
+        put(out, s + run, n - run);
     put(out, "\"", 1);
 }
 

@@ -73,7 +73,63 @@ bool bw_mp_true(const msgpack_object *o) {
     return o && o->type == MSGPACK_OBJECT_BOOLEAN && o->via.boolean;
 }
 
+/* msgpack-c allocates a container's elements as soon as it reads the count, so a 5-byte
+ * "map32 of 2^31 entries" asks for 64 GiB. Every element takes at least one byte, so a
+ * count larger than the bytes left cannot be a complete value: reject it up front. One
+ * linear pass over the headers (pre-order), skipping str/bin/ext payloads. */
+static bool counts_fit(const unsigned char *p, size_t len) {
+    /* 0xc4..0xdf: width of the length field, and payload bytes besides the length. */
+#define X(b) [(b) - 0xc4]
+    static const unsigned char lenw[28] = {X(0xc4) = 1, X(0xc5) = 2, X(0xc6) = 4, X(0xc7) = 1,
+        X(0xc8) = 2, X(0xc9) = 4, X(0xd9) = 1, X(0xda) = 2, X(0xdb) = 4, X(0xdc) = 2,
+        X(0xdd) = 4, X(0xde) = 2, X(0xdf) = 4};
+    static const unsigned char fixed[28] = {X(0xc7) = 1, X(0xc8) = 1, X(0xc9) = 1, /* ext type */
+        X(0xca) = 4, X(0xcb) = 8, X(0xcc) = 1, X(0xcd) = 2, X(0xce) = 4, X(0xcf) = 8,
+        X(0xd0) = 1, X(0xd1) = 2, X(0xd2) = 4, X(0xd3) = 8,
+        X(0xd4) = 2, X(0xd5) = 3, X(0xd6) = 5, X(0xd7) = 9, X(0xd8) = 17};
+#undef X
+    size_t i = 0;
+    while (i < len) {
+        unsigned b = p[i++];
+        size_t n, left = len - i;
+        if (b <= 0x7f || b >= 0xe0 || b == 0xc0 || b == 0xc2 || b == 0xc3)
+            continue;
+        if (b == 0xc1)
+            return false;
+        if (b < 0xa0) { /* fixmap, fixarray */
+            n = (b & 0x0f) * (b < 0x90 ? 2u : 1u);
+            if (n > left)
+                return false;
+            continue;
+        }
+        if (b < 0xc0) { /* fixstr */
+            n = b & 0x1f;
+        } else {
+            unsigned w = lenw[b - 0xc4];
+            if (w > left)
+                return false;
+            n = 0;
+            for (unsigned k = 0; k < w; k++)
+                n = n << 8 | p[i + k];
+            i += w;
+            left -= w;
+            if (b >= 0xdc) { /* array16/32, map16/32: elements follow */
+                if ((b >= 0xde ? 2 * n : n) > left)
+                    return false;
+                continue;
+            }
+            n += fixed[b - 0xc4]; /* ext's type byte, fixed-size payloads */
+        }
+        if (n > left)
+            return false;
+        i += n;
+    }
+    return true;
+}
+
 int bw_mp_unpack_exact(const char *buf, size_t len, msgpack_zone *zone, msgpack_object *out) {
+    if (!counts_fit((const unsigned char *)buf, len))
+        return -1;
     size_t off = 0;
     /* msgpack-c bounds nesting at MSGPACK_EMBED_STACK_SIZE (32) and fails deeper input
      * as a parse error, which keeps hostile nesting from costing stack. */

@@ -42,6 +42,12 @@ static const char usage[] =
     "  --criu-timeout SEC    bound on one CRIU dump or restore (default 120)\n"
     "  --restore-timeout SEC bound on a restored replica becoming ready (default 30)\n"
     "\n"
+    "GPU (docs/gpu.md):\n"
+    "  --allow-cpu           serve an endpoint with gpu= on a machine without a usable GPU\n"
+    "                        (default: refuse to start, saying why)\n"
+    "  --cuda-lock-timeout SEC  bound on locking the host's CUDA state before a GPU\n"
+    "                        checkpoint (default 10)\n"
+    "\n"
     "  -h, --help            this text\n"
     "  --version             print the version\n";
 
@@ -49,6 +55,7 @@ enum {
     OPT_SOCKET = 256, OPT_TCP, OPT_PYTHON, OPT_WORKERS, OPT_MAX_FRAME, OPT_GRACE,
     OPT_VOLUME_ROOT, OPT_JSON_LOGS, OPT_CKPT_DIR, OPT_CKPT_KEY, OPT_NO_CKPT, OPT_RETRY_CKPT,
     OPT_CRIU, OPT_CRIU_TIMEOUT, OPT_RESTORE_TIMEOUT, OPT_VERSION, OPT_HOST, OPT_MAY_CKPT,
+    OPT_ALLOW_CPU, OPT_CUDA_LOCK_TIMEOUT,
 };
 
 static const struct option long_opts[] = {
@@ -67,6 +74,8 @@ static const struct option long_opts[] = {
     {"criu", required_argument, 0, OPT_CRIU},
     {"criu-timeout", required_argument, 0, OPT_CRIU_TIMEOUT},
     {"restore-timeout", required_argument, 0, OPT_RESTORE_TIMEOUT},
+    {"allow-cpu", no_argument, 0, OPT_ALLOW_CPU},
+    {"cuda-lock-timeout", required_argument, 0, OPT_CUDA_LOCK_TIMEOUT},
     {"help", no_argument, 0, 'h'},
     {"version", no_argument, 0, OPT_VERSION},
     {"host", no_argument, 0, OPT_HOST},             /* internal */
@@ -108,6 +117,7 @@ int bw_options_parse(struct bw_options *o, int argc, char **argv) {
     o->grace_s = 10;
     o->criu_timeout_s = 120;
     o->restore_timeout_s = 30;
+    o->cuda_lock_timeout_s = 10;
     o->python = getenv("BEAM_PYTHON");
     if (!o->python || !*o->python)
         o->python = BW_BUILD_PYTHON;
@@ -163,6 +173,11 @@ int bw_options_parse(struct bw_options *o, int argc, char **argv) {
             break;
         case OPT_HOST: o->host = true; break;
         case OPT_MAY_CKPT: o->may_checkpoint = true; break;
+        case OPT_ALLOW_CPU: o->allow_cpu = true; break;
+        case OPT_CUDA_LOCK_TIMEOUT:
+            if (parse_double("--cuda-lock-timeout", optarg, 0.001, &o->cuda_lock_timeout_s) < 0)
+                return -1;
+            break;
         case 'h': fputs(usage, stdout); return 1;
         case OPT_VERSION: printf("beam-worker %s\n", BW_VERSION); return 1;
         default: fputs(usage, stderr); return -1;

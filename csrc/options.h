@@ -24,6 +24,8 @@ struct bw_options {
     const char *criu;
     double criu_timeout_s;
     double restore_timeout_s;
+    double cuda_lock_timeout_s;  /* bound on locking the host's CUDA state (docs/gpu.md) */
+    bool allow_cpu;              /* gpu= asked for but no usable GPU: serve on CPU anyway */
     bool json_logs;
     /* internal: set when the supervisor re-executes itself as the host */
     bool host;

@@ -27,6 +27,7 @@
 
 #include "checkpoint.h"
 #include "control.h"
+#include "cuda_ckpt.h"
 #include "json.h"
 #include "listen.h"
 #include "log.h"
@@ -69,6 +70,8 @@ static struct {
     uv_signal_t sigterm, sigint, sigchld;
     uv_timer_t timer;
     int exit_code;
+    bool replace_host;       /* the host was killed on purpose; start a replica, not exit */
+    bool gpu_resume_failed;  /* a host could not get its GPU back after a dump */
     double crashes[CRASH_MAX];
     int ncrashes;
 } S;
@@ -215,6 +218,8 @@ static int spawn_host(bool may_dump) {
         argv[n++] = (char *)"--may-checkpoint";
     if (S.o->json_logs)
         argv[n++] = (char *)"--json-logs";
+    if (S.o->allow_cpu)
+        argv[n++] = (char *)"--allow-cpu";
     argv[n++] = (char *)S.o->app;
     argv[n] = NULL;
 
@@ -311,14 +316,76 @@ static char *profile_json(const msgpack_object *p) {
     return buf;
 }
 
+/* The host's GPU state before the CRIU dump (docs/gpu.md): 1 checkpointed (meta gets
+ * the GPU list for restores), 0 nothing to save, -1 failed (the host is unlocked again). */
+static int gpu_checkpoint(struct bw_cuda_times *t, msgpack_sbuffer *meta, char *err, size_t cap) {
+    char why[768];
+    struct bw_cuda_gpus g;
+    if (bw_cuda_load(why, sizeof why) < 0) {
+        snprintf(err, cap, "the app uses CUDA, but GPU checkpointing is unavailable: %s", why);
+        return -1;
+    }
+    if (bw_cuda_list_gpus(&g, err, cap) < 0)
+        return -1;
+    int rc = bw_cuda_checkpoint(S.pid, S.o->cuda_lock_timeout_s, t, err, cap);
+    if (rc == -2 && !bw_cuda_process_has_devices(S.pid)) {
+        bw_info("the host loaded libcuda but holds no GPU (%s): checkpointing its CPU state only",
+                err);
+        return 0;
+    }
+    if (rc < 0)
+        return -1;
+    msgpack_packer pk;
+    msgpack_packer_init(&pk, meta, msgpack_sbuffer_write);
+    msgpack_pack_map(&pk, 3);
+    bw_mp_str(&pk, "gpus");
+    bw_cuda_pack_gpus(&pk, &g);
+    bw_mp_kv_int(&pk, "bytes", t->bytes);
+    bw_mp_kv_int(&pk, "driver_version", bw_cuda_driver_version());
+    char d[512];
+    bw_cuda_describe(&g, d, sizeof d);
+    bw_info("GPU state checkpointed (%s): ~%.1f MiB; lock %.0f ms, checkpoint %.0f ms", d,
+            (double)t->bytes / 1048576.0, t->lock_ms, t->checkpoint_ms);
+    return 1;
+}
+
 static void do_checkpoint(const msgpack_object *prof, msgpack_packer *pk, int *extra) {
     char err[1024], *pj = profile_json(prof);
     double ms = 0;
     unsigned long long bytes = 0;
     bw_info("checkpointing %s ...", S.o->app);
-    int rc = bw_ckpt_dump(&S.ck, S.pid, &S.ids, S.config, S.config_len, S.o->app, pj, &ms,
-                          &bytes, err, sizeof err);
+    /* A host that uses CUDA: its GPU state goes into host memory first, so the CRIU
+     * image carries it; the supervisor drives this from outside (a lock blocks the
+     * target's own CUDA calls). A failure here keeps it serving, without an image. */
+    struct bw_cuda_times gt = {0};
+    msgpack_sbuffer gmeta;
+    msgpack_sbuffer_init(&gmeta);
+    int gpu = bw_cuda_process_uses_gpu(S.pid) ? gpu_checkpoint(&gt, &gmeta, err, sizeof err) : 0;
+    if (gpu < 0) {
+        free(pj);
+        msgpack_sbuffer_destroy(&gmeta);
+        bw_warn("GPU checkpoint failed, serving without a checkpoint: %s", err);
+        bw_warn("next starts boot cold; pass --retry-checkpoint to try again");
+        bw_ckpt_mark_failed(&S.ck, err);
+        return;
+    }
+    int rc = bw_ckpt_dump(&S.ck, S.pid, &S.ids, S.config, S.config_len, S.o->app, pj,
+                          gpu ? gmeta.data : NULL, gmeta.size, &ms, &bytes, err, sizeof err);
     free(pj);
+    msgpack_sbuffer_destroy(&gmeta);
+    char gerr[1024];
+    if (gpu && bw_cuda_resume(S.pid, &gt, gerr, sizeof gerr) < 0) {
+        /* It cannot use its GPU state again: a replica takes its place (from the image
+         * just written, else cold). */
+        bw_error("the host cannot get its GPU state back after the checkpoint: %s; replacing it",
+                 gerr);
+        if (rc < 0)
+            bw_ckpt_mark_failed(&S.ck, err);
+        S.gpu_resume_failed = true;
+        S.replace_host = true;
+        kill(S.pid, SIGKILL);
+        return;
+    }
     if (rc < 0) {
         /* The seed's rule: a failed checkpoint never costs the user a serving worker. */
         bw_warn("checkpoint failed, serving without one: %s", err);
@@ -330,6 +397,14 @@ static void do_checkpoint(const msgpack_object *prof, msgpack_packer *pk, int *e
     bw_mp_kv_double(pk, "checkpoint_ms", ms);
     bw_mp_kv_int(pk, "image_bytes", (long long)bytes);
     *extra += 2;
+    if (gpu) {
+        bw_mp_kv_double(pk, "gpu_lock_ms", gt.lock_ms);
+        bw_mp_kv_double(pk, "gpu_checkpoint_ms", gt.checkpoint_ms);
+        bw_mp_kv_double(pk, "gpu_restore_ms", gt.restore_ms);
+        bw_mp_kv_double(pk, "gpu_unlock_ms", gt.unlock_ms);
+        bw_mp_kv_int(pk, "gpu_bytes", gt.bytes);
+        *extra += 5;
+    }
 }
 
 static void handle_ready(const msgpack_object *m) {
@@ -364,6 +439,10 @@ static void handle_ready(const msgpack_object *m) {
         bw_ckpt_mark_failed(&S.ck, why);
     } else if (bw_mp_true(bw_mp_get(m, "checkpoint")) && S.may_dump) {
         do_checkpoint(prof, &bp, &n);
+    }
+    if (S.replace_host) { /* killed after a failed GPU resume: host_exited goes on */
+        msgpack_sbuffer_destroy(&body);
+        return;
     }
     profile_reset();
     msgpack_packer_init(&pk, &S.profile, msgpack_sbuffer_write);
@@ -451,12 +530,44 @@ static void on_restore_timeout(uv_timer_t *t) {
     kill(S.pid, SIGKILL);
 }
 
+/* The image's GPU metadata against this machine's GPUs (before any CRIU work). */
+static int gpu_compat(const struct bw_ckpt_image *img, struct bw_cuda_gpus *saved,
+                      struct bw_cuda_gpus *now, int *npairs, long long *bytes, char *err,
+                      size_t cap) {
+    msgpack_zone z;
+    msgpack_zone_init(&z, 1024);
+    msgpack_object m;
+    int rc = -1;
+    if (bw_mp_unpack_exact(img->gpu, img->gpu_len, &z, &m) < 0 ||
+        bw_cuda_unpack_gpus(bw_mp_get(&m, "gpus"), saved) < 0) {
+        snprintf(err, cap, "the image's GPU metadata is corrupt");
+    } else {
+        *bytes = (long long)bw_mp_num(bw_mp_get(&m, "bytes"), 0);
+        rc = bw_cuda_check_compat(saved, now, npairs, err, cap);
+    }
+    msgpack_zone_destroy(&z);
+    return rc;
+}
+
 static int try_restore(void) {
     char err[1024];
     struct bw_ckpt_image img;
     S.t0 = bw_now_ms();
     if (bw_ckpt_load(&S.ck, &img, err, sizeof err) < 0) {
         bw_warn("checkpoint unusable (%s); discarding it and booting cold", err);
+        bw_ckpt_discard(&S.ck);
+        return -1;
+    }
+    /* An image with GPU state needs the same GPUs here (other cards of the same type are
+     * remapped by UUID). Checked before CRIU does any work. */
+    struct bw_cuda_gpus saved, now;
+    struct bw_cuda_times gt = {0};
+    int npairs = 0;
+    bool gpu = img.gpu != NULL;
+    if (gpu && gpu_compat(&img, &saved, &now, &npairs, &gt.bytes, err, sizeof err) < 0) {
+        bw_warn("cannot restore the checkpoint's GPU state here (%s); discarding it and "
+                "booting cold", err);
+        bw_ckpt_image_free(&img);
         bw_ckpt_discard(&S.ck);
         return -1;
     }
@@ -477,7 +588,26 @@ static int try_restore(void) {
         bw_ckpt_discard(&S.ck);
         return -1;
     }
+    if (gpu) {
+        if (npairs)
+            bw_info("this machine's GPUs have other UUIDs than the image's: remapping %d GPU(s)",
+                    npairs);
+        if (bw_cuda_restore_replica(pid, &saved, &now, npairs > 0, &gt, err, sizeof err) < 0) {
+            /* As Modal does: a replica whose GPU state cannot come back boots cold. */
+            bw_warn("GPU restore failed (%s); discarding the checkpoint and booting cold", err);
+            kill(pid, SIGKILL);
+            while (waitpid(pid, NULL, 0) < 0 && errno == EINTR) {
+            }
+            io_close_fds(&io);
+            bw_ckpt_image_free(&img);
+            bw_ckpt_discard(&S.ck);
+            if (S.gpu_resume_failed) /* GPU restores keep failing here: stop dumping */
+                bw_ckpt_mark_failed(&S.ck, err);
+            return -1;
+        }
+    }
     free(S.config);
+    free(img.gpu);
     S.config = img.config;
     S.config_len = img.config_len;
     S.image_bytes = img.bytes;
@@ -489,10 +619,15 @@ static int try_restore(void) {
     profile_reset();
     msgpack_packer pk;
     msgpack_packer_init(&pk, &S.profile, msgpack_sbuffer_write);
-    msgpack_pack_map(&pk, 3);
+    msgpack_pack_map(&pk, gpu ? 6 : 3);
     bw_mp_kv_str(&pk, "mode", "restore");
     bw_mp_kv_double(&pk, "criu_restore_ms", S.restore_ms);
     bw_mp_kv_int(&pk, "image_bytes", (long long)S.image_bytes);
+    if (gpu) {
+        bw_mp_kv_double(&pk, "gpu_restore_ms", gt.restore_ms);
+        bw_mp_kv_double(&pk, "gpu_unlock_ms", gt.unlock_ms);
+        bw_mp_kv_int(&pk, "gpu_bytes", gt.bytes);
+    }
     send_start(true);
     uv_timer_start(&S.timer, on_restore_timeout, (uint64_t)(S.o->restore_timeout_s * 1000), 0);
     return 0;
@@ -554,6 +689,12 @@ static void host_exited(int status) {
         shutdown_loop(WIFEXITED(status) ? WEXITSTATUS(status) : 1);
         return;
     case P_BOOT:
+        if (S.replace_host) {
+            S.replace_host = false;
+            bw_warn("host %s; starting a replica in its place", why);
+            start_replica();
+            return;
+        }
         bw_error("the app failed to start: host %s", why);
         shutdown_loop(1);
         return;

@@ -137,6 +137,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         argv += ["--restore-timeout", f"{args.restore_timeout:g}"]
     if args.json_logs:
         argv.append("--json-logs")
+    if args.allow_cpu:
+        argv.append("--allow-cpu")
+    if args.cuda_lock_timeout is not None:
+        argv += ["--cuda-lock-timeout", f"{args.cuda_lock_timeout:g}"]
     argv.append(_absolute_app(args.app))
     sys.stdout.flush()
     sys.stderr.flush()
@@ -530,6 +534,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--restore-timeout", metavar="SECONDS", type=_nonneg_float,
                    help="bound on one restore before booting cold (worker default 30)")
     s.add_argument("--json-logs", action="store_true", help="log one JSON object per line")
+    s.add_argument("--allow-cpu", action="store_true",
+                   help="serve an endpoint with gpu= even without a usable GPU (default: refuse)")
+    s.add_argument("--cuda-lock-timeout", metavar="SECONDS", type=_nonneg_float,
+                   help="bound on locking the app's CUDA state before a GPU checkpoint "
+                   "(worker default 10)")
     s.set_defaults(func=cmd_serve)
 
     c = sub.add_parser("call", help="call a running worker",

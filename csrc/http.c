@@ -1,0 +1,536 @@
+/* http.c - HTTP/1.1 server on libuv with Debian's http-parser.
+ *
+ * Ownership: a connection owns the requests parsed from it, in a FIFO that fixes the
+ * response order. A request handed to the router stays alive until answered, even if
+ * its connection closes first (the answer is then dropped); the connection's memory is
+ * released when it is closed and its last request is answered. */
+#define _GNU_SOURCE
+#include "http.h"
+
+#include <http_parser.h>
+#include <msgpack.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+
+#include "json.h"
+#include "log.h"
+#include "mp.h"
+#include "util.h"
+
+#define MAX_PIPELINED 128 /* per connection; then stop reading until answers drain */
+#define MAX_URL 1024
+#define MAX_AUTH 1024
+
+struct conn;
+
+struct bw_http_req {
+    struct conn *conn;
+    struct bw_http_req *next;
+    bool done, keep_alive;
+    char *resp;
+    size_t resp_len;
+    msgpack_sbuffer kwargs;
+    double arrival;
+};
+
+struct conn {
+    uv_tcp_t tcp;
+    http_parser parser;
+    char url[MAX_URL];
+    size_t url_len;
+    char field[32];
+    size_t field_len;
+    bool in_auth;
+    char auth[MAX_AUTH];
+    size_t auth_len;
+    msgpack_sbuffer body;
+    msgpack_sbuffer unparsed; /* bytes read while parsing was paused (too many pending) */
+    int reject;             /* status to answer instead of parsing on (413) */
+    struct bw_http_req *head, *tail;
+    int pending;
+    bool closed, reading, close_after_flush;
+    size_t write_bytes;
+};
+
+struct write_req {
+    uv_write_t req;
+    char *data;
+    size_t len;
+};
+
+static struct {
+    uv_loop_t *loop;
+    uv_tcp_t listener;
+    bool listening;
+    struct bw_http_options opts;
+    struct bw_http_handlers h;
+    http_parser_settings settings;
+} H;
+
+static const char *status_text(int status) {
+    switch (status) {
+    case 200: return "OK";
+    case 400: return "Bad Request";
+    case 401: return "Unauthorized";
+    case 404: return "Not Found";
+    case 405: return "Method Not Allowed";
+    case 413: return "Payload Too Large";
+    case 429: return "Too Many Requests";
+    case 500: return "Internal Server Error";
+    case 502: return "Bad Gateway";
+    case 503: return "Service Unavailable";
+    case 504: return "Gateway Timeout";
+    default: return "Error";
+    }
+}
+
+/* ---- connection lifetime ------------------------------------------------------------ */
+
+static void conn_free_if_done(struct conn *c) {
+    if (c->closed && c->pending == 0 && !c->head) {
+        msgpack_sbuffer_destroy(&c->body);
+        msgpack_sbuffer_destroy(&c->unparsed);
+        free(c);
+    }
+}
+
+static void on_closed(uv_handle_t *h) {
+    struct conn *c = h->data;
+    c->closed = true;
+    conn_free_if_done(c);
+}
+
+static void conn_close(struct conn *c) {
+    if (!uv_is_closing((uv_handle_t *)&c->tcp))
+        uv_close((uv_handle_t *)&c->tcp, on_closed);
+}
+
+static void req_free(struct bw_http_req *r) {
+    free(r->resp);
+    msgpack_sbuffer_destroy(&r->kwargs);
+    free(r);
+}
+
+/* ---- writing, in request order ------------------------------------------------------ */
+
+static void on_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *buf);
+static void on_read(uv_stream_t *s, ssize_t n, const uv_buf_t *buf);
+static void resume_parsing(struct conn *c);
+
+static void read_start(struct conn *c) {
+    if (!c->reading && !c->close_after_flush && !uv_is_closing((uv_handle_t *)&c->tcp) &&
+        uv_read_start((uv_stream_t *)&c->tcp, on_alloc, on_read) == 0)
+        c->reading = true;
+}
+
+static void read_stop(struct conn *c) {
+    if (c->reading) {
+        uv_read_stop((uv_stream_t *)&c->tcp);
+        c->reading = false;
+    }
+}
+
+static void on_write(uv_write_t *w, int status) {
+    struct write_req *wr = (struct write_req *)w;
+    struct conn *c = w->handle->data;
+    c->write_bytes -= wr->len;
+    free(wr->data);
+    free(wr);
+    if (status < 0 || (c->close_after_flush && c->write_bytes == 0 && !c->head))
+        conn_close(c);
+}
+
+static void send_bytes(struct conn *c, char *data, size_t len) {
+    uv_buf_t b = uv_buf_init(data, (unsigned)len);
+    int n = c->write_bytes == 0 ? uv_try_write((uv_stream_t *)&c->tcp, &b, 1) : UV_EAGAIN;
+    if (n < 0 && n != UV_EAGAIN) {
+        free(data);
+        conn_close(c);
+        return;
+    }
+    size_t done = n > 0 ? (size_t)n : 0;
+    if (done == len) {
+        free(data);
+        return;
+    }
+    struct write_req *w = malloc(sizeof *w);
+    if (!w) {
+        free(data);
+        conn_close(c);
+        return;
+    }
+    w->data = data;
+    w->len = len - done;
+    b = uv_buf_init(data + done, (unsigned)w->len);
+    c->write_bytes += w->len;
+    if (uv_write(&w->req, (uv_stream_t *)&c->tcp, &b, 1, on_write) < 0) {
+        c->write_bytes -= w->len;
+        free(data);
+        free(w);
+        conn_close(c);
+    }
+}
+
+/* Send every answered request at the head of the FIFO, in one write. */
+static void flush(struct conn *c) {
+    msgpack_sbuffer out;
+    msgpack_sbuffer_init(&out);
+    bool stop = false;
+    while (c->head && c->head->done) {
+        struct bw_http_req *r = c->head;
+        c->head = r->next;
+        if (!c->head)
+            c->tail = NULL;
+        if (!uv_is_closing((uv_handle_t *)&c->tcp) && !stop)
+            msgpack_sbuffer_write(&out, r->resp, r->resp_len);
+        if (!r->keep_alive) {
+            c->close_after_flush = true;
+            stop = true; /* nothing after a "Connection: close" answer */
+        }
+        req_free(r);
+    }
+    if (out.size > 0 && !uv_is_closing((uv_handle_t *)&c->tcp))
+        send_bytes(c, out.data, out.size);
+    else
+        msgpack_sbuffer_destroy(&out);
+    if (c->closed) {
+        conn_free_if_done(c);
+        return;
+    }
+    if (c->close_after_flush) {
+        read_stop(c);
+        if (c->write_bytes == 0)
+            conn_close(c);
+    } else if (c->pending < MAX_PIPELINED / 2) {
+        resume_parsing(c);
+    }
+}
+
+static void finish(struct bw_http_req *r, msgpack_sbuffer *resp) {
+    struct conn *c = r->conn;
+    r->resp = resp->data;
+    r->resp_len = resp->size;
+    r->done = true;
+    c->pending--;
+    flush(c);
+}
+
+void bw_http_reply(struct bw_http_req *r, int status, const char *json, size_t len,
+                   const char *task_id, double wait_ms) {
+    char head[512];
+    int n = snprintf(head, sizeof head,
+                     "HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %zu\r\n",
+                     status, status_text(status), len);
+    msgpack_sbuffer out;
+    msgpack_sbuffer_init(&out);
+    msgpack_sbuffer_write(&out, head, (size_t)n);
+    if (task_id && *task_id) {
+        n = snprintf(head, sizeof head, "X-Task-ID: %s\r\n", task_id);
+        msgpack_sbuffer_write(&out, head, (size_t)n);
+    }
+    if (wait_ms >= 0) {
+        n = snprintf(head, sizeof head, "X-Beam-Wait-Ms: %.1f\r\n", wait_ms);
+        msgpack_sbuffer_write(&out, head, (size_t)n);
+    }
+    if (status == 401)
+        msgpack_sbuffer_write(&out, "WWW-Authenticate: Bearer\r\n", 26);
+    if (!r->keep_alive)
+        msgpack_sbuffer_write(&out, "Connection: close\r\n", 19);
+    msgpack_sbuffer_write(&out, "\r\n", 2);
+    msgpack_sbuffer_write(&out, json, len);
+    finish(r, &out);
+}
+
+void bw_http_reply_error(struct bw_http_req *r, int status, const char *type,
+                         const char *message, const char *task_id, double wait_ms) {
+    msgpack_sbuffer b;
+    msgpack_sbuffer_init(&b);
+    msgpack_sbuffer_write(&b, "{\"error\":{\"type\":", 17);
+    bw_json_append_str(&b, type, strlen(type));
+    msgpack_sbuffer_write(&b, ",\"message\":", 11);
+    bw_json_append_str(&b, message, strlen(message));
+    msgpack_sbuffer_write(&b, "}}", 2);
+    bw_http_reply(r, status, b.data, b.size, task_id, wait_ms);
+    msgpack_sbuffer_destroy(&b);
+}
+
+const char *bw_http_req_kwargs(const struct bw_http_req *r, size_t *len) {
+    *len = r->kwargs.size;
+    return r->kwargs.data;
+}
+
+double bw_http_req_arrival(const struct bw_http_req *r) { return r->arrival; }
+
+/* ---- parsing ------------------------------------------------------------------------ */
+
+static struct bw_http_req *req_new(struct conn *c, bool keep_alive) {
+    struct bw_http_req *r = calloc(1, sizeof *r);
+    if (!r)
+        return NULL;
+    r->conn = c;
+    r->keep_alive = keep_alive;
+    r->arrival = bw_now_ms();
+    msgpack_sbuffer_init(&r->kwargs);
+    if (c->tail)
+        c->tail->next = r;
+    else
+        c->head = r;
+    c->tail = r;
+    c->pending++;
+    return r;
+}
+
+static int on_message_begin(http_parser *p) {
+    struct conn *c = p->data;
+    c->url_len = c->auth_len = c->field_len = 0;
+    c->in_auth = false;
+    c->body.size = 0;
+    return 0;
+}
+
+static int on_url(http_parser *p, const char *at, size_t len) {
+    struct conn *c = p->data;
+    if (c->url_len + len >= MAX_URL)
+        len = MAX_URL - 1 - c->url_len;
+    memcpy(c->url + c->url_len, at, len);
+    c->url_len += len;
+    return 0;
+}
+
+static int on_header_field(http_parser *p, const char *at, size_t len) {
+    struct conn *c = p->data;
+    if (c->in_auth || c->field_len == sizeof c->field) /* a new field begins */
+        c->field_len = 0;
+    c->in_auth = false;
+    size_t room = sizeof c->field - c->field_len;
+    memcpy(c->field + c->field_len, at, len < room ? len : room);
+    c->field_len += len < room ? len : room;
+    return 0;
+}
+
+static int on_header_value(http_parser *p, const char *at, size_t len) {
+    struct conn *c = p->data;
+    if (!c->in_auth && c->field_len == 13 && strncasecmp(c->field, "authorization", 13) == 0)
+        c->in_auth = true;
+    if (c->in_auth) {
+        size_t room = MAX_AUTH - c->auth_len;
+        memcpy(c->auth + c->auth_len, at, len < room ? len : room);
+        c->auth_len += len < room ? len : room;
+    } else {
+        c->field_len = sizeof c->field; /* marks "value seen": next field starts fresh */
+    }
+    return 0;
+}
+
+static int on_headers_complete(http_parser *p) {
+    struct conn *c = p->data;
+    c->field_len = 0;
+    if (p->content_length != ULLONG_MAX && p->content_length > H.opts.max_body) {
+        c->reject = 413; /* refuse before reading a byte of the body */
+        http_parser_pause(p, 1);
+    }
+    return 0;
+}
+
+static int on_body(http_parser *p, const char *at, size_t len) {
+    struct conn *c = p->data;
+    if (c->body.size + len > H.opts.max_body) { /* chunked bodies have no length up front */
+        c->reject = 413;
+        http_parser_pause(p, 1);
+        return 0;
+    }
+    msgpack_sbuffer_write(&c->body, at, len);
+    return 0;
+}
+
+/* Constant time in the secret: compares every byte of the expected value whatever the
+ * input, and folds the length difference in rather than returning early. */
+static bool token_ok(const struct conn *c) {
+    static const char prefix[] = "Bearer ";
+    const char *tok = H.opts.token;
+    size_t tlen = strlen(tok), want = sizeof prefix - 1 + tlen;
+    unsigned diff = (unsigned)(c->auth_len ^ want);
+    for (size_t i = 0; i < want; i++) {
+        char expect = i < sizeof prefix - 1 ? prefix[i] : tok[i - (sizeof prefix - 1)];
+        char got = i < c->auth_len ? c->auth[i] : 0;
+        diff |= (unsigned char)(expect ^ got);
+    }
+    return diff == 0;
+}
+
+static void route(struct conn *c, struct bw_http_req *r, enum http_method m) {
+    char path[MAX_URL];
+    size_t n = c->url_len;
+    const char *q = memchr(c->url, '?', n);
+    if (q)
+        n = (size_t)(q - c->url);
+    memcpy(path, c->url, n);
+    path[n] = '\0';
+    bool is_root = strcmp(path, "/") == 0, is_stats = strcmp(path, "/stats") == 0;
+    if (strcmp(path, "/health") == 0) {
+        bw_http_reply(r, m == HTTP_GET ? 200 : 405, "{\"status\":\"ok\"}", 15, NULL, -1);
+        return;
+    }
+    if (!is_root && !is_stats) {
+        bw_http_reply_error(r, 404, "NotFound", "no such path (POST / calls the endpoint)", NULL, -1);
+        return;
+    }
+    if (H.opts.token && !token_ok(c)) {
+        bw_http_reply_error(r, 401, "Unauthorized",
+                            "missing or wrong 'Authorization: Bearer <token>'", NULL, -1);
+        return;
+    }
+    if (is_stats) {
+        if (m != HTTP_GET)
+            bw_http_reply_error(r, 405, "MethodNotAllowed", "use GET /stats", NULL, -1);
+        else
+            H.h.stats(r, H.h.arg);
+        return;
+    }
+    if (m != HTTP_POST) {
+        bw_http_reply_error(r, 405, "MethodNotAllowed", "use POST / with a JSON object", NULL, -1);
+        return;
+    }
+    char err[256];
+    msgpack_packer pk;
+    msgpack_packer_init(&pk, &r->kwargs, msgpack_sbuffer_write);
+    size_t i = 0;
+    while (i < c->body.size && strchr(" \t\r\n", c->body.data[i]))
+        i++;
+    if (i == c->body.size) {
+        msgpack_pack_map(&pk, 0); /* no body: no arguments */
+    } else if (c->body.data[i] != '{') {
+        bw_http_reply_error(r, 400, "BadRequest", "body must be a JSON object", NULL, -1);
+        return;
+    } else if (bw_json_to_msgpack(c->body.data, c->body.size, &pk, err, sizeof err) < 0) {
+        bw_http_reply_error(r, 400, "BadRequest", err, NULL, -1);
+        return;
+    }
+    H.h.call(r, H.h.arg);
+}
+
+static int on_message_complete(http_parser *p) {
+    struct conn *c = p->data;
+    struct bw_http_req *r = req_new(c, http_should_keep_alive(p) != 0);
+    if (!r)
+        return -1;
+    route(c, r, (enum http_method)p->method);
+    if (c->pending >= MAX_PIPELINED)
+        http_parser_pause(p, 1); /* resume reading when answers drain */
+    return 0;
+}
+
+/* ---- reading ------------------------------------------------------------------------ */
+
+static void on_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *buf) {
+    (void)h;
+    buf->base = malloc(suggested);
+    buf->len = buf->base ? suggested : 0;
+}
+
+static void reject(struct conn *c, int status, const char *type, const char *msg) {
+    struct bw_http_req *r = req_new(c, false);
+    read_stop(c);
+    if (r)
+        bw_http_reply_error(r, status, type, msg, NULL, -1);
+    else
+        conn_close(c);
+}
+
+/* Parse what arrived. Parsing pauses when a connection has MAX_PIPELINED unanswered
+ * requests; the bytes after that point are kept, not dropped, and parsed on resume. */
+static void feed(struct conn *c, const char *data, size_t len) {
+    size_t used = http_parser_execute(&c->parser, &H.settings, data, len);
+    enum http_errno e = HTTP_PARSER_ERRNO(&c->parser);
+    if (c->reject) {
+        char msg[96];
+        snprintf(msg, sizeof msg, "body larger than the limit of %zu bytes", H.opts.max_body);
+        reject(c, 413, "PayloadTooLarge", msg);
+    } else if (e == HPE_PAUSED) {
+        read_stop(c);
+        msgpack_sbuffer_write(&c->unparsed, data + used, len - used);
+    } else if (e != HPE_OK) {
+        reject(c, 400, "BadRequest", http_errno_description(e));
+    }
+}
+
+static void resume_parsing(struct conn *c) {
+    if (HTTP_PARSER_ERRNO(&c->parser) == HPE_PAUSED) {
+        http_parser_pause(&c->parser, 0);
+        msgpack_sbuffer rest = c->unparsed;
+        msgpack_sbuffer_init(&c->unparsed);
+        feed(c, rest.data, rest.size);
+        msgpack_sbuffer_destroy(&rest);
+        if (HTTP_PARSER_ERRNO(&c->parser) == HPE_PAUSED)
+            return;
+    }
+    read_start(c);
+}
+
+static void on_read(uv_stream_t *s, ssize_t n, const uv_buf_t *buf) {
+    struct conn *c = s->data;
+    if (n < 0) {
+        free(buf->base);
+        read_stop(c);
+        conn_close(c);
+        return;
+    }
+    if (n > 0)
+        feed(c, buf->base, (size_t)n);
+    free(buf->base);
+}
+
+static void on_connection(uv_stream_t *server, int status) {
+    if (status < 0)
+        return;
+    struct conn *c = calloc(1, sizeof *c);
+    if (!c)
+        return;
+    uv_tcp_init(H.loop, &c->tcp);
+    c->tcp.data = c;
+    msgpack_sbuffer_init(&c->body);
+    msgpack_sbuffer_init(&c->unparsed);
+    if (uv_accept(server, (uv_stream_t *)&c->tcp) < 0) {
+        uv_close((uv_handle_t *)&c->tcp, on_closed);
+        return;
+    }
+    uv_tcp_nodelay(&c->tcp, 1);
+    http_parser_init(&c->parser, HTTP_REQUEST);
+    c->parser.data = c;
+    read_start(c);
+}
+
+int bw_http_start(uv_loop_t *loop, int listen_fd, const struct bw_http_options *o,
+                  const struct bw_http_handlers *h) {
+    H.loop = loop;
+    H.opts = *o;
+    H.h = *h;
+    http_parser_settings_init(&H.settings);
+    H.settings.on_message_begin = on_message_begin;
+    H.settings.on_url = on_url;
+    H.settings.on_header_field = on_header_field;
+    H.settings.on_header_value = on_header_value;
+    H.settings.on_headers_complete = on_headers_complete;
+    H.settings.on_body = on_body;
+    H.settings.on_message_complete = on_message_complete;
+    int rc = uv_tcp_init(loop, &H.listener);
+    if (rc == 0)
+        rc = uv_tcp_open(&H.listener, listen_fd);
+    if (rc == 0)
+        rc = uv_listen((uv_stream_t *)&H.listener, 1024, on_connection);
+    if (rc < 0) {
+        bw_error("http: cannot listen: %s", uv_strerror(rc));
+        return -1;
+    }
+    H.listening = true;
+    return 0;
+}
+
+void bw_http_stop(void) {
+    if (H.listening) {
+        uv_close((uv_handle_t *)&H.listener, NULL);
+        H.listening = false;
+    }
+}

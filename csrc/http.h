@@ -1,0 +1,44 @@
+/* http.h - the HTTP/1.1 front (supervisor side).
+ *
+ * Parses requests with http-parser, enforces auth and body limits, turns JSON bodies
+ * into msgpack kwargs and writes responses in request order (keep-alive and pipelining).
+ * What to do with a call is the router's business: it gets the request and answers it
+ * later with bw_http_reply*, even if the client has gone away meanwhile. */
+#ifndef BW_HTTP_H
+#define BW_HTTP_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <uv.h>
+
+struct bw_http_req;
+
+struct bw_http_handlers {
+    void (*call)(struct bw_http_req *req, void *arg);  /* POST / */
+    void (*stats)(struct bw_http_req *req, void *arg); /* GET /stats */
+    void *arg;
+};
+
+struct bw_http_options {
+    size_t max_body;   /* larger bodies: 413 */
+    const char *token; /* required bearer token; NULL: no auth (--no-auth) */
+};
+
+int bw_http_start(uv_loop_t *loop, int listen_fd, const struct bw_http_options *o,
+                  const struct bw_http_handlers *h);
+/* Stop accepting and close idle connections; busy ones close once answered. */
+void bw_http_stop(void);
+
+/* The request's kwargs: a packed msgpack map. */
+const char *bw_http_req_kwargs(const struct bw_http_req *r, size_t *len);
+double bw_http_req_arrival(const struct bw_http_req *r); /* bw_now_ms() at parse time */
+
+/* Answer with a JSON body. task_id (may be NULL) goes into X-Task-ID; wait_ms >= 0 into
+ * X-Beam-Wait-Ms (time spent waiting for a replica). The request is freed. */
+void bw_http_reply(struct bw_http_req *r, int status, const char *json, size_t len,
+                   const char *task_id, double wait_ms);
+/* {"error": {"type": ..., "message": ...}} */
+void bw_http_reply_error(struct bw_http_req *r, int status, const char *type,
+                         const char *message, const char *task_id, double wait_ms);
+
+#endif
