@@ -61,6 +61,7 @@ struct bw_worker_state {
     char *profile;         /* packed msgpack map */
     size_t profile_len;
     unsigned long long requests;
+    unsigned long long *shared_requests; /* this worker's slot in the host's counters */
 };
 extern struct bw_worker_state bw_worker;
 

@@ -19,6 +19,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/prctl.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -152,12 +153,17 @@ out:
 struct workers {
     pid_t pid[MAX_WORKERS];
     int n;
+    /* Requests served, one slot per worker, in memory shared with them (created after
+     * the checkpoint, so never in an image): the host reports activity to the
+     * supervisor, which keeps a busy replica from being retired as idle. */
+    unsigned long long *served;
+    unsigned long long reported;
     double respawns[RESPAWN_MAX];
     int nrespawns;
 };
 
 static pid_t spawn_worker(const struct bw_options *o, const struct start_info *si, int index,
-                          const sigset_t *orig_mask) {
+                          const sigset_t *orig_mask, unsigned long long *served) {
     bw_app_before_fork();
     pid_t pid = fork();
     if (pid != 0) {
@@ -176,6 +182,10 @@ static pid_t spawn_worker(const struct bw_options *o, const struct start_info *s
                            si->profile.data, si->profile.size) < 0) {
         bw_error("worker %d: %s", index, bw_app_error());
         _exit(1);
+    }
+    if (served) {
+        bw_worker.requests = served[index]; /* a replacement continues the count */
+        bw_worker.shared_requests = &served[index];
     }
     int rc = bw_server_run(si->fds, si->nfds, o->max_frame, o->grace_s);
     fflush(NULL);
@@ -237,9 +247,28 @@ static int reap(struct workers *w, bool stopping, const struct bw_options *o,
             return -1;
         }
         bw_warn("worker %d %s; replacing it", i, why);
-        w->pid[i] = spawn_worker(o, si, i, orig_mask);
+        w->pid[i] = spawn_worker(o, si, i, orig_mask, w->served);
     }
     return 0;
+}
+
+static void report_activity(struct workers *w) {
+    if (!w->served)
+        return;
+    unsigned long long total = 0;
+    for (int i = 0; i < w->n; i++)
+        total += w->served[i];
+    if (total == w->reported)
+        return;
+    w->reported = total;
+    msgpack_sbuffer sb;
+    msgpack_sbuffer_init(&sb);
+    msgpack_packer pk;
+    msgpack_packer_init(&pk, &sb, msgpack_sbuffer_write);
+    msgpack_pack_map(&pk, 2);
+    bw_mp_kv_str(&pk, "t", "activity");
+    bw_mp_kv_int(&pk, "requests", (long long)total);
+    send_msg(&sb);
 }
 
 static void signal_all(const struct workers *w, int sig) {
@@ -280,8 +309,12 @@ static int supervise(const struct bw_options *o, struct start_info *si, const si
                 "process instead of %d workers", w.n);
     if (in_process)
         w.n = 1;
+    w.served = mmap(NULL, MAX_WORKERS * sizeof *w.served, PROT_READ | PROT_WRITE,
+                    MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+    if (w.served == MAP_FAILED)
+        w.served = NULL;
     for (int i = 0; i < w.n && !in_process; i++)
-        w.pid[i] = spawn_worker(o, si, i, orig);
+        w.pid[i] = spawn_worker(o, si, i, orig, w.served);
 
     msgpack_sbuffer sb;
     msgpack_sbuffer_init(&sb);
@@ -320,6 +353,7 @@ static int supervise(const struct bw_options *o, struct start_info *si, const si
             signal_all(&w, SIGKILL);
             deadline = bw_now_ms() + 5000;
         }
+        report_activity(&w);
         struct pollfd p = {.fd = BW_CTL_FD, .events = POLLIN};
         struct timespec ts = {0, 200 * 1000 * 1000};
         int r = ppoll(&p, stopping ? 0 : 1, &ts, orig);

@@ -450,7 +450,8 @@ static void feed(struct conn *c, const char *data, size_t len) {
         reject(c, 413, "PayloadTooLarge", msg);
     } else if (e == HPE_PAUSED) {
         read_stop(c);
-        msgpack_sbuffer_write(&c->unparsed, data + used, len - used);
+        if (used < len) /* paused on the last byte: nothing to keep (and no NULL + 0) */
+            msgpack_sbuffer_write(&c->unparsed, data + used, len - used);
     } else if (e != HPE_OK) {
         reject(c, 400, "BadRequest", http_errno_description(e));
     }
@@ -527,6 +528,8 @@ int bw_http_start(uv_loop_t *loop, int listen_fd, const struct bw_http_options *
     H.listening = true;
     return 0;
 }
+
+void bw_http_set_token(const char *token) { H.opts.token = token; }
 
 void bw_http_stop(void) {
     if (H.listening) {

@@ -26,8 +26,10 @@ struct bw_http_options {
 
 int bw_http_start(uv_loop_t *loop, int listen_fd, const struct bw_http_options *o,
                   const struct bw_http_handlers *h);
-/* Stop accepting and close idle connections; busy ones close once answered. */
+/* Stop accepting; open connections close once answered. */
 void bw_http_stop(void);
+/* Change the required token (NULL: none), e.g. when the endpoint says authorized=False. */
+void bw_http_set_token(const char *token);
 
 /* The request's kwargs: a packed msgpack map. */
 const char *bw_http_req_kwargs(const struct bw_http_req *r, size_t *len);

@@ -3,6 +3,8 @@
 
 #include <cjson/cJSON.h>
 #include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -34,6 +36,24 @@ void bw_json_append_str(msgpack_sbuffer *out, const char *s, size_t n) {
     if (n > run) /* s may be NULL when n == 0 (msgpack-c's empty str): no NULL + 0 */
         put(out, s + run, n - run);
     put(out, "\"", 1);
+}
+
+/* The shortest text that reads back as the same double (0.7, not 0.69999999999999996),
+ * as Python's repr and JSON encoders print floats. */
+static size_t shortest_double(char *buf, size_t cap, double v) {
+    int n = 0;
+    for (int prec = 15; prec <= 17; prec++) {
+        n = snprintf(buf, cap, "%.*g", prec, v);
+        if (strtod(buf, NULL) == v)
+            break;
+    }
+    /* keep it a JSON number that still reads as a float: 1e+20, 3.0 */
+    if (!strpbrk(buf, ".eEn") && (size_t)n + 2 < cap) {
+        buf[n++] = '.';
+        buf[n++] = '0';
+        buf[n] = '\0';
+    }
+    return (size_t)n;
 }
 
 static void append_base64(msgpack_sbuffer *out, const unsigned char *p, size_t n) {
@@ -69,7 +89,7 @@ void bw_json_append_object(msgpack_sbuffer *out, const msgpack_object *o) {
     case MSGPACK_OBJECT_FLOAT32:
     case MSGPACK_OBJECT_FLOAT64:
         if (isfinite(o->via.f64))
-            put(out, num, (size_t)snprintf(num, sizeof num, "%.17g", o->via.f64));
+            put(out, num, shortest_double(num, sizeof num, o->via.f64));
         else
             puts_(out, "null");
         break;

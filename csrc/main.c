@@ -1,5 +1,5 @@
 /* main.c - beam-worker: one binary, two roles. Run by a user (or `beam serve`) it is
- * the supervisor; the supervisor re-executes it with --host inside a new PID namespace
+ * the supervisor; the supervisor re-executes it with --run-host inside a new PID namespace
  * to become the Python host. */
 #include <stdio.h>
 

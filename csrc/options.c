@@ -32,6 +32,17 @@ static const char usage[] =
     "                        (default: $BEAM_VOLUME_ROOT, else ~/.cache/beam/volumes)\n"
     "  --json-logs           log as one JSON object per line\n"
     "\n"
+    "HTTP front and replicas (docs/http.md):\n"
+    "  --port N              serve HTTP on this port: POST / with a JSON body, GET /health,\n"
+    "                        GET /stats (0 picks a free port)\n"
+    "  --host ADDR           HTTP bind address (default 127.0.0.1)\n"
+    "  --no-auth             no bearer token, even if the endpoint says authorized=True\n"
+    "                        (default token: $BEAM_AUTH_TOKEN, else generated and printed)\n"
+    "  --max-body BYTES      largest HTTP request body (default 67108864)\n"
+    "  --max-replicas N      restore up to N replicas when calls queue up (default 1)\n"
+    "  --keep-warm SECONDS   stop an idle replica after this long; the next call restores\n"
+    "                        one (default: the endpoint's keep_warm_seconds; -1: never)\n"
+    "\n"
     "Checkpointing (needs root and CRIU; see `python -m beam doctor`):\n"
     "  --checkpoint-dir DIR  image root (default: $BEAM_CHECKPOINT_DIR, else\n"
     "                        ~/.cache/beam/checkpoints); created with mode 0700\n"
@@ -55,6 +66,7 @@ enum {
     OPT_SOCKET = 256, OPT_TCP, OPT_PYTHON, OPT_WORKERS, OPT_MAX_FRAME, OPT_GRACE,
     OPT_VOLUME_ROOT, OPT_JSON_LOGS, OPT_CKPT_DIR, OPT_CKPT_KEY, OPT_NO_CKPT, OPT_RETRY_CKPT,
     OPT_CRIU, OPT_CRIU_TIMEOUT, OPT_RESTORE_TIMEOUT, OPT_VERSION, OPT_HOST, OPT_MAY_CKPT,
+    OPT_PORT, OPT_HTTP_HOST, OPT_NO_AUTH, OPT_MAX_BODY, OPT_MAX_REPLICAS, OPT_KEEP_WARM,
     OPT_ALLOW_CPU, OPT_CUDA_LOCK_TIMEOUT,
 };
 
@@ -76,9 +88,15 @@ static const struct option long_opts[] = {
     {"restore-timeout", required_argument, 0, OPT_RESTORE_TIMEOUT},
     {"allow-cpu", no_argument, 0, OPT_ALLOW_CPU},
     {"cuda-lock-timeout", required_argument, 0, OPT_CUDA_LOCK_TIMEOUT},
+    {"port", required_argument, 0, OPT_PORT},
+    {"host", required_argument, 0, OPT_HTTP_HOST},
+    {"no-auth", no_argument, 0, OPT_NO_AUTH},
+    {"max-body", required_argument, 0, OPT_MAX_BODY},
+    {"max-replicas", required_argument, 0, OPT_MAX_REPLICAS},
+    {"keep-warm", required_argument, 0, OPT_KEEP_WARM},
     {"help", no_argument, 0, 'h'},
     {"version", no_argument, 0, OPT_VERSION},
-    {"host", no_argument, 0, OPT_HOST},             /* internal */
+    {"run-host", no_argument, 0, OPT_HOST},         /* internal: be the host */
     {"may-checkpoint", no_argument, 0, OPT_MAY_CKPT}, /* internal */
     {0, 0, 0, 0},
 };
@@ -117,6 +135,11 @@ int bw_options_parse(struct bw_options *o, int argc, char **argv) {
     o->grace_s = 10;
     o->criu_timeout_s = 120;
     o->restore_timeout_s = 30;
+    o->http_port = -1;
+    o->http_host = "127.0.0.1";
+    o->max_body = BW_DEFAULT_MAX_FRAME;
+    o->max_replicas = 1;
+    o->keep_warm_s = -1000;
     o->cuda_lock_timeout_s = 10;
     o->python = getenv("BEAM_PYTHON");
     if (!o->python || !*o->python)
@@ -169,6 +192,29 @@ int bw_options_parse(struct bw_options *o, int argc, char **argv) {
             break;
         case OPT_RESTORE_TIMEOUT:
             if (parse_double("--restore-timeout", optarg, 1, &o->restore_timeout_s) < 0)
+                return -1;
+            break;
+        case OPT_PORT:
+            if (parse_double("--port", optarg, 0, &d) < 0 || d > 65535 || d != (int)d)
+                return -1;
+            o->http_port = (int)d;
+            break;
+        case OPT_HTTP_HOST: o->http_host = optarg; break;
+        case OPT_NO_AUTH: o->no_auth = true; break;
+        case OPT_MAX_BODY:
+            if (parse_double("--max-body", optarg, 16, &d) < 0 || d > 4294967295.0)
+                return -1;
+            o->max_body = (size_t)d;
+            break;
+        case OPT_MAX_REPLICAS:
+            if (parse_double("--max-replicas", optarg, 1, &d) < 0 || d > 64 || d != (int)d) {
+                fprintf(stderr, "beam-worker: --max-replicas must be an integer from 1 to 64\n");
+                return -1;
+            }
+            o->max_replicas = (int)d;
+            break;
+        case OPT_KEEP_WARM:
+            if (parse_double("--keep-warm", optarg, -1, &o->keep_warm_s) < 0)
                 return -1;
             break;
         case OPT_HOST: o->host = true; break;

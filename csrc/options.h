@@ -27,6 +27,13 @@ struct bw_options {
     double cuda_lock_timeout_s;  /* bound on locking the host's CUDA state (docs/gpu.md) */
     bool allow_cpu;              /* gpu= asked for but no usable GPU: serve on CPU anyway */
     bool json_logs;
+    /* HTTP front and replicas (docs/http.md) */
+    int http_port;               /* -1: no HTTP front */
+    const char *http_host;       /* default 127.0.0.1 */
+    bool no_auth;
+    size_t max_body;
+    int max_replicas;
+    double keep_warm_s;          /* < -0.5: the endpoint's keep_warm_seconds */
     /* internal: set when the supervisor re-executes itself as the host */
     bool host;
     bool may_checkpoint;

@@ -129,6 +129,8 @@ static void call_handler(msgpack_sbuffer *out, const msgpack_object *id, const m
         Py_DECREF(ctx);
     }
     bw_worker.requests++;
+    if (bw_worker.shared_requests)
+        *bw_worker.shared_requests = bw_worker.requests;
     double limit = bw_worker.timeout_s, t0 = 0;
     if (limit > 0) {
         t0 = bw_now_ms();

@@ -53,7 +53,7 @@ static struct {
     uv_timer_t grace;
     size_t max_frame;
     double grace_s;
-    bool draining;
+    bool draining, stopped;
     struct conn *conns;
 } srv;
 
@@ -242,8 +242,9 @@ static void on_connection(uv_stream_t *server, int status) {
 }
 
 static void stop_if_idle(void) {
-    if (!srv.draining || srv.conns)
+    if (!srv.draining || srv.conns || srv.stopped)
         return;
+    srv.stopped = true;
     uv_close((uv_handle_t *)&srv.sigterm, NULL);
     uv_close((uv_handle_t *)&srv.sigint, NULL);
     uv_close((uv_handle_t *)&srv.grace, NULL);

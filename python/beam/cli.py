@@ -141,6 +141,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
         argv.append("--allow-cpu")
     if args.cuda_lock_timeout is not None:
         argv += ["--cuda-lock-timeout", f"{args.cuda_lock_timeout:g}"]
+    if args.port is not None:
+        argv += ["--port", str(args.port), "--host", args.host]
+    if args.no_auth:
+        argv.append("--no-auth")
+    if args.max_body is not None:
+        argv += ["--max-body", str(args.max_body)]
+    if args.max_replicas is not None:
+        argv += ["--max-replicas", str(args.max_replicas)]
+    if args.keep_warm is not None:
+        argv += ["--keep-warm", f"{args.keep_warm:g}"]
     argv.append(_absolute_app(args.app))
     sys.stdout.flush()
     sys.stderr.flush()
@@ -539,6 +549,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--cuda-lock-timeout", metavar="SECONDS", type=_nonneg_float,
                    help="bound on locking the app's CUDA state before a GPU checkpoint "
                    "(worker default 10)")
+    h = s.add_argument_group("HTTP front and replicas (docs/http.md)")
+    h.add_argument("--port", metavar="N", type=int,
+                   help="serve HTTP on this port: POST / with a JSON body, GET /health, GET /stats")
+    h.add_argument("--host", metavar="ADDR", default="127.0.0.1",
+                   help="HTTP bind address (default 127.0.0.1)")
+    h.add_argument("--no-auth", action="store_true",
+                   help="no bearer token (default: $BEAM_AUTH_TOKEN, else one is generated and printed)")
+    h.add_argument("--max-body", metavar="BYTES", type=_positive_int, help="largest HTTP body (default 64 MiB)")
+    h.add_argument("--max-replicas", metavar="N", type=_positive_int,
+                   help="restore up to N replicas when calls queue up (default 1)")
+    h.add_argument("--keep-warm", metavar="SECONDS", type=float,
+                   help="stop a replica idle this long; the next call restores one "
+                   "(default: the endpoint's keep_warm_seconds; -1: never)")
     s.set_defaults(func=cmd_serve)
 
     c = sub.add_parser("call", help="call a running worker",

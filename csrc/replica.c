@@ -1,0 +1,698 @@
+/* replica.c - one host process: started cold (clone into a new PID namespace, exec
+ * ourselves with --host) or restored by CRIU, talked to over its control socket.
+ *
+ *   supervisor ──clone(CLONE_NEWPID) or CRIU restore──▶ host (PID 1 of its namespace)
+ *        ◀── "ready" (config, boot profile)   [cold only; the dump happens here]
+ *        ──▶ "start" (restored?, container id, secrets, listening fds, profile)
+ *        ◀── "serving" (workers, full profile), then "activity" while it serves
+ *
+ * What to do when a replica ends is the supervisor's call (bw_sup_replica_*). */
+#define _GNU_SOURCE
+#include "replica.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <sched.h>
+#include <signal.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "control.h"
+#include "cuda_ckpt.h"
+#include "json.h"
+#include "log.h"
+#include "mp.h"
+#include "supervisor.h"
+#include "util.h"
+
+struct host_io {
+    int ctl;                          /* our end of the control socket */
+    int host_ctl, host_out, host_err; /* the host's ends, until handed over */
+    int out_r, err_r;                 /* our read ends of its stdout/stderr */
+};
+
+const char *bw_replica_phase_name(enum bw_replica_phase p) {
+    static const char *names[] = {"booting", "restoring", "serving", "stopping"};
+    return names[p];
+}
+
+static void free_handle(uv_handle_t *h) { free(h); }
+
+struct bw_replica *bw_replica_new(int id) {
+    struct bw_replica *r = calloc(1, sizeof *r);
+    if (!r)
+        return NULL;
+    r->id = id;
+    r->ctl = -1;
+    r->upstream.fd = -1;
+    r->timer = malloc(sizeof *r->timer);
+    if (!r->timer) {
+        free(r);
+        return NULL;
+    }
+    uv_timer_init(bw_sup.loop, r->timer);
+    r->timer->data = r;
+    msgpack_sbuffer_init(&r->start_profile);
+    msgpack_sbuffer_init(&r->profile);
+    return r;
+}
+
+void bw_replica_free(struct bw_replica *r) {
+    uv_close((uv_handle_t *)r->timer, free_handle);
+    if (r->upstream.fd >= 0) {
+        close(r->upstream.fd);
+        unlink(r->upstream.unix_path);
+    }
+    msgpack_sbuffer_destroy(&r->start_profile);
+    msgpack_sbuffer_destroy(&r->profile);
+    free(r);
+}
+
+/* ---- channels ----------------------------------------------------------------------- */
+
+static int io_open(struct host_io *io, bool cloexec_host_ends) {
+    int sv[2], out[2], err[2];
+    int fl = cloexec_host_ends ? O_CLOEXEC : 0;
+    if (socketpair(AF_UNIX, SOCK_STREAM | (cloexec_host_ends ? SOCK_CLOEXEC : 0), 0, sv) < 0)
+        return -1;
+    if (pipe2(out, fl) < 0) {
+        close(sv[0]);
+        close(sv[1]);
+        return -1;
+    }
+    if (pipe2(err, fl) < 0) {
+        close(sv[0]);
+        close(sv[1]);
+        close(out[0]);
+        close(out[1]);
+        return -1;
+    }
+    io->ctl = sv[0];
+    io->host_ctl = sv[1];
+    io->out_r = out[0];
+    io->host_out = out[1];
+    io->err_r = err[0];
+    io->host_err = err[1];
+    fcntl(io->ctl, F_SETFD, FD_CLOEXEC);
+    fcntl(io->out_r, F_SETFD, FD_CLOEXEC);
+    fcntl(io->err_r, F_SETFD, FD_CLOEXEC);
+    return 0;
+}
+
+static void io_close_fds(struct host_io *io) {
+    int fds[] = {io->ctl, io->host_ctl, io->host_out, io->host_err, io->out_r, io->err_r};
+    for (size_t i = 0; i < sizeof fds / sizeof *fds; i++)
+        close(fds[i]);
+}
+
+static unsigned long inode_of(int fd) {
+    struct stat st;
+    return fstat(fd, &st) == 0 ? (unsigned long)st.st_ino : 0;
+}
+
+static void on_output(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf) {
+    int fd = (int)(intptr_t)s->data;
+    if (nread > 0 && bw_write_full(fd, buf->base, (size_t)nread) < 0) {
+        /* our own stdout is gone; keep draining so the host never blocks */
+    }
+    free(buf->base);
+    if (nread < 0)
+        uv_close((uv_handle_t *)s, free_handle);
+}
+
+static void on_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *buf) {
+    (void)h;
+    buf->base = malloc(suggested);
+    buf->len = buf->base ? suggested : 0;
+}
+
+/* Forward one of the host's output pipes to our own fd (1 or 2). Handles are per host:
+ * a previous host's may still be draining when the next one starts. */
+static void forward_output(int pipe_fd, int to) {
+    uv_pipe_t *p = malloc(sizeof *p);
+    if (!p || uv_pipe_init(bw_sup.loop, p, 0) < 0) {
+        free(p);
+        close(pipe_fd);
+        return;
+    }
+    p->data = (void *)(intptr_t)to;
+    if (uv_pipe_open(p, pipe_fd) < 0 || uv_read_start((uv_stream_t *)p, on_alloc, on_output) < 0)
+        uv_close((uv_handle_t *)p, free_handle);
+}
+
+static void on_ctl(uv_poll_t *p, int status, int events);
+
+/* Take over our ends: forward output, watch the control socket; drop the host's ends. */
+static void io_attach(struct bw_replica *r, struct host_io *io) {
+    close(io->host_ctl);
+    close(io->host_out);
+    close(io->host_err);
+    r->ctl = io->ctl;
+    forward_output(io->out_r, 1);
+    forward_output(io->err_r, 2);
+    r->ctl_poll = malloc(sizeof *r->ctl_poll);
+    uv_poll_init(bw_sup.loop, r->ctl_poll, r->ctl);
+    r->ctl_poll->data = r;
+    uv_poll_start(r->ctl_poll, UV_READABLE | UV_DISCONNECT, on_ctl);
+}
+
+static void io_detach(struct bw_replica *r) {
+    if (r->ctl < 0)
+        return;
+    uv_poll_stop(r->ctl_poll);
+    uv_close((uv_handle_t *)r->ctl_poll, free_handle);
+    r->ctl_poll = NULL;
+    close(r->ctl);
+    r->ctl = -1;
+}
+
+void bw_replica_reaped(struct bw_replica *r) {
+    r->pid = 0;
+    uv_timer_stop(r->timer);
+    io_detach(r);
+}
+
+/* ---- cold boot ---------------------------------------------------------------------- */
+
+struct child_args {
+    char **argv;
+    const struct host_io *io;
+};
+
+static int host_child(void *arg) {
+    struct child_args *a = arg;
+    int null = open("/dev/null", O_RDONLY);
+    if (null < 0 || dup2(null, 0) < 0 || dup2(a->io->host_out, 1) < 0 ||
+        dup2(a->io->host_err, 2) < 0 || dup2(a->io->host_ctl, BW_CTL_FD) < 0)
+        _exit(127);
+    for (int fd = BW_CTL_FD + 1; fd < 1024; fd++)
+        close(fd);
+    execv(bw_sup.exe, a->argv);
+    _exit(127);
+}
+
+int bw_replica_boot_cold(struct bw_replica *r, bool may_dump) {
+    const struct bw_options *o = bw_sup.o;
+    struct host_io io;
+    r->phase = BW_R_BOOT;
+    r->restored = false;
+    r->may_dump = may_dump;
+    r->t0 = r->last_active = bw_now_ms();
+    if (io_open(&io, true) < 0) {
+        bw_error("cannot create the host's channels: %s", strerror(errno));
+        return -1;
+    }
+    r->ids.out_ino = inode_of(io.out_r);
+    r->ids.err_ino = inode_of(io.err_r);
+    r->ids.ctl_ino = inode_of(io.host_ctl);
+
+    char mf[32], gr[32], wk[16];
+    snprintf(mf, sizeof mf, "%zu", o->max_frame);
+    snprintf(gr, sizeof gr, "%g", o->grace_s);
+    snprintf(wk, sizeof wk, "%d", o->workers);
+    char *argv[24];
+    int n = 0;
+    argv[n++] = (char *)"beam-worker";
+    argv[n++] = (char *)"--run-host";
+    argv[n++] = (char *)"--python";
+    argv[n++] = (char *)o->python;
+    argv[n++] = (char *)"--volume-root";
+    argv[n++] = (char *)o->volume_root;
+    argv[n++] = (char *)"--max-frame";
+    argv[n++] = mf;
+    argv[n++] = (char *)"--grace";
+    argv[n++] = gr;
+    if (o->workers > 0) {
+        argv[n++] = (char *)"--workers";
+        argv[n++] = wk;
+    }
+    if (may_dump)
+        argv[n++] = (char *)"--may-checkpoint";
+    if (o->json_logs)
+        argv[n++] = (char *)"--json-logs";
+    if (o->allow_cpu)
+        argv[n++] = (char *)"--allow-cpu";
+    argv[n++] = (char *)o->app;
+    argv[n] = NULL;
+
+    struct child_args a = {argv, &io};
+    size_t stack_size = 256 * 1024;
+    char *stack = malloc(stack_size);
+    /* A PID namespace of its own (notes, section 4): every restored replica gets a
+     * fresh one, so many can run from one image at the same time. */
+    int flags = SIGCHLD | (bw_sup.use_ns ? CLONE_NEWPID : 0);
+    pid_t pid = stack ? clone(host_child, stack + stack_size, flags, &a) : -1;
+    free(stack);
+    if (pid < 0) {
+        bw_error("cannot start the host: %s", strerror(errno));
+        io_close_fds(&io);
+        return -1;
+    }
+    r->pid = pid;
+    io_attach(r, &io);
+    return 0;
+}
+
+/* ---- messages ----------------------------------------------------------------------- */
+
+static void pack_secrets(msgpack_packer *pk) {
+    msgpack_zone z;
+    msgpack_zone_init(&z, 1024);
+    msgpack_object cfg;
+    const msgpack_object *secrets = NULL;
+    if (bw_sup.config && bw_mp_unpack_exact(bw_sup.config, bw_sup.config_len, &z, &cfg) == 0)
+        secrets = bw_mp_get(&cfg, "secrets");
+    uint32_t nset = 0;
+    char name[256];
+    bool list = secrets && secrets->type == MSGPACK_OBJECT_ARRAY;
+    for (uint32_t i = 0; list && i < secrets->via.array.size; i++)
+        if (bw_mp_strdup(&secrets->via.array.ptr[i], name, sizeof name) && getenv(name))
+            nset++;
+    msgpack_pack_map(pk, nset);
+    for (uint32_t i = 0; list && i < secrets->via.array.size; i++) {
+        if (!bw_mp_strdup(&secrets->via.array.ptr[i], name, sizeof name))
+            continue;
+        const char *v = getenv(name);
+        if (v)
+            bw_mp_kv_str(pk, name, v);
+        else
+            bw_warn("secret %s is not set in the environment", name);
+    }
+    msgpack_zone_destroy(&z);
+}
+
+static void send_start(struct bw_replica *r) {
+    msgpack_sbuffer sb;
+    msgpack_sbuffer_init(&sb);
+    msgpack_packer pk;
+    msgpack_packer_init(&pk, &sb, msgpack_sbuffer_write);
+    char cid[BW_ID_LEN];
+    bw_id_new(cid);
+    msgpack_pack_map(&pk, 6);
+    bw_mp_kv_str(&pk, "t", "start");
+    bw_mp_kv_bool(&pk, "restored", r->restored);
+    bw_mp_kv_str(&pk, "container_id", cid);
+    /* Secrets are read from our environment at every start and never stored. */
+    bw_mp_str(&pk, "env");
+    pack_secrets(&pk);
+
+    int fds[BW_CTL_MAX_FDS], nfds = 0;
+    bool up = r->upstream.fd >= 0;
+    bw_mp_str(&pk, "listeners");
+    msgpack_pack_array(&pk, (size_t)(bw_sup.nl + up));
+    for (int i = 0; i < bw_sup.nl && nfds < BW_CTL_MAX_FDS; i++) {
+        bw_mp_str(&pk, bw_sup.l[i].address);
+        fds[nfds++] = bw_sup.l[i].fd;
+    }
+    if (up && nfds < BW_CTL_MAX_FDS) {
+        bw_mp_str(&pk, r->upstream.address);
+        fds[nfds++] = r->upstream.fd;
+    }
+    bw_mp_str(&pk, "profile");
+    msgpack_sbuffer_write(&sb, r->start_profile.data, r->start_profile.size);
+    if (bw_ctl_send(r->ctl, sb.data, sb.size, fds, nfds) < 0)
+        bw_error("replica %d: cannot send start: %s", r->id, strerror(errno));
+    explicit_bzero(sb.data, sb.size); /* it held secret values */
+    msgpack_sbuffer_destroy(&sb);
+}
+
+static char *profile_json(const msgpack_object *p) {
+    char *buf = NULL;
+    size_t len = 0;
+    FILE *f = open_memstream(&buf, &len);
+    if (!f)
+        return NULL;
+    if (p)
+        bw_json_write_object(f, p);
+    else
+        fputs("{}", f);
+    fclose(f);
+    return buf;
+}
+
+/* The host's GPU state before the CRIU dump (docs/gpu.md): 1 checkpointed (meta gets
+ * the GPU list for restores), 0 nothing to save, -1 failed (the host is unlocked again). */
+static int gpu_checkpoint(pid_t pid, struct bw_cuda_times *t, msgpack_sbuffer *meta, char *err,
+                          size_t cap) {
+    char why[768];
+    struct bw_cuda_gpus g;
+    if (bw_cuda_load(why, sizeof why) < 0) {
+        snprintf(err, cap, "the app uses CUDA, but GPU checkpointing is unavailable: %s", why);
+        return -1;
+    }
+    if (bw_cuda_list_gpus(&g, err, cap) < 0)
+        return -1;
+    int rc = bw_cuda_checkpoint(pid, bw_sup.o->cuda_lock_timeout_s, t, err, cap);
+    if (rc == -2 && !bw_cuda_process_has_devices(pid)) {
+        bw_info("the host loaded libcuda but holds no GPU (%s): checkpointing its CPU state only",
+                err);
+        return 0;
+    }
+    if (rc < 0)
+        return -1;
+    msgpack_packer pk;
+    msgpack_packer_init(&pk, meta, msgpack_sbuffer_write);
+    msgpack_pack_map(&pk, 3);
+    bw_mp_str(&pk, "gpus");
+    bw_cuda_pack_gpus(&pk, &g);
+    bw_mp_kv_int(&pk, "bytes", t->bytes);
+    bw_mp_kv_int(&pk, "driver_version", bw_cuda_driver_version());
+    char d[512];
+    bw_cuda_describe(&g, d, sizeof d);
+    bw_info("GPU state checkpointed (%s): ~%.1f MiB; lock %.0f ms, checkpoint %.0f ms", d,
+            (double)t->bytes / 1048576.0, t->lock_ms, t->checkpoint_ms);
+    return 1;
+}
+
+static void checkpoint_failed(const char *what, const char *err) {
+    /* The seed's rule: a failed checkpoint never costs the user a serving worker. */
+    bw_warn("%s failed, serving without %s: %s", what,
+            strcmp(what, "checkpoint") == 0 ? "one" : "a checkpoint", err);
+    bw_warn("next starts boot cold; pass --retry-checkpoint to try again");
+    bw_ckpt_mark_failed(&bw_sup.ck, err);
+}
+
+/* Dump the host while it waits for "start". Appends the checkpoint's phases to the
+ * profile being built (pk, *n entries). */
+static void do_checkpoint(struct bw_replica *r, const msgpack_object *prof, msgpack_packer *pk,
+                          int *n) {
+    char err[1024], *pj = profile_json(prof);
+    double ms = 0;
+    unsigned long long bytes = 0;
+    bw_info("checkpointing %s ...", bw_sup.o->app);
+    /* A host that uses CUDA: its GPU state goes into host memory first, so the CRIU
+     * image carries it; the supervisor drives this from outside (a lock blocks the
+     * target's own CUDA calls). A failure here keeps it serving, without an image. */
+    struct bw_cuda_times gt = {0};
+    msgpack_sbuffer gmeta;
+    msgpack_sbuffer_init(&gmeta);
+    int gpu = bw_cuda_process_uses_gpu(r->pid) ? gpu_checkpoint(r->pid, &gt, &gmeta, err, sizeof err)
+                                                 : 0;
+    if (gpu < 0) {
+        free(pj);
+        msgpack_sbuffer_destroy(&gmeta);
+        checkpoint_failed("GPU checkpoint", err);
+        return;
+    }
+    int rc = bw_ckpt_dump(&bw_sup.ck, r->pid, &r->ids, bw_sup.config, bw_sup.config_len,
+                          bw_sup.o->app, pj, gpu ? gmeta.data : NULL, gmeta.size, &ms, &bytes, err,
+                          sizeof err);
+    free(pj);
+    msgpack_sbuffer_destroy(&gmeta);
+    char gerr[1024];
+    if (gpu && bw_cuda_resume(r->pid, &gt, gerr, sizeof gerr) < 0) {
+        /* It cannot use its GPU state again: a replica takes its place (from the image
+         * just written, else cold). */
+        bw_error("the host cannot get its GPU state back after the checkpoint: %s; replacing it",
+                 gerr);
+        if (rc < 0)
+            bw_ckpt_mark_failed(&bw_sup.ck, err);
+        bw_sup.gpu_resume_failed = true;
+        r->replace = true;
+        kill(r->pid, SIGKILL);
+        return;
+    }
+    if (rc < 0) {
+        checkpoint_failed("checkpoint", err);
+        return;
+    }
+    bw_info("checkpoint written: %s (%.1f MiB in %.0f ms)", bw_sup.ck.dir,
+            (double)bytes / 1048576.0, ms);
+    bw_mp_kv_double(pk, "checkpoint_ms", ms);
+    bw_mp_kv_int(pk, "image_bytes", (long long)bytes);
+    *n += 2;
+    if (gpu) {
+        bw_mp_kv_double(pk, "gpu_lock_ms", gt.lock_ms);
+        bw_mp_kv_double(pk, "gpu_checkpoint_ms", gt.checkpoint_ms);
+        bw_mp_kv_double(pk, "gpu_restore_ms", gt.restore_ms);
+        bw_mp_kv_double(pk, "gpu_unlock_ms", gt.unlock_ms);
+        bw_mp_kv_int(pk, "gpu_bytes", gt.bytes);
+        *n += 5;
+    }
+}
+
+static void handle_ready(struct bw_replica *r, const msgpack_object *m) {
+    const msgpack_object *cfg = bw_mp_get(m, "config"), *prof = bw_mp_get(m, "profile");
+    if (cfg)
+        bw_sup_set_config(cfg);
+
+    /* Profile: the host's boot phases, then ours. Built as entries, counted at the end. */
+    msgpack_sbuffer body;
+    msgpack_sbuffer_init(&body);
+    msgpack_packer bp;
+    msgpack_packer_init(&bp, &body, msgpack_sbuffer_write);
+    int n = 1;
+    bw_mp_kv_str(&bp, "mode", "cold");
+    if (prof && prof->type == MSGPACK_OBJECT_MAP)
+        for (uint32_t i = 0; i < prof->via.map.size; i++, n++) {
+            msgpack_pack_object(&bp, prof->via.map.ptr[i].key);
+            msgpack_pack_object(&bp, prof->via.map.ptr[i].val);
+        }
+    const msgpack_object *skipped = bw_mp_get(m, "checkpoint_error");
+    if (skipped && skipped->type == MSGPACK_OBJECT_STR && r->may_dump) {
+        char why[2048];
+        bw_mp_strdup(skipped, why, sizeof why);
+        bw_warn("not checkpointing, serving without one: %s", why);
+        bw_ckpt_mark_failed(&bw_sup.ck, why);
+    } else if (bw_mp_true(bw_mp_get(m, "checkpoint")) && r->may_dump) {
+        do_checkpoint(r, prof, &bp, &n);
+    }
+    if (r->replace) { /* killed after a failed GPU resume: the supervisor goes on */
+        msgpack_sbuffer_destroy(&body);
+        return;
+    }
+    msgpack_sbuffer_clear(&r->start_profile);
+    msgpack_packer pk;
+    msgpack_packer_init(&pk, &r->start_profile, msgpack_sbuffer_write);
+    msgpack_pack_map(&pk, (size_t)n);
+    msgpack_sbuffer_write(&r->start_profile, body.data, body.size);
+    msgpack_sbuffer_destroy(&body);
+    send_start(r);
+}
+
+static void print_profile(const struct bw_replica *r, const msgpack_object *p) {
+    char line[1024] = "";
+    size_t o = 0;
+    double ready = bw_now_ms() - r->t0;
+    if (p && p->type == MSGPACK_OBJECT_MAP)
+        for (uint32_t i = 0; i < p->via.map.size && o < sizeof line - 64; i++) {
+            const msgpack_object_kv *kv = &p->via.map.ptr[i];
+            if (kv->key.type != MSGPACK_OBJECT_STR)
+                continue;
+            int kl = (int)kv->key.via.str.size;
+            const char *k = kv->key.via.str.ptr;
+            if (kv->val.type == MSGPACK_OBJECT_STR)
+                o += (size_t)snprintf(line + o, sizeof line - o, "%.*s=%.*s ", kl, k,
+                                      (int)kv->val.via.str.size, kv->val.via.str.ptr);
+            else if (kl > 3 && memcmp(k + kl - 3, "_ms", 3) == 0)
+                o += (size_t)snprintf(line + o, sizeof line - o, "%.*s=%.1fms ", kl - 3, k,
+                                      bw_mp_num(&kv->val, 0));
+            else
+                o += (size_t)snprintf(line + o, sizeof line - o, "%.*s=%.0f ", kl, k,
+                                      bw_mp_num(&kv->val, 0));
+        }
+    bw_info("start profile: %sready=%.1fms", line, ready);
+}
+
+/* The complete profile, as the host sent it, plus the time to ready. */
+static void keep_profile(struct bw_replica *r, const msgpack_object *p) {
+    msgpack_sbuffer_clear(&r->profile);
+    msgpack_packer pk;
+    msgpack_packer_init(&pk, &r->profile, msgpack_sbuffer_write);
+    uint32_t n = p && p->type == MSGPACK_OBJECT_MAP ? p->via.map.size : 0;
+    msgpack_pack_map(&pk, n + 1);
+    for (uint32_t i = 0; i < n; i++) {
+        msgpack_pack_object(&pk, p->via.map.ptr[i].key);
+        msgpack_pack_object(&pk, p->via.map.ptr[i].val);
+    }
+    bw_mp_kv_double(&pk, "ready_ms", bw_now_ms() - r->t0);
+}
+
+static void handle_serving(struct bw_replica *r, const msgpack_object *m) {
+    const msgpack_object *p = bw_mp_get(m, "profile");
+    r->phase = BW_R_SERVING;
+    r->last_active = bw_now_ms();
+    r->workers = (int)bw_mp_num(bw_mp_get(m, "workers"), 1);
+    uv_timer_stop(r->timer);
+    print_profile(r, p);
+    keep_profile(r, p);
+    bw_info("ready: %d worker(s) serving %s", r->workers,
+            r->restored ? "(restored from checkpoint)" : "(cold boot)");
+    bw_sup_replica_serving(r);
+}
+
+static void on_ctl(uv_poll_t *p, int status, int events) {
+    (void)events;
+    struct bw_replica *r = p->data;
+    char *body = NULL;
+    size_t len = 0;
+    int fds[BW_CTL_MAX_FDS], nfds = 0;
+    if (status < 0 || bw_ctl_recv(r->ctl, &body, &len, fds, &nfds, 1000) < 0) {
+        io_detach(r); /* the host is gone or going; its exit is handled when reaped */
+        return;
+    }
+    for (int i = 0; i < nfds; i++)
+        close(fds[i]); /* hosts send none; never keep what arrives */
+    msgpack_zone z;
+    msgpack_zone_init(&z, 4096);
+    msgpack_object m;
+    if (bw_mp_unpack_exact(body, len, &z, &m) == 0) {
+        const msgpack_object *t = bw_mp_get(&m, "t");
+        if (bw_mp_is_str(t, "activity")) {
+            r->last_active = bw_now_ms();
+            r->requests = (unsigned long long)bw_mp_num(bw_mp_get(&m, "requests"), 0);
+        } else if (bw_mp_is_str(t, "ready")) {
+            handle_ready(r, &m);
+        } else if (bw_mp_is_str(t, "serving")) {
+            handle_serving(r, &m);
+        } else if (bw_mp_is_str(t, "fatal")) {
+            const msgpack_object *msg = bw_mp_get(&m, "message");
+            if (msg && msg->type == MSGPACK_OBJECT_STR)
+                bw_error("%.*s", (int)msg->via.str.size, msg->via.str.ptr);
+        }
+    }
+    msgpack_zone_destroy(&z);
+    free(body);
+}
+
+/* ---- restore ------------------------------------------------------------------------ */
+
+static void on_restore_timeout(uv_timer_t *t) {
+    struct bw_replica *r = t->data;
+    if (r->phase != BW_R_RESTORE || r->pid <= 0)
+        return;
+    bw_warn("restored replica did not become ready in %gs; killing it",
+            bw_sup.o->restore_timeout_s);
+    kill(r->pid, SIGKILL);
+}
+
+/* The image's GPU metadata against this machine's GPUs (before any CRIU work). */
+static int gpu_compat(const struct bw_ckpt_image *img, struct bw_cuda_gpus *saved,
+                      struct bw_cuda_gpus *now, int *npairs, long long *bytes, char *err,
+                      size_t cap) {
+    msgpack_zone z;
+    msgpack_zone_init(&z, 1024);
+    msgpack_object m;
+    int rc = -1;
+    if (bw_mp_unpack_exact(img->gpu, img->gpu_len, &z, &m) < 0 ||
+        bw_cuda_unpack_gpus(bw_mp_get(&m, "gpus"), saved) < 0) {
+        snprintf(err, cap, "the image's GPU metadata is corrupt");
+    } else {
+        *bytes = (long long)bw_mp_num(bw_mp_get(&m, "bytes"), 0);
+        rc = bw_cuda_check_compat(saved, now, npairs, err, cap);
+    }
+    msgpack_zone_destroy(&z);
+    return rc;
+}
+
+static int restore_failed(struct bw_ckpt_image *img, struct host_io *io, const char *what,
+                          const char *err) {
+    bw_warn("%s (%s); discarding the checkpoint and booting cold", what, err);
+    if (io)
+        io_close_fds(io);
+    bw_ckpt_image_free(img);
+    bw_ckpt_discard(&bw_sup.ck);
+    return -1;
+}
+
+int bw_replica_restore(struct bw_replica *r) {
+    char err[1024];
+    struct bw_ckpt_image img;
+    r->t0 = r->last_active = bw_now_ms();
+    if (bw_ckpt_load(&bw_sup.ck, &img, err, sizeof err) < 0) {
+        bw_warn("checkpoint unusable (%s); discarding it and booting cold", err);
+        bw_ckpt_discard(&bw_sup.ck);
+        return -1;
+    }
+    /* An image with GPU state needs the same GPUs here (other cards of the same type are
+     * remapped by UUID). Checked before CRIU does any work. */
+    struct bw_cuda_gpus saved, now;
+    struct bw_cuda_times gt = {0};
+    int npairs = 0;
+    bool gpu = img.gpu != NULL;
+    if (gpu && gpu_compat(&img, &saved, &now, &npairs, &gt.bytes, err, sizeof err) < 0)
+        return restore_failed(&img, NULL, "cannot restore the checkpoint's GPU state here", err);
+    struct host_io io;
+    if (io_open(&io, false) < 0) {
+        bw_ckpt_image_free(&img);
+        return -1;
+    }
+    pid_t pid;
+    double t = bw_now_ms();
+    int rc = bw_ckpt_restore(&bw_sup.ck, &img, io.host_out, io.host_err, io.host_ctl, &pid, err,
+                             sizeof err);
+    double restore_ms = bw_now_ms() - t;
+    if (rc < 0)
+        return restore_failed(&img, &io, "restore failed", err);
+    if (gpu) {
+        if (npairs)
+            bw_info("this machine's GPUs have other UUIDs than the image's: remapping %d GPU(s)",
+                    npairs);
+        if (bw_cuda_restore_replica(pid, &saved, &now, npairs > 0, &gt, err, sizeof err) < 0) {
+            /* As Modal does: a replica whose GPU state cannot come back boots cold. */
+            kill(pid, SIGKILL);
+            while (waitpid(pid, NULL, 0) < 0 && errno == EINTR) {
+            }
+            if (bw_sup.gpu_resume_failed) /* GPU restores keep failing here: stop dumping */
+                bw_ckpt_mark_failed(&bw_sup.ck, err);
+            return restore_failed(&img, &io, "GPU restore failed", err);
+        }
+    }
+    msgpack_zone z;
+    msgpack_zone_init(&z, 1024);
+    msgpack_object cfg;
+    if (bw_mp_unpack_exact(img.config, img.config_len, &z, &cfg) == 0)
+        bw_sup_set_config(&cfg);
+    msgpack_zone_destroy(&z);
+    unsigned long long image_bytes = img.bytes;
+    bw_ckpt_image_free(&img);
+    r->pid = pid;
+    r->restored = true;
+    r->phase = BW_R_RESTORE;
+    io_attach(r, &io);
+
+    msgpack_sbuffer_clear(&r->start_profile);
+    msgpack_packer pk;
+    msgpack_packer_init(&pk, &r->start_profile, msgpack_sbuffer_write);
+    msgpack_pack_map(&pk, gpu ? 6 : 3);
+    bw_mp_kv_str(&pk, "mode", "restore");
+    bw_mp_kv_double(&pk, "criu_restore_ms", restore_ms);
+    bw_mp_kv_int(&pk, "image_bytes", (long long)image_bytes);
+    if (gpu) {
+        bw_mp_kv_double(&pk, "gpu_restore_ms", gt.restore_ms);
+        bw_mp_kv_double(&pk, "gpu_unlock_ms", gt.unlock_ms);
+        bw_mp_kv_int(&pk, "gpu_bytes", gt.bytes);
+    }
+    send_start(r);
+    uv_timer_start(r->timer, on_restore_timeout, (uint64_t)(bw_sup.o->restore_timeout_s * 1000), 0);
+    return 0;
+}
+
+/* ---- stopping ----------------------------------------------------------------------- */
+
+static void on_stop_timeout(uv_timer_t *t) {
+    struct bw_replica *r = t->data;
+    if (r->pid > 0) {
+        bw_warn("replica %d did not stop in time; killing it", r->id);
+        kill(r->pid, SIGKILL);
+    }
+}
+
+void bw_replica_stop(struct bw_replica *r, double grace_s) {
+    if (r->pid <= 0)
+        return;
+    if (r->phase == BW_R_STOPPING) {
+        kill(r->pid, SIGKILL); /* asked twice: no more waiting */
+        return;
+    }
+    r->phase = BW_R_STOPPING;
+    kill(r->pid, SIGTERM);
+    uv_timer_stop(r->timer);
+    uv_timer_start(r->timer, on_stop_timeout, (uint64_t)((grace_s + 5) * 1000), 0);
+}

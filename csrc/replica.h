@@ -1,0 +1,49 @@
+/* replica.h - one replica: a host process (booted cold or restored from the image),
+ * its control channel, its logs, its checkpoint and GPU steps. The supervisor decides
+ * how many there are and what happens when one ends (supervisor.c). */
+#ifndef BW_REPLICA_H
+#define BW_REPLICA_H
+
+#include <msgpack.h>
+#include <stdbool.h>
+#include <sys/types.h>
+#include <uv.h>
+
+#include "checkpoint.h"
+#include "listen.h"
+
+enum bw_replica_phase { BW_R_BOOT, BW_R_RESTORE, BW_R_SERVING, BW_R_STOPPING };
+
+struct bw_replica {
+    int id;
+    pid_t pid;                 /* 0 once reaped */
+    int ctl;                   /* our end of the control socket, -1 when closed */
+    uv_poll_t *ctl_poll;
+    struct bw_ckpt_ids ids;    /* of a cold host, for its dump */
+    enum bw_replica_phase phase;
+    bool restored, may_dump;
+    bool replace;              /* killed on purpose: start another in its place */
+    double t0, last_active;    /* bw_now_ms() */
+    msgpack_sbuffer start_profile; /* what the supervisor measured, sent in "start" */
+    msgpack_sbuffer profile;   /* the complete profile, from "serving" */
+    struct bw_listener upstream; /* private socket for the HTTP router; fd -1 if none */
+    uv_timer_t *timer;         /* restore timeout, then stop timeout */
+    int workers;
+    unsigned long long requests; /* served, as the host last reported */
+    struct bw_replica *next;
+};
+
+struct bw_replica *bw_replica_new(int id);
+/* Boot a host from scratch; may_dump: checkpoint it after on_start. 0 or -1. */
+int bw_replica_boot_cold(struct bw_replica *r, bool may_dump);
+/* Restore from the checkpoint. -1: nothing runs (the image was unusable and has been
+ * discarded, or restoring failed): the caller boots cold instead. */
+int bw_replica_restore(struct bw_replica *r);
+/* SIGTERM now, SIGKILL after the grace period. */
+void bw_replica_stop(struct bw_replica *r, double grace_s);
+/* The process is gone (reaped): close the channel. */
+void bw_replica_reaped(struct bw_replica *r);
+void bw_replica_free(struct bw_replica *r);
+const char *bw_replica_phase_name(enum bw_replica_phase p);
+
+#endif
