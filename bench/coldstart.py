@@ -139,7 +139,7 @@ def bench_app(name: str, binary: str, repeat: int, tmp: Path, env: dict) -> dict
     m = manifest(ckdir, key)
     image_bytes, dump_ms = m["image_bytes"], m["dump_ms"]
 
-    warm, cold, criu_ms = [], [], []
+    warm, cold = [], []
     for i in range(repeat):
         r = Run(binary, app, kwargs, tmp, base + ["--checkpoint-key", key], env)
         if "restored from checkpoint" not in r.text():

@@ -232,6 +232,15 @@ static void criu_log_reason(const char *log, char *err, size_t errlen, const cha
              last, log);
 }
 
+static void criu_call_done(criu_opts *o, int img_fd, int work_fd) {
+    if (o)
+        criu_local_free_opts(o);
+    if (img_fd >= 0)
+        close(img_fd);
+    if (work_fd >= 0)
+        close(work_fd);
+}
+
 static int criu_opts_new(const struct bw_ckpt *c, criu_opts **o, int img_fd, int work_fd,
                          const char *log_name) {
     if (criu_local_init_opts(o) < 0)
@@ -442,12 +451,7 @@ int bw_ckpt_dump(const struct bw_ckpt *c, pid_t pid, const struct bw_ckpt_ids *i
     }
     rc = 0;
 out:
-    if (o)
-        criu_local_free_opts(o);
-    if (img_fd >= 0)
-        close(img_fd);
-    if (work_fd >= 0)
-        close(work_fd);
+    criu_call_done(o, img_fd, work_fd);
     if (rc == 0 && access(tmp, F_OK) == 0)
         rm_rf(tmp); /* lost the race: ours is redundant */
     if (rc < 0 && !getenv("BEAM_KEEP_FAILED_DUMP"))
@@ -608,11 +612,6 @@ int bw_ckpt_restore(const struct bw_ckpt *c, const struct bw_ckpt_image *img, in
         unlink(log);
     }
 out:
-    if (o)
-        criu_local_free_opts(o);
-    if (img_fd >= 0)
-        close(img_fd);
-    if (work_fd >= 0)
-        close(work_fd);
+    criu_call_done(o, img_fd, work_fd);
     return rc;
 }

@@ -56,13 +56,18 @@ static int send_msg(msgpack_sbuffer *sb) {
     return rc;
 }
 
+/* Begin a control message of n entries, the first being its type "t". */
+static void msg_begin(msgpack_sbuffer *sb, msgpack_packer *pk, const char *type, size_t n) {
+    msgpack_sbuffer_init(sb);
+    msgpack_packer_init(pk, sb, msgpack_sbuffer_write);
+    msgpack_pack_map(pk, n);
+    bw_mp_kv_str(pk, "t", type);
+}
+
 static int fatal(const char *message) {
     msgpack_sbuffer sb;
-    msgpack_sbuffer_init(&sb);
     msgpack_packer pk;
-    msgpack_packer_init(&pk, &sb, msgpack_sbuffer_write);
-    msgpack_pack_map(&pk, 2);
-    bw_mp_kv_str(&pk, "t", "fatal");
+    msg_begin(&sb, &pk, "fatal", 2);
     bw_mp_kv_str(&pk, "message", message);
     if (send_msg(&sb) < 0)
         bw_error("%s", message); /* no supervisor to tell: say it ourselves */
@@ -71,11 +76,8 @@ static int fatal(const char *message) {
 
 static int send_ready(bool checkpoint, const char *skipped, const struct bw_boot_profile *p) {
     msgpack_sbuffer sb;
-    msgpack_sbuffer_init(&sb);
     msgpack_packer pk;
-    msgpack_packer_init(&pk, &sb, msgpack_sbuffer_write);
-    msgpack_pack_map(&pk, skipped ? 5 : 4);
-    bw_mp_kv_str(&pk, "t", "ready");
+    msg_begin(&sb, &pk, "ready", skipped ? 5 : 4);
     bw_mp_kv_bool(&pk, "checkpoint", checkpoint);
     if (skipped)
         bw_mp_kv_str(&pk, "checkpoint_error", skipped);
@@ -262,11 +264,8 @@ static void report_activity(struct workers *w) {
         return;
     w->reported = total;
     msgpack_sbuffer sb;
-    msgpack_sbuffer_init(&sb);
     msgpack_packer pk;
-    msgpack_packer_init(&pk, &sb, msgpack_sbuffer_write);
-    msgpack_pack_map(&pk, 2);
-    bw_mp_kv_str(&pk, "t", "activity");
+    msg_begin(&sb, &pk, "activity", 2);
     bw_mp_kv_int(&pk, "requests", (long long)total);
     send_msg(&sb);
 }
@@ -317,11 +316,8 @@ static int supervise(const struct bw_options *o, struct start_info *si, const si
         w.pid[i] = spawn_worker(o, si, i, orig, w.served);
 
     msgpack_sbuffer sb;
-    msgpack_sbuffer_init(&sb);
     msgpack_packer pk;
-    msgpack_packer_init(&pk, &sb, msgpack_sbuffer_write);
-    msgpack_pack_map(&pk, 3);
-    bw_mp_kv_str(&pk, "t", "serving");
+    msg_begin(&sb, &pk, "serving", 3);
     bw_mp_kv_int(&pk, "workers", w.n);
     bw_mp_str(&pk, "profile");
     msgpack_sbuffer_write(&sb, si->profile.data, si->profile.size);

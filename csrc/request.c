@@ -21,15 +21,26 @@
 static msgpack_zone zone;
 static bool zone_ready;
 
-static void pack_error_body(msgpack_packer *pk, const msgpack_object *id, const char *task_id,
-                            const char *type, const char *message, const char *tb) {
-    msgpack_pack_map(pk, task_id ? 4 : 3);
+/* Begin a framed response map of n entries whose first two are id (echoed, or nil) and
+ * ok. Returns the frame's header offset for bw_frame_end. */
+static size_t response_begin(msgpack_sbuffer *out, msgpack_packer *pk, const msgpack_object *id,
+                             bool ok, size_t n) {
+    msgpack_packer_init(pk, out, msgpack_sbuffer_write);
+    size_t h = bw_frame_begin(out);
+    msgpack_pack_map(pk, n);
     bw_mp_str(pk, "id");
     if (id)
         msgpack_pack_object(pk, *id);
     else
         msgpack_pack_nil(pk);
-    bw_mp_kv_bool(pk, "ok", false);
+    bw_mp_kv_bool(pk, "ok", ok);
+    return h;
+}
+
+static void error_frame(msgpack_sbuffer *out, const msgpack_object *id, const char *task_id,
+                        const char *type, const char *message, const char *tb) {
+    msgpack_packer packer, *pk = &packer;
+    size_t h = response_begin(out, pk, id, false, task_id ? 4 : 3);
     if (task_id)
         bw_mp_kv_str(pk, "task_id", task_id);
     bw_mp_str(pk, "error");
@@ -37,14 +48,6 @@ static void pack_error_body(msgpack_packer *pk, const msgpack_object *id, const 
     bw_mp_kv_str(pk, "type", type);
     bw_mp_kv_str(pk, "message", message);
     bw_mp_kv_str(pk, "traceback", tb ? tb : "");
-}
-
-static void error_frame(msgpack_sbuffer *out, const msgpack_object *id, const char *task_id,
-                        const char *type, const char *message, const char *tb) {
-    msgpack_packer pk;
-    msgpack_packer_init(&pk, out, msgpack_sbuffer_write);
-    size_t h = bw_frame_begin(out);
-    pack_error_body(&pk, id, task_id, type, message, tb);
     bw_frame_end(out, h);
 }
 
@@ -161,15 +164,7 @@ static void call_handler(msgpack_sbuffer *out, const msgpack_object *id, const m
         return;
     }
     msgpack_packer pk;
-    msgpack_packer_init(&pk, out, msgpack_sbuffer_write);
-    size_t h = bw_frame_begin(out);
-    msgpack_pack_map(&pk, 4);
-    bw_mp_str(&pk, "id");
-    if (id)
-        msgpack_pack_object(&pk, *id);
-    else
-        msgpack_pack_nil(&pk);
-    bw_mp_kv_bool(&pk, "ok", true);
+    size_t h = response_begin(out, &pk, id, true, 4);
     bw_mp_kv_str(&pk, "task_id", task_id);
     bw_mp_str(&pk, "result");
     if (bw_codec_from_py(&pk, result, err, sizeof err) < 0) {
@@ -183,15 +178,7 @@ static void call_handler(msgpack_sbuffer *out, const msgpack_object *id, const m
 
 static void stats_frame(msgpack_sbuffer *out, const msgpack_object *id) {
     msgpack_packer pk;
-    msgpack_packer_init(&pk, out, msgpack_sbuffer_write);
-    size_t h = bw_frame_begin(out);
-    msgpack_pack_map(&pk, 3);
-    bw_mp_str(&pk, "id");
-    if (id)
-        msgpack_pack_object(&pk, *id);
-    else
-        msgpack_pack_nil(&pk);
-    bw_mp_kv_bool(&pk, "ok", true);
+    size_t h = response_begin(out, &pk, id, true, 3);
     bw_mp_str(&pk, "result");
     msgpack_pack_map(&pk, 6);
     bw_mp_kv_int(&pk, "pid", getpid());
@@ -206,15 +193,7 @@ static void stats_frame(msgpack_sbuffer *out, const msgpack_object *id) {
 
 static void pong_frame(msgpack_sbuffer *out, const msgpack_object *id) {
     msgpack_packer pk;
-    msgpack_packer_init(&pk, out, msgpack_sbuffer_write);
-    size_t h = bw_frame_begin(out);
-    msgpack_pack_map(&pk, 3);
-    bw_mp_str(&pk, "id");
-    if (id)
-        msgpack_pack_object(&pk, *id);
-    else
-        msgpack_pack_nil(&pk);
-    bw_mp_kv_bool(&pk, "ok", true);
+    size_t h = response_begin(out, &pk, id, true, 3);
     bw_mp_kv_str(&pk, "result", "pong");
     bw_frame_end(out, h);
 }

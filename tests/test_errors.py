@@ -17,6 +17,7 @@ import pytest
 msgpack = pytest.importorskip("msgpack")
 
 from beam.client import Client  # noqa: E402
+from wire import connect, frame, raw_frame, recv_frame, roundtrip  # noqa: E402
 from beam.exceptions import RemoteError  # noqa: E402
 
 pytestmark = pytest.mark.timeout(60)
@@ -26,46 +27,6 @@ APP = "error_app.py:handler"
 
 
 # ------------------------------------------------------------------ raw protocol helpers
-def connect(address: str, timeout: float = 10.0) -> socket.socket:
-    if address.startswith("unix://"):
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.settimeout(timeout)
-        s.connect(address[len("unix://"):])
-    else:
-        host, port = address[len("tcp://"):].rsplit(":", 1)
-        s = socket.create_connection((host, int(port)), timeout=timeout)
-    s.settimeout(timeout)
-    return s
-
-
-def raw_frame(body: bytes) -> bytes:
-    return struct.pack(">I", len(body)) + body
-
-
-def frame(obj) -> bytes:
-    return raw_frame(msgpack.packb(obj, use_bin_type=True))
-
-
-def recv_exact(s: socket.socket, n: int) -> bytes:
-    buf = bytearray()
-    while len(buf) < n:
-        chunk = s.recv(n - len(buf))
-        if not chunk:
-            raise EOFError(f"connection closed after {len(buf)} of {n} bytes")
-        buf += chunk
-    return bytes(buf)
-
-
-def recv_frame(s: socket.socket):
-    (n,) = struct.unpack(">I", recv_exact(s, 4))
-    return msgpack.unpackb(recv_exact(s, n), raw=False, strict_map_key=False)
-
-
-def roundtrip(s: socket.socket, obj):
-    s.sendall(frame(obj))
-    return recv_frame(s)
-
-
 def assert_closed(s: socket.socket) -> None:
     """The worker closed this connection (EOF; a reset counts too)."""
     try:
