@@ -114,7 +114,11 @@ void bw_json_append_object(msgpack_sbuffer *out, const msgpack_object *o) {
                 put(out, ",", 1);
             if (kv->key.type == MSGPACK_OBJECT_STR) {
                 bw_json_append_object(out, &kv->key);
-            } else { /* JSON keys are strings: render the key's JSON as one */
+            } else if (kv->key.type == MSGPACK_OBJECT_ARRAY || kv->key.type == MSGPACK_OBJECT_MAP) {
+                /* JSON keys are strings. A container key gets a fixed name: rendering it
+                 * would re-escape it once per nesting level, doubling the output each time. */
+                puts_(out, kv->key.type == MSGPACK_OBJECT_ARRAY ? "\"<array>\"" : "\"<map>\"");
+            } else { /* a scalar key: its JSON text, as a string */
                 msgpack_sbuffer k;
                 msgpack_sbuffer_init(&k);
                 bw_json_append_object(&k, &kv->key);
@@ -161,8 +165,6 @@ void bw_json_write_msgpack(FILE *f, const char *buf, size_t len) {
 }
 
 static int pack_json(const cJSON *j, msgpack_packer *pk, int depth) {
-    if (depth > BW_JSON_MAX_DEPTH)
-        return -1;
     if (cJSON_IsNull(j))
         return msgpack_pack_nil(pk);
     if (cJSON_IsTrue(j))
@@ -179,6 +181,8 @@ static int pack_json(const cJSON *j, msgpack_packer *pk, int depth) {
         bw_mp_str(pk, j->valuestring);
         return 0;
     }
+    if (depth >= BW_JSON_MAX_DEPTH) /* containers at depth 0 .. MAX-1 */
+        return -1;
     int n = 0;
     for (const cJSON *c = j->child; c; c = c->next)
         n++;

@@ -6,7 +6,9 @@
 #include <stddef.h>
 #include <stdio.h>
 
-#define BW_JSON_MAX_DEPTH 32
+/* Levels of arrays/objects. An HTTP body becomes the kwargs map, one level inside the
+ * request map, and the worker decodes at most 32 levels (msgpack-c): so 31. */
+#define BW_JSON_MAX_DEPTH 31
 
 /* Append JSON text to `out` (a byte buffer). bin becomes a base64 string; NaN and
  * infinities become null (JSON has neither). */
@@ -19,7 +21,7 @@ void bw_json_write_object(FILE *f, const msgpack_object *o);
 void bw_json_write_msgpack(FILE *f, const char *buf, size_t len); /* "null" if unparsable */
 
 /* Parse JSON text and pack it as one msgpack value. Integers that fit int64 stay
- * integers. 0, or -1 with a reason in err (not JSON, nested deeper than 32). */
+ * integers. 0, or -1 with a reason in err (not JSON, nested deeper than BW_JSON_MAX_DEPTH). */
 int bw_json_to_msgpack(const char *text, size_t len, msgpack_packer *pk, char *err, size_t errlen);
 
 #endif

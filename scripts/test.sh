@@ -6,8 +6,10 @@
 #   2. .venv with beam installed          scripts/venv.sh
 #   3. C unit tests (ctest), then again under ASan/UBSan
 #   4. end-to-end tests against the installed beam-worker (pytest)
+#   5. the libFuzzer targets, each for BEAM_FUZZ_SECONDS (default 60) under ASan/UBSan
 #
 #   BEAM_TEST_ARGS="-k foo"   extra pytest arguments
+#   BEAM_FUZZ_SECONDS=0       skip fuzzing (local iterations)
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -39,3 +41,9 @@ step "end-to-end tests (real beam-worker, real CRIU)"
 export BEAM_WORKER_BINARY="$venv/bin/beam-worker"
 # shellcheck disable=SC2086
 "$py" -m pytest tests -q -p no:cacheprovider ${BEAM_TEST_ARGS:-}
+
+fuzz_seconds=${BEAM_FUZZ_SECONDS:-60}
+if [ "$fuzz_seconds" -gt 0 ]; then
+  step "fuzzing: each target ${fuzz_seconds}s under ASan/UBSan (docs/fuzzing.md)"
+  make -s fuzz FUZZ_SECONDS="$fuzz_seconds" JOBS="$jobs"
+fi
