@@ -19,7 +19,9 @@
 #include "mp.h"
 #include "util.h"
 
-#define MAX_PIPELINED 128 /* per connection; then stop reading until answers drain */
+#define MAX_PIPELINED 64 /* per connection; then stop reading until answers drain. Below the
+                          * default max_pending_tasks (100): one connection alone never
+                          * fills the queue */
 #define MAX_URL 1024
 #define MAX_AUTH 1024
 
@@ -28,7 +30,7 @@ struct conn;
 struct bw_http_req {
     struct conn *conn;
     struct bw_http_req *next;
-    bool done, keep_alive;
+    bool done, keep_alive, head; /* head: a HEAD request, answered without the body */
     char *resp;
     size_t resp_len;
     msgpack_sbuffer kwargs;
@@ -43,6 +45,8 @@ struct conn {
     char field[32];
     size_t field_len;
     bool in_auth;
+    bool expect_continue;   /* "Expect: 100-continue": the client waits before the body */
+    int nauth;              /* Authorization fields in this request: more than one is refused */
     char auth[MAX_AUTH];
     size_t auth_len;
     msgpack_sbuffer body;
@@ -239,7 +243,8 @@ void bw_http_reply(struct bw_http_req *r, int status, const char *json, size_t l
     if (!r->keep_alive)
         msgpack_sbuffer_write(&out, "Connection: close\r\n", 19);
     msgpack_sbuffer_write(&out, "\r\n", 2);
-    msgpack_sbuffer_write(&out, json, len);
+    if (!r->head) /* a body after a HEAD answer would be read as the next response */
+        msgpack_sbuffer_write(&out, json, len);
     finish(r, &out);
 }
 
@@ -285,7 +290,8 @@ static struct bw_http_req *req_new(struct conn *c, bool keep_alive) {
 static int on_message_begin(http_parser *p) {
     struct conn *c = p->data;
     c->url_len = c->auth_len = c->field_len = 0;
-    c->in_auth = false;
+    c->in_auth = c->expect_continue = false;
+    c->nauth = 0;
     c->body.size = 0;
     return 0;
 }
@@ -312,8 +318,13 @@ static int on_header_field(http_parser *p, const char *at, size_t len) {
 
 static int on_header_value(http_parser *p, const char *at, size_t len) {
     struct conn *c = p->data;
-    if (!c->in_auth && c->field_len == 13 && strncasecmp(c->field, "authorization", 13) == 0)
+    if (!c->in_auth && c->field_len == 13 && strncasecmp(c->field, "authorization", 13) == 0) {
         c->in_auth = true;
+        c->nauth++; /* a second field would be appended to the first: "Bearer " + "TOKEN" */
+    }
+    if (!c->in_auth && c->field_len == 6 && strncasecmp(c->field, "expect", 6) == 0 &&
+        len >= 12 && strncasecmp(at, "100-continue", 12) == 0)
+        c->expect_continue = true;
     if (c->in_auth) {
         size_t room = MAX_AUTH - c->auth_len;
         memcpy(c->auth + c->auth_len, at, len < room ? len : room);
@@ -330,6 +341,15 @@ static int on_headers_complete(http_parser *p) {
     if (p->content_length != ULLONG_MAX && p->content_length > H.opts.max_body) {
         c->reject = 413; /* refuse before reading a byte of the body */
         http_parser_pause(p, 1);
+    } else if (c->expect_continue && !c->head && !uv_is_closing((uv_handle_t *)&c->tcp)) {
+        /* curl waits a second for this before sending a large body. Only when nothing
+         * is owed on the connection: an interim answer must not overtake final ones. */
+        static const char cont[] = "HTTP/1.1 100 Continue\r\n\r\n";
+        char *copy = malloc(sizeof cont - 1);
+        if (copy) {
+            memcpy(copy, cont, sizeof cont - 1);
+            send_bytes(c, copy, sizeof cont - 1);
+        }
     }
     return 0;
 }
@@ -346,15 +366,22 @@ static int on_body(http_parser *p, const char *at, size_t len) {
 }
 
 /* Constant time in the secret: compares every byte of the expected value whatever the
- * input, and folds the length difference in rather than returning early. */
+ * input, and folds the length difference in rather than returning early. The scheme is
+ * case-insensitive (RFC 7235 section 2.1: "bearer" works too), the token is not. */
 static bool token_ok(const struct conn *c) {
-    static const char prefix[] = "Bearer ";
+    static const char prefix[] = "bearer ";
     const char *tok = H.opts.token;
     size_t tlen = strlen(tok), want = sizeof prefix - 1 + tlen;
-    unsigned diff = (unsigned)(c->auth_len ^ want);
+    size_t len = c->auth_len; /* trailing whitespace is not part of the value (RFC 7230) */
+    while (len > 0 && (c->auth[len - 1] == ' ' || c->auth[len - 1] == '\t'))
+        len--;
+    unsigned diff = (unsigned)(len ^ want) | (unsigned)(c->nauth != 1);
     for (size_t i = 0; i < want; i++) {
-        char expect = i < sizeof prefix - 1 ? prefix[i] : tok[i - (sizeof prefix - 1)];
-        char got = i < c->auth_len ? c->auth[i] : 0;
+        bool scheme = i < sizeof prefix - 1;
+        char expect = scheme ? prefix[i] : tok[i - (sizeof prefix - 1)];
+        char got = i < len ? c->auth[i] : 0;
+        if (scheme && got >= 'A' && got <= 'Z')
+            got = (char)(got + ('a' - 'A'));
         diff |= (unsigned char)(expect ^ got);
     }
     return diff == 0;
@@ -369,8 +396,10 @@ static void route(struct conn *c, struct bw_http_req *r, enum http_method m) {
     memcpy(path, c->url, n);
     path[n] = '\0';
     bool is_root = strcmp(path, "/") == 0, is_stats = strcmp(path, "/stats") == 0;
+    r->head = m == HTTP_HEAD;
     if (strcmp(path, "/health") == 0) {
-        bw_http_reply(r, m == HTTP_GET ? 200 : 405, "{\"status\":\"ok\"}", 15, NULL, -1);
+        bw_http_reply(r, m == HTTP_GET || m == HTTP_HEAD ? 200 : 405, "{\"status\":\"ok\"}", 15,
+                      NULL, -1);
         return;
     }
     if (!is_root && !is_stats) {

@@ -18,7 +18,11 @@
 #include "mp.h"
 #include "util.h"
 
-#define DEPTH 16 /* calls in flight per upstream connection */
+/* Calls in flight per upstream connection. The supervisor opens two connections per
+ * worker, so a replica holds at most 2 x workers calls: one running and one ready in
+ * each worker. Everything beyond waits in the router queue, where it is visible to the
+ * scaling decision (a deeper pipeline would hide the backlog inside the replicas). */
+#define DEPTH 1
 #define MAX_UPSTREAMS 64
 
 struct call {
