@@ -59,6 +59,8 @@ static int mkdirs(const char *path) {
     return mkdir_private(tmp);
 }
 
+static void remove_stale_dumps(const char *root);
+
 int bw_ckpt_open(struct bw_ckpt *c, const char *root, const char *key, const char *criu,
                  double timeout_s, char *err, size_t errlen) {
     memset(c, 0, sizeof *c);
@@ -82,6 +84,7 @@ int bw_ckpt_open(struct bw_ckpt *c, const char *root, const char *key, const cha
     }
     if (st.st_mode & 077)
         chmod(root, 0700);
+    remove_stale_dumps(root);
     return 0;
 }
 
@@ -124,6 +127,30 @@ static int rm_entry(const char *path, const struct stat *st, int flag, struct FT
 static void rm_rf(const char *path) { nftw(path, rm_entry, 16, FTW_DEPTH | FTW_PHYS); }
 
 void bw_ckpt_discard(const struct bw_ckpt *c) { rm_rf(c->dir); }
+
+/* A supervisor killed during a dump leaves its .tmp-KEY-PID directory behind. It is
+ * never restored from (only a complete image is renamed to KEY); once no process PID
+ * runs any more, it is removed here so it does not hold the disk forever. */
+static void remove_stale_dumps(const char *root) {
+    DIR *d = opendir(root);
+    if (!d)
+        return;
+    struct dirent *e;
+    while ((e = readdir(d))) {
+        const char *dash = strrchr(e->d_name, '-');
+        if (strncmp(e->d_name, ".tmp-", 5) != 0 || !dash || dash < e->d_name + 5)
+            continue;
+        char *end;
+        long pid = strtol(dash + 1, &end, 10);
+        if (*end || pid <= 0 || pid == getpid() || kill((pid_t)pid, 0) == 0 || errno != ESRCH)
+            continue;
+        char path[PATH_MAX + 300];
+        snprintf(path, sizeof path, "%s/%s", root, e->d_name);
+        bw_info("removing %s: a dump that its supervisor (pid %ld) did not finish", path, pid);
+        rm_rf(path);
+    }
+    closedir(d);
+}
 
 /* ---- bounded CRIU calls ------------------------------------------------------------
  * libcriu forks `criu swrk` from the calling thread and blocks on its socket. A stuck
@@ -215,21 +242,32 @@ static bool watchdog_stop(struct watchdog *w) {
     return w->fired;
 }
 
-/* CRIU's own error lines are the best explanation a user can get: quote the last. */
-static void criu_log_reason(const char *log, char *err, size_t errlen, const char *what, int rc) {
-    char line[512], last[512] = "";
+/* CRIU's own error lines are the best explanation a user can get: quote the first that
+ * says something (the root cause, e.g. "No space left on device"), not the closing
+ * "Dumping FAILED." nor the harmless RLIMIT_NOFILE line (the notes); else the last.
+ * shown: where the log will be for the user to read. */
+static void criu_log_reason(const char *log, const char *shown, char *err, size_t errlen,
+                            const char *what, int rc) {
+    char line[512], last[512] = "", first[512] = "";
     FILE *f = fopen(log, "r");
     if (f) {
-        while (fgets(line, sizeof line, f))
-            if (strstr(line, "Error") || strstr(line, "error"))
-                snprintf(last, sizeof last, "%s", line);
+        while (fgets(line, sizeof line, f)) {
+            if (!strstr(line, "Error") && !strstr(line, "error"))
+                continue;
+            snprintf(last, sizeof last, "%s", line);
+            if (!first[0] && !strstr(line, "RLIMIT_NOFILE") && !strstr(line, "Dumping FAILED") &&
+                !strstr(line, "Restoring FAILED"))
+                snprintf(first, sizeof first, "%s", line);
+        }
         fclose(f);
     }
+    if (first[0])
+        memcpy(last, first, sizeof last);
     size_t n = strlen(last);
     while (n && (last[n - 1] == '\n' || last[n - 1] == '\r'))
         last[--n] = '\0';
     snprintf(err, errlen, "%s failed (libcriu %d%s%s); log: %s", what, rc, *last ? ": " : "",
-             last, log);
+             last, shown);
 }
 
 static void criu_call_done(criu_opts *o, int img_fd, int work_fd) {
@@ -379,9 +417,15 @@ int bw_ckpt_dump(const struct bw_ckpt *c, pid_t pid, const struct bw_ckpt_ids *i
                  const char *gpu, size_t gpu_len, double *ms, unsigned long long *bytes,
                  char *err, size_t errlen) {
     char tmp[PATH_MAX + 200], img[PATH_MAX + 300], log[PATH_MAX + 300], key[64];
+    char logs[PATH_MAX + 100], kept[PATH_MAX + 400];
     snprintf(tmp, sizeof tmp, "%s/.tmp-%s-%d", c->root, c->key, (int)getpid());
     snprintf(img, sizeof img, "%s/img", tmp);
     snprintf(log, sizeof log, "%s/dump.log", tmp);
+    /* A failed dump's directory is removed (it may fill the disk); its log is kept. */
+    bool keep_failed = getenv("BEAM_KEEP_FAILED_DUMP") != NULL;
+    snprintf(logs, sizeof logs, "%s/.logs", c->root);
+    snprintf(kept, sizeof kept, "%s/dump-%s.log", logs, c->key);
+    const char *shown = keep_failed ? log : kept;
     rm_rf(tmp);
     if (mkdir(tmp, 0700) < 0 || mkdir(img, 0700) < 0) {
         snprintf(err, errlen, "cannot create %s: %s", img, strerror(errno));
@@ -418,11 +462,11 @@ int bw_ckpt_dump(const struct bw_ckpt *c, pid_t pid, const struct bw_ckpt_ids *i
     if (timed_out) {
         kill(pid, SIGCONT); /* never leave the serving process frozen */
         snprintf(err, errlen, "CRIU dump timed out after %gs (criu: %s); log: %s", c->timeout_s,
-                 c->criu, log);
+                 c->criu, shown);
         goto out;
     }
     if (r < 0) {
-        criu_log_reason(log, err, errlen, "CRIU dump", r);
+        criu_log_reason(log, shown, err, errlen, "CRIU dump", r);
         goto out;
     }
     struct file_entry *files = NULL;
@@ -454,8 +498,12 @@ out:
     criu_call_done(o, img_fd, work_fd);
     if (rc == 0 && access(tmp, F_OK) == 0)
         rm_rf(tmp); /* lost the race: ours is redundant */
-    if (rc < 0 && !getenv("BEAM_KEEP_FAILED_DUMP"))
+    if (rc < 0 && !keep_failed) {
+        rm_rf(img); /* first: on a full disk this makes room for what follows */
+        mkdir_private(logs);
+        rename(log, kept);
         rm_rf(tmp);
+    }
     return rc;
 }
 
@@ -605,7 +653,7 @@ int bw_ckpt_restore(const struct bw_ckpt *c, const struct bw_ckpt_image *img, in
     if (timed_out)
         snprintf(err, errlen, "CRIU restore timed out after %gs; log: %s", c->timeout_s, log);
     else if (r <= 0)
-        criu_log_reason(log, err, errlen, "CRIU restore", r);
+        criu_log_reason(log, log, err, errlen, "CRIU restore", r);
     else {
         *pid = r;
         rc = 0;

@@ -74,9 +74,12 @@ bool bw_mp_true(const msgpack_object *o) {
 }
 
 /* msgpack-c allocates a container's elements as soon as it reads the count, so a 5-byte
- * "map32 of 2^31 entries" asks for 64 GiB. Every element takes at least one byte, so a
- * count larger than the bytes left cannot be a complete value: reject it up front. One
- * linear pass over the headers (pre-order), skipping str/bin/ext payloads. */
+ * "map32 of 2^31 entries" asks for 64 GiB. Every value takes at least one byte, so when
+ * the values still expected (the counts of all containers open at this point, not just
+ * the last one's: 28 nested array32 headers each claiming the rest of a 16 MiB frame made
+ * msgpack-c reserve 14 GiB and touch 400 MiB) outnumber the bytes left, the input cannot
+ * be complete: reject it up front. Then msgpack-c allocates at most one object per byte.
+ * One linear pass over the headers (pre-order), skipping str/bin/ext payloads. */
 static bool counts_fit(const unsigned char *p, size_t len) {
     /* 0xc4..0xdf: width of the length field, and payload bytes besides the length. */
 #define X(b) [(b) - 0xc4]
@@ -88,17 +91,19 @@ static bool counts_fit(const unsigned char *p, size_t len) {
         X(0xd0) = 1, X(0xd1) = 2, X(0xd2) = 4, X(0xd3) = 8,
         X(0xd4) = 2, X(0xd5) = 3, X(0xd6) = 5, X(0xd7) = 9, X(0xd8) = 17};
 #undef X
-    size_t i = 0;
+    size_t i = 0, need = 1; /* values expected and not yet begun */
     while (i < len) {
         unsigned b = p[i++];
         size_t n, left = len - i;
+        if (need > 0) /* 0: bytes after a complete value, which unpack_exact refuses */
+            need--;
         if (b <= 0x7f || b >= 0xe0 || b == 0xc0 || b == 0xc2 || b == 0xc3)
             continue;
         if (b == 0xc1)
             return false;
         if (b < 0xa0) { /* fixmap, fixarray */
-            n = (b & 0x0f) * (b < 0x90 ? 2u : 1u);
-            if (n > left)
+            need += (b & 0x0f) * (b < 0x90 ? 2u : 1u);
+            if (need > left)
                 return false;
             continue;
         }
@@ -114,7 +119,8 @@ static bool counts_fit(const unsigned char *p, size_t len) {
             i += w;
             left -= w;
             if (b >= 0xdc) { /* array16/32, map16/32: elements follow */
-                if ((b >= 0xde ? 2 * n : n) > left)
+                need += b >= 0xde ? 2 * n : n; /* need <= len before: no overflow */
+                if (need > left)
                     return false;
                 continue;
             }

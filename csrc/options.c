@@ -42,6 +42,8 @@ static const char usage[] =
     "  --max-replicas N      restore up to N replicas when calls queue up (default 1)\n"
     "  --keep-warm SECONDS   stop an idle replica after this long; the next call restores\n"
     "                        one (default: the endpoint's keep_warm_seconds; -1: never)\n"
+    "  --max-crashes N       give up (exit 1) after N host crashes within 60 s\n"
+    "                        (default 5; 0: never give up; docs/reliability.md)\n"
     "\n"
     "Checkpointing (needs root and CRIU; see `python -m beam doctor`):\n"
     "  --checkpoint-dir DIR  image root (default: $BEAM_CHECKPOINT_DIR, else\n"
@@ -67,7 +69,7 @@ enum {
     OPT_VOLUME_ROOT, OPT_JSON_LOGS, OPT_CKPT_DIR, OPT_CKPT_KEY, OPT_NO_CKPT, OPT_RETRY_CKPT,
     OPT_CRIU, OPT_CRIU_TIMEOUT, OPT_RESTORE_TIMEOUT, OPT_VERSION, OPT_HOST, OPT_MAY_CKPT,
     OPT_PORT, OPT_HTTP_HOST, OPT_NO_AUTH, OPT_MAX_BODY, OPT_MAX_REPLICAS, OPT_KEEP_WARM,
-    OPT_ALLOW_CPU, OPT_CUDA_LOCK_TIMEOUT,
+    OPT_ALLOW_CPU, OPT_CUDA_LOCK_TIMEOUT, OPT_MAX_CRASHES,
 };
 
 static const struct option long_opts[] = {
@@ -94,6 +96,7 @@ static const struct option long_opts[] = {
     {"max-body", required_argument, 0, OPT_MAX_BODY},
     {"max-replicas", required_argument, 0, OPT_MAX_REPLICAS},
     {"keep-warm", required_argument, 0, OPT_KEEP_WARM},
+    {"max-crashes", required_argument, 0, OPT_MAX_CRASHES},
     {"help", no_argument, 0, 'h'},
     {"version", no_argument, 0, OPT_VERSION},
     {"run-host", no_argument, 0, OPT_HOST},         /* internal: be the host */
@@ -139,6 +142,7 @@ int bw_options_parse(struct bw_options *o, int argc, char **argv) {
     o->http_host = "127.0.0.1";
     o->max_body = BW_DEFAULT_MAX_FRAME;
     o->max_replicas = 1;
+    o->max_crashes = 5;
     o->keep_warm_s = -1000;
     o->cuda_lock_timeout_s = 10;
     o->python = getenv("BEAM_PYTHON");
@@ -216,6 +220,13 @@ int bw_options_parse(struct bw_options *o, int argc, char **argv) {
         case OPT_KEEP_WARM:
             if (parse_double("--keep-warm", optarg, -1, &o->keep_warm_s) < 0)
                 return -1;
+            break;
+        case OPT_MAX_CRASHES:
+            if (parse_double("--max-crashes", optarg, 0, &d) < 0 || d > 1000000 || d != (int)d) {
+                fprintf(stderr, "beam-worker: --max-crashes must be an integer from 0 to 1000000\n");
+                return -1;
+            }
+            o->max_crashes = (int)d;
             break;
         case OPT_HOST: o->host = true; break;
         case OPT_MAY_CKPT: o->may_checkpoint = true; break;

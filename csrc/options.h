@@ -34,6 +34,7 @@ struct bw_options {
     size_t max_body;
     int max_replicas;
     double keep_warm_s;          /* < -0.5: the endpoint's keep_warm_seconds */
+    int max_crashes;             /* host crashes per 60 s before giving up; 0: never */
     /* internal: set when the supervisor re-executes itself as the host */
     bool host;
     bool may_checkpoint;

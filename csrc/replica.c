@@ -182,8 +182,29 @@ void bw_replica_reaped(struct bw_replica *r) {
 
 struct child_args {
     char **argv;
+    char **envp;
     const struct host_io *io;
 };
+
+extern char **environ;
+
+/* The host's environment: ours without the HTTP front's token. The token is the
+ * supervisor's alone; in the host it would sit in the initial stack's environment
+ * strings, and so in every image (tests/test_security.py found it there). */
+static char **host_environ(void) {
+    static const char drop[] = "BEAM_AUTH_TOKEN=";
+    size_t n = 0;
+    while (environ[n])
+        n++;
+    char **envp = calloc(n + 1, sizeof *envp);
+    if (!envp)
+        return NULL;
+    size_t k = 0;
+    for (size_t i = 0; i < n; i++)
+        if (strncmp(environ[i], drop, sizeof drop - 1) != 0)
+            envp[k++] = environ[i];
+    return envp;
+}
 
 static int host_child(void *arg) {
     struct child_args *a = arg;
@@ -193,7 +214,7 @@ static int host_child(void *arg) {
         _exit(127);
     for (int fd = BW_CTL_FD + 1; fd < 1024; fd++)
         close(fd);
-    execv(bw_sup.exe, a->argv);
+    execve(bw_sup.exe, a->argv, a->envp ? a->envp : environ);
     _exit(127);
 }
 
@@ -241,7 +262,8 @@ int bw_replica_boot_cold(struct bw_replica *r, bool may_dump) {
     argv[n++] = (char *)o->app;
     argv[n] = NULL;
 
-    struct child_args a = {argv, &io};
+    char **envp = host_environ();
+    struct child_args a = {argv, envp, &io};
     size_t stack_size = 256 * 1024;
     char *stack = malloc(stack_size);
     /* A PID namespace of its own (notes, section 4): every restored replica gets a
@@ -249,6 +271,7 @@ int bw_replica_boot_cold(struct bw_replica *r, bool may_dump) {
     int flags = SIGCHLD | (bw_sup.use_ns ? CLONE_NEWPID : 0);
     pid_t pid = stack ? clone(host_child, stack + stack_size, flags, &a) : -1;
     free(stack);
+    free(envp);
     if (pid < 0) {
         bw_error("cannot start the host: %s", strerror(errno));
         io_close_fds(&io);

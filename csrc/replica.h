@@ -24,6 +24,7 @@ struct bw_replica {
     bool restored, may_dump;
     bool replace;              /* killed on purpose: start another in its place */
     double t0, last_active;    /* bw_now_ms() */
+    double serving_since;      /* bw_now_ms() when it reached "serving", 0 before */
     msgpack_sbuffer start_profile; /* what the supervisor measured, sent in "start" */
     msgpack_sbuffer profile;   /* the complete profile, from "serving" */
     struct bw_listener upstream; /* private socket for the HTTP router; fd -1 if none */

@@ -9,7 +9,10 @@
  * checkpoint of the app's key, or booting cold and dumping it), restores more when
  * HTTP calls queue up (--max-replicas), stops replicas idle for keep_warm_seconds
  * (down to zero), and restores one again when a call or a connection arrives. Any
- * checkpoint failure falls back to a cold boot; a crashed replica is replaced. */
+ * checkpoint failure falls back to a cold boot; a crashed replica is replaced: at once
+ * after a crash, with a growing delay when replicas keep dying right after they start,
+ * from a cold boot when restored replicas keep dying (the image is discarded), and not
+ * at all after --max-crashes crashes within a minute (docs/reliability.md). */
 #define _GNU_SOURCE
 #include "supervisor.h"
 
@@ -31,8 +34,16 @@
 #include "util.h"
 
 #define CRASH_WINDOW_MS 60000.0
-#define CRASH_MAX 5
 #define TICK_MS 250
+/* A host that dies less than QUICK_MS after it reached "serving" crashed right after its
+ * start: the next replacement waits BACKOFF_BASE_MS, doubling per such crash in a row up
+ * to BACKOFF_MAX_MS. IMAGE_BAD_AFTER restored hosts in a row dying that way discard the
+ * image: the replacement boots cold (and dumps a fresh image). A streak ends with a crash
+ * that is not quick, or after CRASH_WINDOW_MS without one. */
+#define QUICK_MS 3000.0
+#define BACKOFF_BASE_MS 250.0
+#define BACKOFF_MAX_MS 8000.0
+#define IMAGE_BAD_AFTER 3
 
 struct bw_sup bw_sup;
 
@@ -51,8 +62,13 @@ static struct {
     char token[80];
     char rundir[64];
     double keep_warm_s;
-    double crashes[CRASH_MAX];
+    double *crashes;          /* times of the last max_crashes crashes (window) */
     int ncrashes;
+    uv_timer_t backoff;       /* delays replacements of hosts that die right after start */
+    int pending;              /* replacements waiting for it */
+    int quick_streak;         /* hosts in a row that died within QUICK_MS of serving */
+    int restored_quick;       /* restored hosts in a row that did */
+    double last_quick;
     bool any_served;          /* some replica reached "serving" */
     double last_status;
     unsigned long long last_answered;
@@ -88,13 +104,16 @@ static void unlink_replica(struct bw_replica *r) {
 }
 
 static bool crash_budget_left(void) {
+    int max = bw_sup.o->max_crashes;
+    if (max <= 0 || !F.crashes) /* --max-crashes 0: never give up */
+        return true;
     double now = bw_now_ms();
     int keep = 0;
     for (int i = 0; i < F.ncrashes; i++)
         if (now - F.crashes[i] < CRASH_WINDOW_MS)
             F.crashes[keep++] = F.crashes[i];
     F.ncrashes = keep;
-    if (keep >= CRASH_MAX)
+    if (keep >= max)
         return false;
     F.crashes[F.ncrashes++] = now;
     return true;
@@ -106,6 +125,8 @@ static void shutdown_loop(int code) {
     uv_signal_stop(&F.sigint);
     uv_signal_stop(&F.sigchld);
     uv_timer_stop(&F.tick);
+    uv_timer_stop(&F.backoff);
+    F.pending = 0;
     uv_stop(bw_sup.loop);
 }
 
@@ -148,7 +169,7 @@ static void on_wake(uv_poll_t *p, int status, int events) {
     (void)status;
     (void)events;
     wake_stop();
-    if (!F.stopping && count_alive() == 0)
+    if (!F.stopping && count_alive() == 0 && !F.pending) /* else the backoff timer starts one */
         start_replica("a connection is waiting");
 }
 
@@ -165,7 +186,7 @@ static void wake_start(void) {
 /* The router has calls no replica can take now. */
 static void on_demand(void *arg) {
     (void)arg;
-    if (F.stopping)
+    if (F.stopping || F.pending) /* a replacement is due when its backoff ends */
         return;
     int alive = count_alive();
     if (alive == 0) {
@@ -211,7 +232,7 @@ static void on_tick(uv_timer_t *t) {
     (void)t;
     double now = bw_now_ms();
     retire_idle(now);
-    if (count_alive() == 0 && !F.stopping)
+    if (count_alive() == 0 && !F.stopping && !F.pending)
         wake_start();
     status_line(now);
 }
@@ -220,6 +241,7 @@ static void on_tick(uv_timer_t *t) {
 
 void bw_sup_replica_serving(struct bw_replica *r) {
     F.any_served = true;
+    r->serving_since = bw_now_ms();
     if (F.dumper == r->id)
         F.dumper = 0;
     wake_stop();
@@ -286,14 +308,57 @@ static void describe_status(int status, char *why, size_t cap) {
         snprintf(why, cap, "exited with status %d", WEXITSTATUS(status));
 }
 
+static void on_backoff(uv_timer_t *t) {
+    (void)t;
+    int n = F.pending;
+    F.pending = 0;
+    for (int i = 0; i < n && !F.stopping; i++)
+        start_replica("the restart delay is over");
+}
+
+/* A serving host died (and the crash budget allows a replacement). */
+static void replace_crashed(const char *why, bool restored, double served_ms) {
+    double now = bw_now_ms();
+    if (served_ms >= QUICK_MS || now - F.last_quick > CRASH_WINDOW_MS)
+        F.quick_streak = F.restored_quick = 0;
+    if (served_ms >= QUICK_MS) {
+        bw_warn("host %s; starting a new replica", why);
+        start_replica(NULL);
+        return;
+    }
+    F.last_quick = now;
+    F.quick_streak++;
+    F.restored_quick = restored ? F.restored_quick + 1 : 0;
+    double delay = BACKOFF_BASE_MS;
+    for (int i = 1; i < F.quick_streak && delay < BACKOFF_MAX_MS; i++)
+        delay *= 2;
+    if (delay > BACKOFF_MAX_MS)
+        delay = BACKOFF_MAX_MS;
+    bw_warn("host %s %.1fs after it became ready (%d such crash%s in a row); starting a new "
+            "replica in %.2fs", why, served_ms / 1000, F.quick_streak,
+            F.quick_streak == 1 ? "" : "es", delay / 1000);
+    if (F.restored_quick >= IMAGE_BAD_AFTER && bw_sup.ckpt_on && bw_ckpt_exists(&bw_sup.ck)) {
+        bw_warn("%d restored replicas in a row died within %.0fs of serving: discarding the "
+                "checkpoint; the next replica boots cold and dumps a new one",
+                F.restored_quick, QUICK_MS / 1000);
+        bw_ckpt_discard(&bw_sup.ck);
+        F.restored_quick = 0;
+    }
+    F.pending++;
+    uv_timer_start(&F.backoff, on_backoff, (uint64_t)delay, 0);
+}
+
 static void replica_exited(struct bw_replica *r, int status) {
     enum bw_replica_phase phase = r->phase;
-    bool replace = r->replace;
+    bool replace = r->replace, restored = r->restored;
+    double served_ms = r->serving_since > 0 ? bw_now_ms() - r->serving_since : 0;
     char why[128];
     describe_status(status, why, sizeof why);
-    bw_replica_reaped(r);
+    /* Detach while r still counts as alive: detaching dispatches, and calls waiting then
+     * must not make on_demand start a replica on top of the replacement started below. */
     if (F.http)
         bw_router_detach(r); /* calls it had not answered get an explicit 502 */
+    bw_replica_reaped(r);
     unlink_replica(r);
     if (F.stopping) {
         if (count_alive() == 0 && !F.replicas)
@@ -323,16 +388,15 @@ static void replica_exited(struct bw_replica *r, int status) {
         return;
     case BW_R_SERVING:
         if (!crash_budget_left()) {
-            bw_error("host %s; %d crashes within %.0fs, giving up", why, CRASH_MAX,
-                     CRASH_WINDOW_MS / 1000);
-            if (count_alive() == 0) {
+            bw_error("host %s; %d crashes within %.0fs, giving up (--max-crashes)", why,
+                     bw_sup.o->max_crashes, CRASH_WINDOW_MS / 1000);
+            if (count_alive() == 0 && !F.pending) {
                 bw_router_fail_queued(503, "Unavailable", "the app keeps crashing");
                 shutdown_loop(1);
             }
             return;
         }
-        bw_warn("host %s; starting a new replica", why);
-        start_replica(NULL);
+        replace_crashed(why, restored, served_ms);
         return;
     }
 }
@@ -357,6 +421,8 @@ static void on_signal(uv_signal_t *h, int sig) {
                 bw_sup.o->grace_s);
     F.stopping = true;
     wake_stop();
+    uv_timer_stop(&F.backoff);
+    F.pending = 0;
     if (F.http) {
         bw_http_stop();
         bw_router_fail_queued(503, "ShuttingDown", "the server is stopping");
@@ -538,6 +604,9 @@ int bw_supervisor_main(const struct bw_options *o, int argc, char **argv) {
     uv_signal_init(bw_sup.loop, &F.sigint);
     uv_signal_init(bw_sup.loop, &F.sigchld);
     uv_timer_init(bw_sup.loop, &F.tick);
+    uv_timer_init(bw_sup.loop, &F.backoff);
+    if (o->max_crashes > 0)
+        F.crashes = calloc((size_t)o->max_crashes, sizeof *F.crashes);
     uv_signal_start(&F.sigterm, on_signal, SIGTERM);
     uv_signal_start(&F.sigint, on_signal, SIGINT);
     uv_signal_start(&F.sigchld, on_sigchld, SIGCHLD);

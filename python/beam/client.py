@@ -123,7 +123,8 @@ class Client:
 
         Returns a list in request order holding each result, or the ``RemoteError`` for a
         request that failed. If the connection closes part-way, ``ConnectionClosed`` is
-        raised with the answers received so far in its ``results`` attribute."""
+        raised with the answers received so far in its ``results`` attribute and the ids
+        of the requests left without an answer in ``unanswered``."""
         bodies = []
         for kw in calls:
             if not isinstance(kw, Mapping):
@@ -257,10 +258,16 @@ class Client:
                             responses.append(self._check(resp, ids[len(responses)]))
                         if len(responses) == len(ids):
                             return responses
+                        unanswered = ids[len(responses):]
+                        shown = ", ".join(map(str, unanswered[:10]))
+                        if len(unanswered) > 10:
+                            shown += f", ... ({len(unanswered)} in all)"
                         exc = ConnectionClosed(
                             f"{self.address} closed the connection after {len(responses)} "
-                            f"of {len(ids)} responses")
+                            f"of {len(ids)} responses; request id(s) {shown} got no answer "
+                            f"(they may or may not have run)")
                         exc.responses = responses  # type: ignore[attr-defined]
+                        exc.unanswered = unanswered  # type: ignore[attr-defined]
                         raise exc
                     self._buf += chunk
 

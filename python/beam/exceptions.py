@@ -35,4 +35,10 @@ class RemoteError(BeamError):
 
 
 class ConnectionClosed(BeamError):
-    """The worker closed the connection before answering every request sent on it."""
+    """The worker closed the connection before answering every request sent on it.
+
+    ``unanswered``: the request ids sent on the connection that got no answer (they may
+    or may not have run); ``responses``: the answers that did arrive, in order."""
+
+    unanswered: list = []
+    responses: list = []
