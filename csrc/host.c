@@ -249,7 +249,9 @@ static int reap(struct workers *w, bool stopping, const struct bw_options *o,
             return -1;
         }
         bw_warn("worker %d %s; replacing it", i, why);
+        bw_app_acquire_gil(); /* forking a Python process needs the GIL (PyOS_BeforeFork) */
         w->pid[i] = spawn_worker(o, si, i, orig_mask, w->served);
+        bw_app_release_gil();
     }
     return 0;
 }
@@ -325,6 +327,9 @@ static int supervise(const struct bw_options *o, struct start_info *si, const si
     if (in_process)
         return serve_in_process(o, si, orig);
 
+    /* The host runs no Python from here on: let threads the app started in on_start
+     * (which live in this process only: fork copies just the calling thread) run. */
+    bw_app_release_gil();
     bool stopping = false;
     double deadline = 0;
     int rc = 0;

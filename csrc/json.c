@@ -202,7 +202,32 @@ static int pack_json(const cJSON *j, msgpack_packer *pk, int depth) {
     return 0;
 }
 
+/* An upper bound on the values in a JSON text: separators and openers outside strings. */
+static size_t count_values(const char *text, size_t len) {
+    size_t n = 1;
+    bool in_str = false;
+    for (size_t i = 0; i < len; i++) {
+        char c = text[i];
+        if (in_str) {
+            if (c == '\\')
+                i++;
+            else if (c == '"')
+                in_str = false;
+        } else if (c == '"') {
+            in_str = true;
+        } else if (c == ',' || c == '[' || c == '{') {
+            n++;
+        }
+    }
+    return n;
+}
+
 int bw_json_to_msgpack(const char *text, size_t len, msgpack_packer *pk, char *err, size_t errlen) {
+    if (count_values(text, len) > BW_JSON_MAX_VALUES) {
+        snprintf(err, errlen, "JSON body has more than %u values (send bulk data as one string, "
+                 "or over the msgpack socket)", BW_JSON_MAX_VALUES);
+        return -1;
+    }
     const char *end = NULL;
     cJSON *j = cJSON_ParseWithLengthOpts(text, len, &end, 0);
     if (!j) {

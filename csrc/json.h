@@ -9,6 +9,9 @@
 /* Levels of arrays/objects. An HTTP body becomes the kwargs map, one level inside the
  * request map, and the worker decodes at most 32 levels (msgpack-c): so 31. */
 #define BW_JSON_MAX_DEPTH 31
+/* cJSON spends ~64 bytes per value: 16 MiB of "[0,0,..." would take ~700 MiB. Bodies are
+ * counted before parsing and refused above this many values (~64 MiB of nodes). */
+#define BW_JSON_MAX_VALUES (1u << 20)
 
 /* Append JSON text to `out` (a byte buffer). bin becomes a base64 string; NaN and
  * infinities become null (JSON has neither). */

@@ -485,3 +485,15 @@ def test_crashed_worker_is_replaced(start_worker, workdir, op, why):
     assert w.log().count("serve_app on_start in pid") == 1
     assert w.proc.poll() is None
     assert w.stop() == 0
+
+
+def test_thread_started_in_on_start_keeps_running(start_worker, workdir):
+    ticks = workdir / "ticks"
+    w = start_worker("thread_app.py:handler", "--no-checkpoint", "--socket",
+                     str(workdir / "t.sock"), env={"THREAD_TICKS_FILE": str(ticks)})
+    assert w.client().call() == "started"
+    before = len(ticks.read_text().splitlines())
+    deadline = time.monotonic() + 10
+    while len(ticks.read_text().splitlines()) < before + 5:
+        assert time.monotonic() < deadline, "the on_start thread stopped after ready"
+        time.sleep(0.05)

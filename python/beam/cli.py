@@ -151,6 +151,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         argv += ["--max-replicas", str(args.max_replicas)]
     if args.keep_warm is not None:
         argv += ["--keep-warm", f"{args.keep_warm:g}"]
+    if args.max_crashes is not None:
+        argv += ["--max-crashes", str(args.max_crashes)]
     argv.append(_absolute_app(args.app))
     sys.stdout.flush()
     sys.stderr.flush()
@@ -562,6 +564,8 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--keep-warm", metavar="SECONDS", type=float,
                    help="stop a replica idle this long; the next call restores one "
                    "(default: the endpoint's keep_warm_seconds; -1: never)")
+    s.add_argument("--max-crashes", metavar="N", type=int,
+                   help="give up after N replica crashes within a minute (default 5; 0: never)")
     s.set_defaults(func=cmd_serve)
 
     c = sub.add_parser("call", help="call a running worker",
