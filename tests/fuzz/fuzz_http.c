@@ -164,7 +164,8 @@ int LLVMFuzzerInitialize(int *argc, char ***argv) {
     return 0;
 }
 
-/* Check the response stream: complete responses, then (after a reset) maybe a tail.
+/* Check the response stream: complete responses (100 Continue interim answers among
+ * them), then (after a reset) maybe a tail.
  * Answers to HEAD have a Content-Length but no body: at most `heads` of those (the number
  * of "HEAD" in the input), recognised by what follows the head (the next response or
  * the end; bodies here are JSON, never "HTTP/1.1 "). */
@@ -185,6 +186,13 @@ static void check_responses(const char *p, size_t n, bool reset, size_t heads) {
         if (!(p[9] >= '1' && p[9] <= '5' && p[10] >= '0' && p[10] <= '9' && p[11] >= '0' &&
               p[11] <= '9' && p[12] == ' '))
             FAIL("bad status line: %.*s", (int)(head < 80 ? head : 80), p);
+        if (p[9] == '1') { /* an interim answer ("100 Continue"): head only */
+            if (head != 25 || memcmp(p, "HTTP/1.1 100 Continue\r\n\r\n", 25) != 0)
+                FAIL("unexpected interim response: %.*s", (int)head, p);
+            p += head;
+            n -= head;
+            continue;
+        }
         const char *cl = memmem(p, head, "\r\nContent-Length: ", 18);
         if (!cl)
             FAIL("response without Content-Length: %.*s", (int)head, p);
