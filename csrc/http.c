@@ -55,6 +55,7 @@ struct conn {
     struct bw_http_req *head, *tail;
     int pending;
     bool closed, reading, close_after_flush;
+    bool eof;               /* the client finished sending: close once all is answered */
     size_t write_bytes;
 };
 
@@ -124,7 +125,7 @@ static void on_read(uv_stream_t *s, ssize_t n, const uv_buf_t *buf);
 static void resume_parsing(struct conn *c);
 
 static void read_start(struct conn *c) {
-    if (!c->reading && !c->close_after_flush && !uv_is_closing((uv_handle_t *)&c->tcp) &&
+    if (!c->reading && !c->close_after_flush && !c->eof && !uv_is_closing((uv_handle_t *)&c->tcp) &&
         uv_read_start((uv_stream_t *)&c->tcp, on_alloc, on_read) == 0)
         c->reading = true;
 }
@@ -142,7 +143,7 @@ static void on_write(uv_write_t *w, int status) {
     c->write_bytes -= wr->len;
     free(wr->data);
     free(wr);
-    if (status < 0 || (c->close_after_flush && c->write_bytes == 0 && !c->head))
+    if (status < 0 || ((c->close_after_flush || c->eof) && c->write_bytes == 0 && !c->head))
         conn_close(c);
 }
 
@@ -207,8 +208,11 @@ static void flush(struct conn *c) {
         read_stop(c);
         if (c->write_bytes == 0)
             conn_close(c);
-    } else if (c->pending < MAX_PIPELINED / 2) {
-        resume_parsing(c);
+    } else {
+        if (c->pending < MAX_PIPELINED / 2)
+            resume_parsing(c);
+        if (c->eof && !c->head && c->write_bytes == 0 && c->unparsed.size == 0)
+            conn_close(c);
     }
 }
 
@@ -504,7 +508,10 @@ static void on_read(uv_stream_t *s, ssize_t n, const uv_buf_t *buf) {
     if (n < 0) {
         free(buf->base);
         read_stop(c);
-        conn_close(c);
+        /* A half-close (EOF) after pipelined requests still wants their answers. */
+        c->eof = n == UV_EOF;
+        if (!c->eof || (!c->head && c->write_bytes == 0 && c->unparsed.size == 0))
+            conn_close(c);
         return;
     }
     if (n > 0)

@@ -207,7 +207,13 @@ static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf) {
     (void)buf;
     struct conn *c = s->data;
     if (nread < 0) {
-        conn_close(c);
+        /* After a half-close (EOF) the client still reads the answers it is owed. */
+        if (nread == UV_EOF && c->write_bytes > 0) {
+            read_stop(c);
+            c->close_after_write = true;
+        } else {
+            conn_close(c);
+        }
         return;
     }
     c->in.len += (size_t)nread;

@@ -622,3 +622,17 @@ def test_killed_replica_fails_inflight_calls_with_502_then_recovers(start_worker
     assert "killed by signal 9" in s.w.log()
     for i in range(5):
         assert s.call(op="echo", value=i)[::2] == (200, i)
+
+
+def test_half_closed_client_still_gets_every_answer(start_worker):
+    """Requests, then shutdown(SHUT_WR) (curl --data @- and shell pipes do this): the
+    calls are still running in a replica when the EOF arrives; every answer must come."""
+    s = start_http(start_worker)
+    c = s.conn()
+    n = 10
+    c.send(b"".join(call_bytes(op="sleep", seconds=0.05, i=i) for i in range(n)))
+    c.sock.shutdown(socket.SHUT_WR)
+    for i in range(n):
+        status, _, body = c.response()
+        assert status == 200 and json.loads(body)["i"] == i
+    assert c.closed_by_peer()

@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import struct
 import sys
 import threading
@@ -497,3 +498,19 @@ def test_thread_started_in_on_start_keeps_running(start_worker, workdir):
     while len(ticks.read_text().splitlines()) < before + 5:
         assert time.monotonic() < deadline, "the on_start thread stopped after ready"
         time.sleep(0.05)
+
+
+def test_half_closed_client_still_gets_every_answer(start_worker, workdir):
+    """A client that sends its requests and then shuts down its sending side (a shell
+    pipe does this) must still read every answer, even when they are still queued for
+    writing when the worker sees the EOF."""
+    w = start(start_worker, workdir)
+    n = 40
+    with connect(w.unix) as s:
+        s.sendall(b"".join(frame({"id": i, "kwargs": {"value": "x" * (1 << 18)}})
+                           for i in range(n)))
+        s.shutdown(socket.SHUT_WR)
+        got = [recv_frame(s) for _ in range(n)]
+        assert s.recv(1) == b""  # then the worker closes
+    assert [r["id"] for r in got] == list(range(n))
+    assert all(r["ok"] and len(r["result"]) == 1 << 18 for r in got)
