@@ -208,14 +208,7 @@ def main(argv=None) -> int:
         epilog="The last line is http_vs_fastapi_rps_ratio=<float> scale_from_zero_vs_cold=<float>.")
     ap.add_argument("--quick", action="store_true",
                     help="3 s runs after 0.5 s warm-up, 3 starts each; about a minute")
-    ap.add_argument("--connections", type=int, default=16, help="client connections (default 16)")
-    ap.add_argument("--pipeline", type=int, default=1,
-                    help="requests in flight per connection (default 1)")
-    ap.add_argument("--threads", type=int, default=1, help="load generator threads (default 1)")
-    ap.add_argument("--duration", type=float, default=None,
-                    help="measured seconds per throughput run (default 10; 3 with --quick)")
-    ap.add_argument("--warmup", type=float, default=None,
-                    help="unmeasured seconds before each run (default 1; 0.5 with --quick)")
+    S.add_client_options(ap)
     ap.add_argument("--workers", type=int, default=1, help="server processes (default 1)")
     ap.add_argument("--runs", type=int, default=None,
                     help="starts per scale-from-zero / cold row (default 5; 3 with --quick)")

@@ -261,12 +261,8 @@ def run_fastapi(args, workers: int, variant: str, server_cpus, client_cpus) -> D
 # ---- main ------------------------------------------------------------------------------
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(
-        description="Requests/s and latency of beam-worker vs uvicorn+FastAPI on a no-op handler.",
-        epilog="The last line printed is serve_vs_fastapi_rps_ratio=<beam unix rps / FastAPI rps>.")
-    ap.add_argument("--quick", action="store_true",
-                    help="short runs (3 s each, 0.5 s warm-up); finishes in well under a minute")
+def add_client_options(ap) -> None:
+    """The load generator's options, shared by bench/serve.py and bench/http.py."""
     ap.add_argument("--connections", type=int, default=16, help="client connections (default 16)")
     ap.add_argument("--pipeline", type=int, default=1,
                     help="requests in flight per connection (default 1)")
@@ -275,6 +271,15 @@ def main(argv=None) -> int:
                     help="measured seconds per run (default 10; 3 with --quick)")
     ap.add_argument("--warmup", type=float, default=None,
                     help="unmeasured seconds before each run (default 1; 0.5 with --quick)")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(
+        description="Requests/s and latency of beam-worker vs uvicorn+FastAPI on a no-op handler.",
+        epilog="The last line printed is serve_vs_fastapi_rps_ratio=<beam unix rps / FastAPI rps>.")
+    ap.add_argument("--quick", action="store_true",
+                    help="short runs (3 s each, 0.5 s warm-up); finishes in well under a minute")
+    add_client_options(ap)
     ap.add_argument("--workers", default="1",
                     help="server processes, or a comma list to compare several (e.g. 1,2); "
                          "the headline ratio uses the first (default 1)")

@@ -220,12 +220,7 @@ class Client:
             sel.register(sock, selectors.EVENT_READ | selectors.EVENT_WRITE)
             writing = True
             while True:
-                while len(responses) < len(ids):
-                    resp = self._pop_frame()
-                    if resp is None:
-                        break
-                    responses.append(self._check(resp, ids[len(responses)]))
-                if len(responses) == len(ids):
+                if self._drain_answers(responses, ids):
                     return responses
                 ready = sel.select(self.timeout)
                 if not ready:
@@ -251,12 +246,7 @@ class Client:
                     except ConnectionResetError:
                         chunk = b""
                     if not chunk:
-                        while len(responses) < len(ids):  # answers that arrived with the EOF
-                            resp = self._pop_frame()
-                            if resp is None:
-                                break
-                            responses.append(self._check(resp, ids[len(responses)]))
-                        if len(responses) == len(ids):
+                        if self._drain_answers(responses, ids):  # they came with the EOF
                             return responses
                         unanswered = ids[len(responses):]
                         shown = ", ".join(map(str, unanswered[:10]))
@@ -270,6 +260,16 @@ class Client:
                         exc.unanswered = unanswered  # type: ignore[attr-defined]
                         raise exc
                     self._buf += chunk
+
+    def _drain_answers(self, responses: List[Any], ids: List[int]) -> bool:
+        """Move every complete answer buffered so far into ``responses`` (checked against
+        the ids in order); True once all ``ids`` are answered."""
+        while len(responses) < len(ids):
+            resp = self._pop_frame()
+            if resp is None:
+                break
+            responses.append(self._check(resp, ids[len(responses)]))
+        return len(responses) == len(ids)
 
     def _pop_frame(self) -> Optional[Dict[str, Any]]:
         buf = self._buf
