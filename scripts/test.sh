@@ -5,8 +5,9 @@
 #   1. system packages and CRIU          scripts/install-deps.sh
 #   2. .venv with beam installed          scripts/venv.sh
 #   3. C unit tests (ctest), then again under ASan/UBSan
-#   4. end-to-end tests against the installed beam-worker (pytest)
-#   5. the libFuzzer targets, each for BEAM_FUZZ_SECONDS (default 60) under ASan/UBSan
+#   4. the libFuzzer targets, each for BEAM_FUZZ_SECONDS (default 60) under ASan/UBSan
+#   5. end-to-end tests against the installed beam-worker (pytest), last, so that its
+#      summary is the last line
 #
 #   BEAM_TEST_ARGS="-k foo"   extra pytest arguments
 #   BEAM_FUZZ_SECONDS=0       skip fuzzing (local iterations)
@@ -36,14 +37,14 @@ cmake -S . -B build/asan -DPython3_EXECUTABLE=/usr/bin/python3 -DBEAM_SANITIZE=O
 cmake --build build/asan -j"$jobs" >/dev/null
 (cd build/asan && ctest --output-on-failure)
 
-step "end-to-end tests (real beam-worker, real CRIU)"
-# The installed worker, exactly as users get it.
-export BEAM_WORKER_BINARY="$venv/bin/beam-worker"
-# shellcheck disable=SC2086
-"$py" -m pytest tests -q -p no:cacheprovider ${BEAM_TEST_ARGS:-}
-
 fuzz_seconds=${BEAM_FUZZ_SECONDS:-60}
 if [ "$fuzz_seconds" -gt 0 ]; then
   step "fuzzing: each target ${fuzz_seconds}s under ASan/UBSan (docs/fuzzing.md)"
   make -s fuzz FUZZ_SECONDS="$fuzz_seconds" JOBS="$jobs"
 fi
+
+step "end-to-end tests (real beam-worker, real CRIU)"
+# The installed worker, exactly as users get it.
+export BEAM_WORKER_BINARY="$venv/bin/beam-worker"
+# shellcheck disable=SC2086
+"$py" -m pytest tests -q -p no:cacheprovider ${BEAM_TEST_ARGS:-}
