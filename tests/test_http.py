@@ -636,3 +636,17 @@ def test_half_closed_client_still_gets_every_answer(start_worker):
         status, _, body = c.response()
         assert status == 200 and json.loads(body)["i"] == i
     assert c.closed_by_peer()
+
+
+def test_sigterm_finishes_the_call_in_flight(start_worker):
+    """SIGTERM to the supervisor while an HTTP call runs: the call is answered, then the
+    worker exits 0."""
+    s = start_http(start_worker)
+    c = s.conn()
+    c.send(call_bytes(op="sleep", seconds=1, i=7))
+    wait_until(lambda: s.stats()["inflight"] == 1, 10, "the call in flight")
+    s.w.proc.send_signal(signal.SIGTERM)
+    status, _, body = c.response()
+    assert status == 200 and json.loads(body)["i"] == 7
+    assert s.w.proc.wait(30) == 0
+    assert "stopped" in s.w.log()
