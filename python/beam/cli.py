@@ -462,6 +462,24 @@ def _check_gpu() -> tuple:
                   "GPU processes cannot be checkpointed")
 
 
+KDAT_DIR = "/run/beam-criu"  # RUNDIR of the CRIU that scripts/install-criu.sh builds
+
+
+def _report_kdat_cache(report) -> None:
+    """CRIU keeps its kernel-feature probe only on a tmpfs; without one, every dump and
+    restore probes again (docs/criu-provisioning.md)."""
+    if not os.path.isdir(KDAT_DIR):
+        return
+    with open("/proc/mounts") as f:
+        on_tmpfs = any(len(p) > 2 and p[1] == KDAT_DIR and p[2] == "tmpfs"
+                       for p in (line.split() for line in f))
+    report("criu feature cache", on_tmpfs,
+           f"{KDAT_DIR} is a tmpfs" if on_tmpfs else
+           f"{KDAT_DIR} is not a tmpfs: every dump and restore re-probes the kernel "
+           "(~30-45 ms more); run scripts/install-criu.sh again (the mount is lost at reboot)",
+           required=False)
+
+
 def cmd_doctor(args: argparse.Namespace) -> int:
     results = []
 
@@ -501,6 +519,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
             report("criu", True, f"{criu}: {version}")
             report("criu check", c.returncode == 0,
                    f"CRIU_FAULT={CRIU_FAULT} criu check exit {c.returncode}: {tail}")
+            _report_kdat_cache(report)
 
     ok, reason = _check_dir(os.path.abspath(os.path.expanduser(args.dir or default_checkpoint_dir())))
     report("checkpoint dir", ok, reason)
