@@ -643,14 +643,13 @@ int bw_cuda_probe_isolated(char *why, size_t cap, char *names, size_t ncap) {
     close(p[0]);
     while (waitpid(pid, NULL, 0) < 0 && errno == EINTR) {
     }
-    char *nl = strchr(buf, '\n');
+    const char *nl = strchr(buf, '\n');
     int n = nl ? atoi(buf) : 0;
-    char *text = nl ? nl + 1 : (char *)"the GPU probe crashed";
-    size_t tl = strcspn(text, "\n");
-    text[tl] = '\0';
+    const char *text = nl ? nl + 1 : "the GPU probe crashed";
+    int tl = (int)strcspn(text, "\n"); /* its first line */
     if (n > 0)
-        snprintf(names, ncap, "%s", text);
+        snprintf(names, ncap, "%.*s", tl, text);
     else
-        snprintf(why, cap, "%s", text);
+        snprintf(why, cap, "%.*s", tl, text);
     return n > 0 ? n : 0;
 }
