@@ -17,6 +17,7 @@
 #include "json.h"
 #include "log.h"
 #include "mp.h"
+#include "stream.h"
 #include "util.h"
 
 #define MAX_PIPELINED 64 /* per connection; then stop reading until answers drain. Below the
@@ -57,12 +58,6 @@ struct conn {
     bool closed, reading, close_after_flush;
     bool eof;               /* the client finished sending: close once all is answered */
     size_t write_bytes;
-};
-
-struct write_req {
-    uv_write_t req;
-    char *data;
-    size_t len;
 };
 
 static struct {
@@ -138,44 +133,16 @@ static void read_stop(struct conn *c) {
 }
 
 static void on_write(uv_write_t *w, int status) {
-    struct write_req *wr = (struct write_req *)w;
     struct conn *c = w->handle->data;
-    c->write_bytes -= wr->len;
-    free(wr->data);
-    free(wr);
+    c->write_bytes -= bw_stream_written(w);
     if (status < 0 || ((c->close_after_flush || c->eof) && c->write_bytes == 0 && !c->head))
         conn_close(c);
 }
 
 static void send_bytes(struct conn *c, char *data, size_t len) {
-    uv_buf_t b = uv_buf_init(data, (unsigned)len);
-    int n = c->write_bytes == 0 ? uv_try_write((uv_stream_t *)&c->tcp, &b, 1) : UV_EAGAIN;
-    if (n < 0 && n != UV_EAGAIN) {
-        free(data);
+    if (bw_stream_send((uv_stream_t *)&c->tcp, data, len, c->write_bytes == 0, on_write,
+                       &c->write_bytes) < 0)
         conn_close(c);
-        return;
-    }
-    size_t done = n > 0 ? (size_t)n : 0;
-    if (done == len) {
-        free(data);
-        return;
-    }
-    struct write_req *w = malloc(sizeof *w);
-    if (!w) {
-        free(data);
-        conn_close(c);
-        return;
-    }
-    w->data = data;
-    w->len = len - done;
-    b = uv_buf_init(data + done, (unsigned)w->len);
-    c->write_bytes += w->len;
-    if (uv_write(&w->req, (uv_stream_t *)&c->tcp, &b, 1, on_write) < 0) {
-        c->write_bytes -= w->len;
-        free(data);
-        free(w);
-        conn_close(c);
-    }
 }
 
 /* Send every answered request at the head of the FIFO, in one write. */

@@ -16,6 +16,7 @@
 #include "json.h"
 #include "log.h"
 #include "mp.h"
+#include "stream.h"
 #include "util.h"
 
 /* Calls in flight per upstream connection. The supervisor opens two connections per
@@ -186,8 +187,7 @@ static void up_read(uv_stream_t *s, ssize_t n, const uv_buf_t *buf) {
 /* ---- sending ------------------------------------------------------------------------ */
 
 static void on_written(uv_write_t *w, int status) {
-    free(w->data);
-    free(w);
+    bw_stream_written(w);
     (void)status; /* a broken connection shows up as a read error */
 }
 
@@ -199,30 +199,10 @@ static void flush_dirty(uv_check_t *h) {
         u->dirty = false;
         if (u->dead || u->out.size == 0)
             continue;
-        uv_buf_t b = uv_buf_init(u->out.data, (unsigned)u->out.size);
-        int n = uv_try_write((uv_stream_t *)&u->pipe, &b, 1);
-        if (n == (int)u->out.size) {
-            u->out.size = 0;
-            continue;
-        }
-        size_t done = n > 0 ? (size_t)n : 0;
-        uv_write_t *w = malloc(sizeof *w);
-        char *rest = malloc(u->out.size - done);
-        if (!w || !rest) {
-            free(w);
-            free(rest);
-            up_remove(u, "out of memory");
-            continue;
-        }
-        memcpy(rest, u->out.data + done, u->out.size - done);
-        w->data = rest;
-        b = uv_buf_init(rest, (unsigned)(u->out.size - done));
-        u->out.size = 0;
-        if (uv_write(w, (uv_stream_t *)&u->pipe, &b, 1, on_written) < 0) {
-            free(rest);
-            free(w);
+        size_t len = u->out.size, queued = 0;
+        char *data = msgpack_sbuffer_release(&u->out); /* the next calls start a new one */
+        if (bw_stream_send((uv_stream_t *)&u->pipe, data, len, 1, on_written, &queued) < 0)
             up_remove(u, "cannot write to the replica");
-        }
     }
 }
 

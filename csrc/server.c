@@ -18,6 +18,7 @@
 #include "frame.h"
 #include "log.h"
 #include "request.h"
+#include "stream.h"
 #include "util.h"
 
 #define READ_CHUNK (64 * 1024)
@@ -37,12 +38,6 @@ struct conn {
     size_t write_bytes;      /* queued, not yet written */
     bool reading, close_after_write;
     struct conn *prev, *next;
-};
-
-struct write_req {
-    uv_write_t req;
-    char *data;
-    size_t len;
 };
 
 static struct {
@@ -114,11 +109,8 @@ static void on_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *buf) {
 }
 
 static void on_write(uv_write_t *req, int status) {
-    struct write_req *w = (struct write_req *)req;
     struct conn *c = req->handle->data;
-    c->write_bytes -= w->len;
-    free(w->data);
-    free(w);
+    c->write_bytes -= bw_stream_written(req);
     if (status < 0) {
         conn_close(c);
         return;
@@ -134,38 +126,11 @@ static void on_write(uv_write_t *req, int status) {
 
 /* Hand the answers to the kernel: try directly, queue the rest. Takes ownership. */
 static void send_out(struct conn *c, msgpack_sbuffer *out) {
-    uv_buf_t b = uv_buf_init(out->data, (unsigned)out->size);
-    int n = c->write_bytes == 0 ? uv_try_write(&c->h.stream, &b, 1) : UV_EAGAIN;
-    size_t done = n > 0 ? (size_t)n : 0;
-    if (n < 0 && n != UV_EAGAIN) {
-        free(out->data);
+    int rc = bw_stream_send(&c->h.stream, out->data, out->size, c->write_bytes == 0, on_write,
+                            &c->write_bytes);
+    if (rc < 0 || (rc == 1 && c->close_after_write))
         conn_close(c);
-        return;
-    }
-    if (done == out->size) {
-        free(out->data);
-        if (c->close_after_write)
-            conn_close(c);
-        return;
-    }
-    struct write_req *w = malloc(sizeof *w);
-    if (!w) {
-        free(out->data);
-        conn_close(c);
-        return;
-    }
-    w->data = out->data;
-    w->len = out->size - done;
-    b = uv_buf_init(out->data + done, (unsigned)w->len);
-    c->write_bytes += w->len;
-    if (uv_write(&w->req, &c->h.stream, &b, 1, on_write) < 0) {
-        c->write_bytes -= w->len;
-        free(w->data);
-        free(w);
-        conn_close(c);
-        return;
-    }
-    if (c->write_bytes > WRITE_HIGH)
+    else if (rc == 0 && c->write_bytes > WRITE_HIGH)
         read_stop(c);
 }
 
