@@ -278,14 +278,7 @@ def main(argv=None) -> int:
         print(f"no-op handler over HTTP; {args.connections} connections x pipeline "
               f"{args.pipeline}, {args.threads} client thread(s), {args.warmup:g}s warm-up + "
               f"{args.duration:g}s; {impl}")
-        hdr = f"{'server':<20} {'transport':<9} {'workers':>7} {'req/s':>10} {'p50 ms':>8} " \
-              f"{'p99 ms':>8} {'p99.9 ms':>9} {'errors':>7}"
-        print(hdr)
-        print("-" * len(hdr))
-        for r in rows:
-            print(f"{r['server']:<20} {r['transport']:<9} {r['workers']:>7} {r['rps']:>10.0f} "
-                  f"{S.fmt_ms(r['p50_us']):>8} {S.fmt_ms(r['p99_us']):>8} "
-                  f"{S.fmt_ms(r['p999_us']):>9} {r['errors']:>7}")
+        S.print_rows(rows)
     med: Dict[str, float] = {}
     if scale:
         print()

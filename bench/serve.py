@@ -261,6 +261,18 @@ def run_fastapi(args, workers: int, variant: str, server_cpus, client_cpus) -> D
 # ---- main ------------------------------------------------------------------------------
 
 
+def print_rows(rows) -> None:
+    """The throughput table, as bench/serve.py and bench/http.py print it."""
+    hdr = f"{'server':<20} {'transport':<9} {'workers':>7} {'req/s':>10} {'p50 ms':>8} " \
+          f"{'p99 ms':>8} {'p99.9 ms':>9} {'errors':>7}"
+    print(hdr)
+    print("-" * len(hdr))
+    for r in rows:
+        print(f"{r['server']:<20} {r['transport']:<9} {r['workers']:>7} {r['rps']:>10.0f} "
+              f"{fmt_ms(r['p50_us']):>8} {fmt_ms(r['p99_us']):>8} {fmt_ms(r['p999_us']):>9} "
+              f"{r['errors']:>7}")
+
+
 def add_client_options(ap) -> None:
     """The load generator's options, shared by bench/serve.py and bench/http.py."""
     ap.add_argument("--connections", type=int, default=16, help="client connections (default 16)")
@@ -336,14 +348,7 @@ def main(argv=None) -> int:
 
     print(f"no-op handler; {args.connections} connections x pipeline {args.pipeline}, "
           f"{args.threads} client thread(s), {args.warmup:g}s warm-up + {args.duration:g}s; {impl}")
-    hdr = f"{'server':<20} {'transport':<9} {'workers':>7} {'req/s':>10} {'p50 ms':>8} " \
-          f"{'p99 ms':>8} {'p99.9 ms':>9} {'errors':>7}"
-    print(hdr)
-    print("-" * len(hdr))
-    for r in rows:
-        print(f"{r['server']:<20} {r['transport']:<9} {r['workers']:>7} {r['rps']:>10.0f} "
-              f"{fmt_ms(r['p50_us']):>8} {fmt_ms(r['p99_us']):>8} {fmt_ms(r['p999_us']):>9} "
-              f"{r['errors']:>7}")
+    print_rows(rows)
 
     def rps(server: str, transport: Optional[str], w: int) -> Optional[float]:
         for r in rows:
