@@ -61,6 +61,17 @@ static int status_failed(PyStatus st, const char *what) {
     return -1;
 }
 
+/* Call beam._runtime.<name>() for its effect. 0, or -1 with the error captured. */
+static int call_runtime(const char *name, const char *what) {
+    PyObject *r = PyObject_CallMethod(runtime, name, NULL);
+    if (!r) {
+        capture_error(what);
+        return -1;
+    }
+    Py_DECREF(r);
+    return 0;
+}
+
 int bw_app_init(const char *python, bool scrub, double *elapsed_ms) {
     double t0 = bw_now_ms();
     PyPreConfig pre;
@@ -91,6 +102,8 @@ int bw_app_init(const char *python, bool scrub, double *elapsed_ms) {
                       "environment of --python?)");
         return -1;
     }
+    if (call_runtime("configure_output", "cannot configure stdout/stderr") < 0)
+        return -1;
     *elapsed_ms = bw_now_ms() - t0;
     return 0;
 }
@@ -162,12 +175,8 @@ int bw_app_on_start(double *elapsed_ms) {
         capture_error("on_start failed");
         return -1;
     }
-    PyObject *r = PyObject_CallMethod(runtime, "install_alarm_handler", NULL);
-    if (!r) {
-        capture_error("cannot install the timeout handler");
+    if (call_runtime("install_alarm_handler", "cannot install the timeout handler") < 0)
         return -1;
-    }
-    Py_DECREF(r);
     *elapsed_ms = bw_now_ms() - t0;
     return 0;
 }
@@ -176,6 +185,16 @@ int bw_app_pack_config(msgpack_packer *pk) {
     char err[256];
     if (bw_codec_from_py(pk, config, err, sizeof err) < 0) {
         snprintf(last_error, sizeof last_error, "endpoint configuration: %s", err);
+        return -1;
+    }
+    return 0;
+}
+
+int bw_app_pack_config_value(msgpack_packer *pk, const char *key) {
+    char err[256];
+    PyObject *v = config ? PyDict_GetItemString(config, key) : NULL;
+    if (bw_codec_from_py(pk, v ? v : Py_None, err, sizeof err) < 0) {
+        snprintf(last_error, sizeof last_error, "endpoint configuration %s: %s", key, err);
         return -1;
     }
     return 0;
@@ -231,32 +250,69 @@ int bw_app_before_checkpoint(void) {
     Py_XDECREF(posix_env);
     Py_XDECREF(os);
     Py_XDECREF(posix);
+    /* What on_start printed must come out once, now, not from every replica's copy of
+     * the buffers. */
+    if (call_runtime("flush_output", "cannot flush stdout/stderr") < 0)
+        return -1;
+    fflush(NULL);
     PyGC_Collect();
     malloc_trim(0);
     return 0;
 }
 
-int bw_app_after_start(bool restored, const msgpack_object *env, double *hooks_ms) {
+/* A msgpack map from the supervisor as a dict (an empty one for NULL). */
+static PyObject *env_dict(const msgpack_object *m, const char *what) {
     char err[256];
+    PyObject *d = m ? bw_codec_to_py(m, err, sizeof err) : PyDict_New();
+    if (!d)
+        snprintf(last_error, sizeof last_error, "%s from supervisor: %s", what, err);
+    else if (!PyDict_Check(d)) {
+        snprintf(last_error, sizeof last_error, "%s from supervisor: not a map", what);
+        Py_CLEAR(d);
+    }
+    return d;
+}
+
+int bw_app_set_secrets(const msgpack_object *secrets) {
+    PyObject *d = env_dict(secrets, "secrets");
+    if (!d)
+        return -1;
+    PyObject *r = PyObject_CallMethod(runtime, "set_secrets", "O", d);
+    Py_DECREF(d);
+    if (!r) {
+        capture_error("cannot set the secrets");
+        return -1;
+    }
+    Py_DECREF(r);
+    return 0;
+}
+
+int bw_app_after_start(bool restored, const msgpack_object *env, const msgpack_object *secrets,
+                       double *hooks_ms) {
     double t0 = bw_now_ms();
     bw_scrub_set(false);
     if (restored)
         bw_id_reseed();
-    PyObject *env_dict = env ? bw_codec_to_py(env, err, sizeof err) : PyDict_New();
-    if (!env_dict) {
-        snprintf(last_error, sizeof last_error, "environment from supervisor: %s", err);
-        return -1;
-    }
-    PyObject *r = PyObject_CallMethod(runtime, "after_start", "OO", restored ? Py_True : Py_False,
-                                      env_dict);
-    Py_DECREF(env_dict);
+    PyObject *e = env_dict(env, "environment"), *s = e ? env_dict(secrets, "secrets") : NULL;
+    PyObject *r = s ? PyObject_CallMethod(runtime, "after_start", "OOO",
+                                          restored ? Py_True : Py_False, e, s) : NULL;
+    bool ours = e && s; /* a NULL r with both dicts made is a Python error */
+    Py_XDECREF(e);
+    Py_XDECREF(s);
     if (!r) {
-        capture_error(restored ? "after_restore failed" : "start failed");
+        if (ours)
+            capture_error(restored ? "after_restore failed" : "start failed");
         return -1;
     }
     Py_DECREF(r);
     *hooks_ms = bw_now_ms() - t0;
     return 0;
+}
+
+void bw_app_worker_exit(void) {
+    if (call_runtime("worker_exit", "worker exit") < 0)
+        bw_warn("%s", last_error);
+    fflush(NULL);
 }
 
 int bw_app_worker_init(int index, const char *container_id, const char *bind_address,

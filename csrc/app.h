@@ -29,16 +29,25 @@ bool bw_app_checkpoint_enabled(void);
 void bw_app_gpu(char *buf, size_t cap);
 /* Pack the endpoint's configuration (a map) for the supervisor. */
 int bw_app_pack_config(msgpack_packer *pk);
+/* Pack one value of it (nil when absent). */
+int bw_app_pack_config_value(msgpack_packer *pk, const char *key);
+/* Before on_start: put the secrets (a map from the supervisor) into os.environ. */
+int bw_app_set_secrets(const msgpack_object *secrets);
 
 /* Before the dump: hooks, then remove secrets and env (overwritten), collect garbage
  * and give free memory back to the kernel so the image holds live data only. */
 int bw_app_before_checkpoint(void);
-/* Every start: inject env from the supervisor; after a restore also reseed and run
- * the after_restore hooks. Turns allocator zeroing off. */
-int bw_app_after_start(bool restored, const msgpack_object *env, double *hooks_ms);
+/* Every start: bring the environment to today's (env: the allowed variables of the
+ * supervisor's environment, secrets: the declared secrets' values); after a restore
+ * also reseed and run the after_restore hooks. Turns allocator zeroing off. */
+int bw_app_after_start(bool restored, const msgpack_object *env, const msgpack_object *secrets,
+                       double *hooks_ms);
 /* Per worker process, after fork: bind the context fields; profile is a packed map. */
 int bw_app_worker_init(int index, const char *container_id, const char *bind_address,
                        bool restored, const char *profile, size_t profile_len);
+
+/* A worker that stops cleanly: run the app's atexit handlers, flush its output. */
+void bw_app_worker_exit(void);
 
 void bw_app_before_fork(void);
 void bw_app_after_fork(bool child);

@@ -107,6 +107,52 @@ static void pack_profile(msgpack_sbuffer *sb, const msgpack_object *sup, double 
     bw_mp_kv_double(&pk, "after_start_ms", hooks_ms);
 }
 
+/* Cold boot, after the app is imported: ask the supervisor for the declared secrets'
+ * values (they are never in our exec'd environment: environ.c says why).
+ * 0, or 1 once the failure was reported (fatal). */
+static int fetch_secrets(void) {
+    msgpack_sbuffer sb;
+    msgpack_packer pk;
+    msg_begin(&sb, &pk, "need_secrets", 2);
+    bw_mp_str(&pk, "names");
+    if (bw_app_pack_config_value(&pk, "secrets") < 0) {
+        msgpack_sbuffer_destroy(&sb);
+        return fatal(bw_app_error());
+    }
+    if (send_msg(&sb) < 0)
+        return fatal("host: control channel lost before on_start");
+    char *body;
+    size_t len;
+    int fds[BW_CTL_MAX_FDS], nfds = 0;
+    if (bw_ctl_recv(BW_CTL_FD, &body, &len, fds, &nfds, 30000) < 0)
+        return fatal("host: the supervisor sent no secrets");
+    for (int i = 0; i < nfds; i++)
+        close(fds[i]);
+    msgpack_zone zone;
+    msgpack_zone_init(&zone, 1024);
+    msgpack_object m;
+    int rc = 0;
+    if (bw_mp_unpack_exact(body, len, &zone, &m) < 0 || !bw_mp_is_str(bw_mp_get(&m, "t"), "secrets"))
+        rc = fatal("host: expected a secrets message");
+    else if (bw_app_set_secrets(bw_mp_get(&m, "secrets")) < 0)
+        rc = fatal(bw_app_error());
+    msgpack_zone_destroy(&zone);
+    explicit_bzero(body, len);
+    free(body);
+    return rc;
+}
+
+/* A restored host was exec'd with the options of the image's cold boot: take today's. */
+static void apply_options(struct bw_options *o, const msgpack_object *m) {
+    if (!m || m->type != MSGPACK_OBJECT_MAP)
+        return;
+    o->max_frame = (size_t)bw_mp_num(bw_mp_get(m, "max_frame"), (double)o->max_frame);
+    o->grace_s = bw_mp_num(bw_mp_get(m, "grace_s"), o->grace_s);
+    o->workers = (int)bw_mp_num(bw_mp_get(m, "workers"), o->workers);
+    o->json_logs = bw_mp_true(bw_mp_get(m, "json_logs"));
+    o->allow_cpu = bw_mp_true(bw_mp_get(m, "allow_cpu"));
+}
+
 struct start_info {
     bool restored;
     char container_id[40];
@@ -116,7 +162,7 @@ struct start_info {
     msgpack_sbuffer profile;
 };
 
-static int wait_start(struct start_info *si) {
+static int wait_start(struct start_info *si, struct bw_options *o) {
     char *body;
     size_t len;
     if (bw_ctl_recv(BW_CTL_FD, &body, &len, si->fds, &si->nfds, -1) < 0) {
@@ -138,8 +184,12 @@ static int wait_start(struct start_info *si) {
     si->bind_address[0] = '\0';
     if (l && l->type == MSGPACK_OBJECT_ARRAY && l->via.array.size > 0)
         bw_mp_strdup(&l->via.array.ptr[0], si->bind_address, sizeof si->bind_address);
+    apply_options(o, bw_mp_get(&m, "options"));
     double hooks_ms = 0;
-    if (bw_app_after_start(si->restored, bw_mp_get(&m, "env"), &hooks_ms) < 0) {
+    int started = bw_app_after_start(si->restored, bw_mp_get(&m, "env"),
+                                     bw_mp_get(&m, "secrets"), &hooks_ms);
+    bw_log_init("beam", o->json_logs); /* today's --json-logs and $BEAM_LOG_LEVEL */
+    if (started < 0) {
         fatal(bw_app_error());
         goto out;
     }
@@ -148,6 +198,7 @@ static int wait_start(struct start_info *si) {
     rc = 0;
 out:
     msgpack_zone_destroy(&zone);
+    explicit_bzero(body, len); /* it held secret values */
     free(body);
     return rc;
 }
@@ -190,7 +241,7 @@ static pid_t spawn_worker(const struct bw_options *o, const struct start_info *s
         bw_worker.shared_requests = &served[index];
     }
     int rc = bw_server_run(si->fds, si->nfds, o->max_frame, o->grace_s);
-    fflush(NULL);
+    bw_app_worker_exit();
     _exit(rc == 0 ? 0 : 1);
 }
 
@@ -294,7 +345,7 @@ static int serve_in_process(const struct bw_options *o, const struct start_info 
         return 1;
     }
     int rc = bw_server_run(si->fds, si->nfds, o->max_frame, o->grace_s);
-    fflush(NULL);
+    bw_app_worker_exit();
     return rc == 0 ? 0 : 1;
 }
 
@@ -391,9 +442,13 @@ static int check_gpu(const struct bw_options *o) {
     return -1;
 }
 
-int bw_host_main(const struct bw_options *o) {
+int bw_host_main(const struct bw_options *argv_opts) {
+    struct bw_options opts = *argv_opts, *o = &opts; /* a restore replaces some (start) */
     bw_log_init("beam", o->json_logs);
     setsid(); /* a session of our own: CRIU restores sessions only inside the tree */
+    /* Without a PID namespace (no CAP_SYS_ADMIN) we are not PID 1: still be the init of
+     * the app's process tree, so orphans of its subprocesses are reaped here. */
+    prctl(PR_SET_CHILD_SUBREAPER, 1);
     set_handler(SIGTERM, on_boot_term);
     set_handler(SIGINT, on_boot_term);
 
@@ -402,6 +457,8 @@ int bw_host_main(const struct bw_options *o) {
         return fatal(bw_app_error());
     if (bw_app_load(o->app, o->volume_root, &prof.import_ms) < 0)
         return fatal(bw_app_error());
+    if (fetch_secrets() != 0)
+        return 1;
     if (check_gpu(o) < 0)
         return 1;
     if (bw_app_on_start(&prof.on_start_ms) < 0)
@@ -420,7 +477,7 @@ int bw_host_main(const struct bw_options *o) {
     /* From here until "start" arrives the supervisor may dump this process. */
     struct start_info si;
     memset(&si, 0, sizeof si);
-    if (wait_start(&si) < 0)
+    if (wait_start(&si, o) < 0)
         return 1;
 
     sigset_t block, orig;

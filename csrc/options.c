@@ -8,6 +8,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "environ.h"
 #include "frame.h"
 #include "util.h"
 
@@ -31,6 +32,8 @@ static const char usage[] =
     "  --volume-root DIR     where Volume(name) directories live\n"
     "                        (default: $BEAM_VOLUME_ROOT, else ~/.cache/beam/volumes)\n"
     "  --json-logs           log as one JSON object per line\n"
+    "  --pass-env NAME       also give the app this variable of our environment (repeatable);\n"
+    "                        it gets only an allow-list plus env=/secrets= (docs/checkpoint.md)\n"
     "\n"
     "HTTP front and replicas (docs/http.md):\n"
     "  --port N              serve HTTP on this port: POST / with a JSON body, GET /health,\n"
@@ -62,14 +65,16 @@ static const char usage[] =
     "                        checkpoint (default 10)\n"
     "\n"
     "  -h, --help            this text\n"
-    "  --version             print the version\n";
+    "  --version             print the version\n"
+    "  --print-image-env     print the variables of this environment that an image depends\n"
+    "                        on (NAME=value, with --pass-env names); `beam serve` keys on them\n";
 
 enum {
     OPT_SOCKET = 256, OPT_TCP, OPT_PYTHON, OPT_WORKERS, OPT_MAX_FRAME, OPT_GRACE,
     OPT_VOLUME_ROOT, OPT_JSON_LOGS, OPT_CKPT_DIR, OPT_CKPT_KEY, OPT_NO_CKPT, OPT_RETRY_CKPT,
     OPT_CRIU, OPT_CRIU_TIMEOUT, OPT_RESTORE_TIMEOUT, OPT_VERSION, OPT_HOST, OPT_MAY_CKPT,
     OPT_PORT, OPT_HTTP_HOST, OPT_NO_AUTH, OPT_MAX_BODY, OPT_MAX_REPLICAS, OPT_KEEP_WARM,
-    OPT_ALLOW_CPU, OPT_CUDA_LOCK_TIMEOUT, OPT_MAX_CRASHES,
+    OPT_ALLOW_CPU, OPT_CUDA_LOCK_TIMEOUT, OPT_MAX_CRASHES, OPT_PASS_ENV, OPT_PRINT_IMAGE_ENV,
 };
 
 static const struct option long_opts[] = {
@@ -81,6 +86,7 @@ static const struct option long_opts[] = {
     {"grace", required_argument, 0, OPT_GRACE},
     {"volume-root", required_argument, 0, OPT_VOLUME_ROOT},
     {"json-logs", no_argument, 0, OPT_JSON_LOGS},
+    {"pass-env", required_argument, 0, OPT_PASS_ENV},
     {"checkpoint-dir", required_argument, 0, OPT_CKPT_DIR},
     {"checkpoint-key", required_argument, 0, OPT_CKPT_KEY},
     {"no-checkpoint", no_argument, 0, OPT_NO_CKPT},
@@ -99,6 +105,7 @@ static const struct option long_opts[] = {
     {"max-crashes", required_argument, 0, OPT_MAX_CRASHES},
     {"help", no_argument, 0, 'h'},
     {"version", no_argument, 0, OPT_VERSION},
+    {"print-image-env", no_argument, 0, OPT_PRINT_IMAGE_ENV},
     {"run-host", no_argument, 0, OPT_HOST},         /* internal: be the host */
     {"may-checkpoint", no_argument, 0, OPT_MAY_CKPT}, /* internal */
     {0, 0, 0, 0},
@@ -153,6 +160,7 @@ int bw_options_parse(struct bw_options *o, int argc, char **argv) {
     o->checkpoint_dir = cache_path("BEAM_CHECKPOINT_DIR", "checkpoints");
     double d;
     int c;
+    bool print_image_env = false;
     optind = 1;
     while ((c = getopt_long(argc, argv, "h", long_opts, NULL)) != -1) {
         switch (c) {
@@ -185,6 +193,14 @@ int bw_options_parse(struct bw_options *o, int argc, char **argv) {
             break;
         case OPT_VOLUME_ROOT: o->volume_root = optarg; break;
         case OPT_JSON_LOGS: o->json_logs = true; break;
+        case OPT_PASS_ENV:
+            if (o->npass_env >= BW_MAX_PASS_ENV || !*optarg || strchr(optarg, '=')) {
+                fprintf(stderr, "beam-worker: --pass-env takes a variable name (at most %d)\n",
+                        BW_MAX_PASS_ENV);
+                return -1;
+            }
+            o->pass_env[o->npass_env++] = optarg;
+            break;
         case OPT_CKPT_DIR: o->checkpoint_dir = optarg; break;
         case OPT_CKPT_KEY: o->checkpoint_key = optarg; break;
         case OPT_NO_CKPT: o->no_checkpoint = true; break;
@@ -237,8 +253,13 @@ int bw_options_parse(struct bw_options *o, int argc, char **argv) {
             break;
         case 'h': fputs(usage, stdout); return 1;
         case OPT_VERSION: printf("beam-worker %s\n", BW_VERSION); return 1;
+        case OPT_PRINT_IMAGE_ENV: print_image_env = true; break;
         default: fputs(usage, stderr); return -1;
         }
+    }
+    if (print_image_env) {
+        bw_env_pass(o->pass_env, o->npass_env);
+        return bw_env_print_image(stdout) == 0 ? 1 : -1;
     }
     if (optind != argc - 1) {
         fprintf(stderr, "beam-worker: expected exactly one APP argument\n\n%s", usage);

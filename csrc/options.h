@@ -6,6 +6,7 @@
 #include <stddef.h>
 
 #define BW_MAX_LISTENERS 4
+#define BW_MAX_PASS_ENV 64
 
 struct bw_options {
     const char *app;             /* path/app.py:func or pkg.mod:func */
@@ -27,6 +28,8 @@ struct bw_options {
     double cuda_lock_timeout_s;  /* bound on locking the host's CUDA state (docs/gpu.md) */
     bool allow_cpu;              /* gpu= asked for but no usable GPU: serve on CPU anyway */
     bool json_logs;
+    const char *pass_env[BW_MAX_PASS_ENV]; /* extra variables the host may see */
+    int npass_env;
     /* HTTP front and replicas (docs/http.md) */
     int http_port;               /* -1: no HTTP front */
     const char *http_host;       /* default 127.0.0.1 */

@@ -25,6 +25,7 @@
 
 #include "control.h"
 #include "cuda_ckpt.h"
+#include "environ.h"
 #include "json.h"
 #include "log.h"
 #include "mp.h"
@@ -186,26 +187,6 @@ struct child_args {
     const struct host_io *io;
 };
 
-extern char **environ;
-
-/* The host's environment: ours without the HTTP front's token. The token is the
- * supervisor's alone; in the host it would sit in the initial stack's environment
- * strings, and so in every image (tests/test_security.py found it there). */
-static char **host_environ(void) {
-    static const char drop[] = "BEAM_AUTH_TOKEN=";
-    size_t n = 0;
-    while (environ[n])
-        n++;
-    char **envp = calloc(n + 1, sizeof *envp);
-    if (!envp)
-        return NULL;
-    size_t k = 0;
-    for (size_t i = 0; i < n; i++)
-        if (strncmp(environ[i], drop, sizeof drop - 1) != 0)
-            envp[k++] = environ[i];
-    return envp;
-}
-
 static int host_child(void *arg) {
     struct child_args *a = arg;
     int null = open("/dev/null", O_RDONLY);
@@ -214,7 +195,7 @@ static int host_child(void *arg) {
         _exit(127);
     for (int fd = BW_CTL_FD + 1; fd < 1024; fd++)
         close(fd);
-    execve(bw_sup.exe, a->argv, a->envp ? a->envp : environ);
+    execve(bw_sup.exe, a->argv, a->envp);
     _exit(127);
 }
 
@@ -262,7 +243,12 @@ int bw_replica_boot_cold(struct bw_replica *r, bool may_dump) {
     argv[n++] = (char *)o->app;
     argv[n] = NULL;
 
-    char **envp = host_environ();
+    char **envp = bw_env_host(NULL); /* an allow-list: environ.c says why */
+    if (!envp) {
+        bw_error("cannot build the host's environment: out of memory");
+        io_close_fds(&io);
+        return -1;
+    }
     struct child_args a = {argv, envp, &io};
     size_t stack_size = 256 * 1024;
     char *stack = malloc(stack_size);
@@ -284,22 +270,21 @@ int bw_replica_boot_cold(struct bw_replica *r, bool may_dump) {
 
 /* ---- messages ----------------------------------------------------------------------- */
 
-static void pack_secrets(msgpack_packer *pk) {
-    msgpack_zone z;
-    msgpack_zone_init(&z, 1024);
-    msgpack_object cfg;
-    const msgpack_object *secrets = NULL;
-    if (bw_sup.config && bw_mp_unpack_exact(bw_sup.config, bw_sup.config_len, &z, &cfg) == 0)
-        secrets = bw_mp_get(&cfg, "secrets");
-    uint32_t nset = 0;
+/* The values of the secrets named in `names` (an array of str), read from our
+ * environment now: a restore gets today's values, never those of the image's start.
+ * Only declared names are asked for; the HTTP front's token is never given out. */
+static void pack_secrets(msgpack_packer *pk, const msgpack_object *names) {
     char name[256];
-    bool list = secrets && secrets->type == MSGPACK_OBJECT_ARRAY;
-    for (uint32_t i = 0; list && i < secrets->via.array.size; i++)
-        if (bw_mp_strdup(&secrets->via.array.ptr[i], name, sizeof name) && getenv(name))
+    bool list = names && names->type == MSGPACK_OBJECT_ARRAY;
+    uint32_t nset = 0;
+    for (uint32_t i = 0; list && i < names->via.array.size; i++)
+        if (bw_mp_strdup(&names->via.array.ptr[i], name, sizeof name) && getenv(name) &&
+            strcmp(name, "BEAM_AUTH_TOKEN") != 0)
             nset++;
     msgpack_pack_map(pk, nset);
-    for (uint32_t i = 0; list && i < secrets->via.array.size; i++) {
-        if (!bw_mp_strdup(&secrets->via.array.ptr[i], name, sizeof name))
+    for (uint32_t i = 0; list && i < names->via.array.size; i++) {
+        if (!bw_mp_strdup(&names->via.array.ptr[i], name, sizeof name) ||
+            strcmp(name, "BEAM_AUTH_TOKEN") == 0)
             continue;
         const char *v = getenv(name);
         if (v)
@@ -307,7 +292,51 @@ static void pack_secrets(msgpack_packer *pk) {
         else
             bw_warn("secret %s is not set in the environment", name);
     }
+}
+
+/* Pack the secrets the endpoint's configuration declares. */
+static void pack_config_secrets(msgpack_packer *pk) {
+    msgpack_zone z;
+    msgpack_zone_init(&z, 1024);
+    msgpack_object cfg;
+    const msgpack_object *names = NULL;
+    if (bw_sup.config && bw_mp_unpack_exact(bw_sup.config, bw_sup.config_len, &z, &cfg) == 0)
+        names = bw_mp_get(&cfg, "secrets");
+    pack_secrets(pk, names);
     msgpack_zone_destroy(&z);
+}
+
+/* Send a message that holds secret values, then wipe our copy of it. */
+static void send_wiped(struct bw_replica *r, msgpack_sbuffer *sb, const int *fds, int nfds,
+                       const char *what) {
+    if (bw_ctl_send(r->ctl, sb->data, sb->size, fds, nfds) < 0)
+        bw_error("replica %d: cannot send %s: %s", r->id, what, strerror(errno));
+    explicit_bzero(sb->data, sb->size);
+    msgpack_sbuffer_destroy(sb);
+}
+
+/* A cold host asks for its secrets once it knows their names, before on_start. */
+static void send_secrets(struct bw_replica *r, const msgpack_object *names) {
+    msgpack_sbuffer sb;
+    msgpack_sbuffer_init(&sb);
+    msgpack_packer pk;
+    msgpack_packer_init(&pk, &sb, msgpack_sbuffer_write);
+    msgpack_pack_map(&pk, 2);
+    bw_mp_kv_str(&pk, "t", "secrets");
+    bw_mp_str(&pk, "secrets");
+    pack_secrets(&pk, names);
+    send_wiped(r, &sb, NULL, 0, "secrets");
+}
+
+/* Today's options, for a restored host whose own were frozen at its cold boot. */
+static void pack_options(msgpack_packer *pk) {
+    const struct bw_options *o = bw_sup.o;
+    msgpack_pack_map(pk, 5);
+    bw_mp_kv_int(pk, "max_frame", (long long)o->max_frame);
+    bw_mp_kv_double(pk, "grace_s", o->grace_s);
+    bw_mp_kv_int(pk, "workers", o->workers);
+    bw_mp_kv_bool(pk, "json_logs", o->json_logs);
+    bw_mp_kv_bool(pk, "allow_cpu", o->allow_cpu);
 }
 
 static void send_start(struct bw_replica *r) {
@@ -317,13 +346,16 @@ static void send_start(struct bw_replica *r) {
     msgpack_packer_init(&pk, &sb, msgpack_sbuffer_write);
     char cid[BW_ID_LEN];
     bw_id_new(cid);
-    msgpack_pack_map(&pk, 6);
+    msgpack_pack_map(&pk, 8);
     bw_mp_kv_str(&pk, "t", "start");
     bw_mp_kv_bool(&pk, "restored", r->restored);
     bw_mp_kv_str(&pk, "container_id", cid);
-    /* Secrets are read from our environment at every start and never stored. */
     bw_mp_str(&pk, "env");
-    pack_secrets(&pk);
+    bw_env_pack_host(&pk);
+    bw_mp_str(&pk, "secrets");
+    pack_config_secrets(&pk);
+    bw_mp_str(&pk, "options");
+    pack_options(&pk);
 
     int fds[BW_CTL_MAX_FDS], nfds = 0;
     bool up = r->upstream.fd >= 0;
@@ -339,10 +371,7 @@ static void send_start(struct bw_replica *r) {
     }
     bw_mp_str(&pk, "profile");
     msgpack_sbuffer_write(&sb, r->start_profile.data, r->start_profile.size);
-    if (bw_ctl_send(r->ctl, sb.data, sb.size, fds, nfds) < 0)
-        bw_error("replica %d: cannot send start: %s", r->id, strerror(errno));
-    explicit_bzero(sb.data, sb.size); /* it held secret values */
-    msgpack_sbuffer_destroy(&sb);
+    send_wiped(r, &sb, fds, nfds, "start");
 }
 
 static char *profile_json(const msgpack_object *p) {
@@ -460,10 +489,37 @@ static void do_checkpoint(struct bw_replica *r, const msgpack_object *prof, msgp
     }
 }
 
+/* Say once, by name only, which variables of the caller's environment the app does not
+ * see: a user who exported MODEL_NAME and reads it in on_start learns why it is unset. */
+static void report_dropped_env(const msgpack_object *cfg) {
+    static bool reported;
+    const char *declared[128];
+    size_t nd = 0;
+    const char *keys[] = {"secrets", "env_keys"};
+    if (reported)
+        return;
+    reported = true;
+    char names[128][256];
+    for (size_t k = 0; k < 2; k++) {
+        const msgpack_object *a = bw_mp_get(cfg, keys[k]);
+        for (uint32_t i = 0; a && a->type == MSGPACK_OBJECT_ARRAY && i < a->via.array.size &&
+                             nd < 128; i++)
+            if (bw_mp_strdup(&a->via.array.ptr[i], names[nd], sizeof names[nd]))
+                declared[nd] = names[nd], nd++;
+    }
+    char list[1024];
+    size_t n = bw_env_dropped(declared, nd, list, sizeof list);
+    if (n > 0)
+        bw_info("%zu environment variable(s) not passed to the app (declare them with "
+                "env=/secrets=, or --pass-env NAME): %s", n, list);
+}
+
 static void handle_ready(struct bw_replica *r, const msgpack_object *m) {
     const msgpack_object *cfg = bw_mp_get(m, "config"), *prof = bw_mp_get(m, "profile");
-    if (cfg)
+    if (cfg) {
         bw_sup_set_config(cfg);
+        report_dropped_env(cfg);
+    }
 
     /* Profile: the host's boot phases, then ours. Built as entries, counted at the end. */
     msgpack_sbuffer body;
@@ -570,6 +626,8 @@ static void on_ctl(uv_poll_t *p, int status, int events) {
         if (bw_mp_is_str(t, "activity")) {
             r->last_active = bw_now_ms();
             r->requests = (unsigned long long)bw_mp_num(bw_mp_get(&m, "requests"), 0);
+        } else if (bw_mp_is_str(t, "need_secrets")) {
+            send_secrets(r, bw_mp_get(&m, "names"));
         } else if (bw_mp_is_str(t, "ready")) {
             handle_ready(r, &m);
         } else if (bw_mp_is_str(t, "serving")) {

@@ -25,10 +25,12 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include "environ.h"
 #include "http.h"
 #include "json.h"
 #include "log.h"
 #include "mp.h"
+#include "privilege.h"
 #include "replica.h"
 #include "router.h"
 #include "util.h"
@@ -72,6 +74,7 @@ static struct {
     bool any_served;          /* some replica reached "serving" */
     double last_status;
     unsigned long long last_answered;
+    char no_ns_reason[640];   /* why replicas run without a PID namespace, if they do */
 } F;
 
 static struct bw_replica *start_replica(const char *why);
@@ -548,6 +551,28 @@ fail:
     return -1;
 }
 
+/* Replicas get PID namespaces (and so checkpoints) only where we may make them: root
+ * with CAP_SYS_ADMIN. Elsewhere, e.g. a container with the default capabilities, hosts
+ * are plain children and serve cold; the reason is said once. */
+static void find_namespaces(void) {
+    char why[256], missing[256];
+    if (geteuid() != 0) {
+        snprintf(F.no_ns_reason, sizeof F.no_ns_reason,
+                 "checkpointing needs root (CRIU, PID namespaces)");
+        return;
+    }
+    bw_sup.use_ns = bw_priv_pidns(why, sizeof why);
+    if (bw_sup.use_ns)
+        return;
+    if (bw_priv_missing(missing, sizeof missing) > 0)
+        snprintf(F.no_ns_reason, sizeof F.no_ns_reason,
+                 "%s; this process lacks %s (add them to the container to checkpoint: "
+                 "docs/checkpoint.md, \"In a container\")", why, missing);
+    else
+        snprintf(F.no_ns_reason, sizeof F.no_ns_reason, "%s", why);
+    bw_info("%s: serving without a PID namespace", why);
+}
+
 static void setup_checkpointing(void) {
     const struct bw_options *o = bw_sup.o;
     char err[1024];
@@ -558,7 +583,7 @@ static void setup_checkpointing(void) {
         return;
     }
     if (!bw_sup.use_ns) {
-        bw_warn("checkpointing needs root (CRIU, PID namespaces); serving without it");
+        bw_warn("checkpointing off, serving cold: %s", F.no_ns_reason);
         return;
     }
     if (bw_ckpt_open(&bw_sup.ck, o->checkpoint_dir, o->checkpoint_key, o->criu,
@@ -584,6 +609,7 @@ int bw_supervisor_main(const struct bw_options *o, int argc, char **argv) {
     (void)argv;
     bw_sup.o = o;
     bw_log_init("beam", o->json_logs);
+    bw_env_pass(o->pass_env, o->npass_env);
     signal(SIGPIPE, SIG_IGN);
     ssize_t n = readlink("/proc/self/exe", bw_sup.exe, sizeof bw_sup.exe - 1);
     if (n <= 0) {
@@ -591,7 +617,7 @@ int bw_supervisor_main(const struct bw_options *o, int argc, char **argv) {
         return 1;
     }
     bw_sup.exe[n] = '\0';
-    bw_sup.use_ns = geteuid() == 0;
+    find_namespaces();
     bw_sup.loop = uv_default_loop();
     F.keep_warm_s = o->keep_warm_s < -0.5 ? 180 : o->keep_warm_s;
     F.http = o->http_port >= 0;

@@ -99,11 +99,18 @@ def workdir():
 
 @pytest.fixture
 def start_worker(workdir):
-    """start_worker(app, *args, env={}, wait_ready=True) -> Worker; all are stopped after."""
+    """start_worker(app, *args, env={}, wait_ready=True) -> Worker; all are stopped after.
+
+    The app sees only the worker's allow-listed environment plus what it declares. The
+    variables a test puts in ``env`` to steer its app are passed explicitly with
+    ``--pass-env``, as an operator would; those named ``*SECRET*`` are not: the apps
+    declare them in ``secrets=``, which is what those tests check."""
     started: List[Worker] = []
 
     def start(app: str, *args: str, env: Optional[Dict[str, str]] = None,
               wait_ready: bool = True, timeout: float = 90.0) -> Worker:
+        passed = [f"--pass-env={k}" for k in sorted(env or {}) if "SECRET" not in k]
+        args = (*passed, *args)
         full_env = dict(os.environ)
         full_env.setdefault("BEAM_VOLUME_ROOT", str(workdir / "volumes"))
         full_env.setdefault("BEAM_CHECKPOINT_DIR", str(workdir / "checkpoints"))

@@ -275,12 +275,12 @@ def test_checkpoints_rm(tmp_path, capsys):
 
 def test_checkpoints_rm_stale_for_app(tmp_path, monkeypatch, capsys):
     d = _fake_ckpt_dir(tmp_path)
-    monkeypatch.setattr(cli, "_current_key", lambda app, workers, root, binary=None: "a" * 64)
+    monkeypatch.setattr(cli, "_current_key", lambda *a, **k: "a" * 64)
     monkeypatch.chdir(tmp_path)
     # abc… belongs to another app: kept; aaa… is app.py:f's current key: kept.
     assert cli.main(["checkpoints", "rm", "--dir", str(d), "--stale", "--app", "app.py:f"]) == 0
     assert sorted(os.listdir(d)) == ["a" * 64, "ab" + "c" * 62]
-    monkeypatch.setattr(cli, "_current_key", lambda app, workers, root, binary=None: "0" * 64)
+    monkeypatch.setattr(cli, "_current_key", lambda *a, **k: "0" * 64)
     assert cli.main(["checkpoints", "rm", "--dir", str(d), "--stale", "--app", "app.py:f"]) == 0
     assert os.listdir(d) == ["ab" + "c" * 62]
 

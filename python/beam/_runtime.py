@@ -7,6 +7,7 @@ costs nothing per request.
 """
 from __future__ import annotations
 
+import atexit
 import importlib
 import importlib.util
 import os
@@ -24,8 +25,11 @@ from .context import Context
 from .endpoint import Endpoint
 from .exceptions import TaskTimeout
 
-#: How long all hooks of one kind may run together before the start is failed.
-HOOK_TIMEOUT_S = float(os.environ.get("BEAM_HOOK_TIMEOUT", "30"))
+
+def hook_timeout_s() -> float:
+    """How long all hooks of one kind may run together before the start is failed
+    (``$BEAM_HOOK_TIMEOUT``, read when used: a restored replica honours today's value)."""
+    return float(os.environ.get("BEAM_HOOK_TIMEOUT", "30"))
 
 
 class AppLoadError(Exception):
@@ -33,11 +37,16 @@ class AppLoadError(Exception):
 
 
 _endpoint: Optional[Endpoint] = None
+#: Names the host's environment had when it was exec'd (the supervisor's allow-list).
+#: After a restore, those no longer set in the supervisor's environment are removed.
+_inherited: frozenset = frozenset()
 
 
 def load(spec: str) -> Tuple[Endpoint, str]:
     """Import ``path/to/app.py:func`` or ``package.module:func``; return the endpoint and
     the app's directory (which becomes the working directory)."""
+    global _inherited
+    _inherited = frozenset(os.environ)
     module_part, sep, func_name = spec.rpartition(":")
     if not sep or not module_part or not func_name:
         raise AppLoadError(f"app must look like 'app.py:function' or 'pkg.module:function', got {spec!r}")
@@ -126,17 +135,18 @@ def run_on_start(ep: Endpoint) -> Any:
 
 
 def _run_bounded(fns: List[Callable[[], Any]], what: str) -> None:
-    """Run hooks one by one; fail the start if together they exceed HOOK_TIMEOUT_S.
+    """Run hooks one by one; fail the start if together they exceed hook_timeout_s().
 
     Hooks run in the main thread (apps expect that); a hook that overruns is
     interrupted with SIGALRM, the same mechanism as request timeouts."""
     if not fns:
         return
-    deadline = time.monotonic() + HOOK_TIMEOUT_S
+    limit = hook_timeout_s()
+    deadline = time.monotonic() + limit
     for fn in fns:
         left = deadline - time.monotonic()
         if left <= 0:
-            raise TaskTimeout(f"{what} hooks exceeded {HOOK_TIMEOUT_S:g}s")
+            raise TaskTimeout(f"{what} hooks exceeded {limit:g}s")
         signal.setitimer(signal.ITIMER_REAL, left)
         try:
             fn()
@@ -149,19 +159,57 @@ def before_checkpoint() -> None:
     _run_bounded(list(reversed(hooks.before_checkpoint_hooks)), "before_checkpoint")
 
 
-def after_start(restored: bool, env: Dict[str, str]) -> None:
-    """Called in every start, cold or restored, once the supervisor sent the current
-    environment: inject it, and after a restore make this replica unique again.
+def set_secrets(secrets: Dict[str, str]) -> None:
+    """Before ``on_start`` of a cold boot: the declared secrets, from the supervisor
+    (never from the exec'd environment, which would put them into the image)."""
+    os.environ.update(secrets)
 
-    ``env={}`` from the decorator was removed before the dump like the secrets; it is
-    put back here, then the secrets the supervisor read from its environment."""
+
+def after_start(restored: bool, env: Dict[str, str], secrets: Dict[str, str]) -> None:
+    """Called in every start, cold or restored, with the supervisor's environment as of
+    this start (``env``: its allowed variables) and the declared secrets' values.
+
+    After a restore the process still has the environment of the image's cold boot: the
+    inherited variables are brought to today's values (removed where unset today), then
+    ``env={}`` from the decorator (removed before the dump like the secrets) and the
+    secrets are put back, then the replica is made unique again."""
+    if restored:
+        for name in _inherited - env.keys():
+            os.environ.pop(name, None)
+    os.environ.update(env)
     if _endpoint is not None:
         apply_env(_endpoint)
-    for k, v in env.items():
-        os.environ[k] = v
+    os.environ.update(secrets)
     if restored:
         reseed()
         _run_bounded(list(hooks.after_restore_hooks), "after_restore")
+
+
+def configure_output() -> None:
+    """Line-buffer stdout and stderr, as a terminal would: on a pipe Python would
+    block-buffer them, and a handler's ``print()`` would appear late or never."""
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            reconfigure(line_buffering=True)
+
+
+def flush_output() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if stream is not None:
+                stream.flush()
+        except (OSError, ValueError):  # closed or broken by the app: nothing to keep
+            pass
+
+
+def worker_exit() -> None:
+    """A worker stopping cleanly runs what the app registered with ``atexit`` (in each
+    worker, as gunicorn's workers do) and flushes its output."""
+    try:
+        atexit._run_exitfuncs()
+    finally:
+        flush_output()
 
 
 def reseed() -> None:

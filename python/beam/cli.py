@@ -38,19 +38,35 @@ def _worker_version(binary: str) -> str:
     return p.stdout.strip()
 
 
-def _key_extra(workers: Optional[int], volume_root: Optional[str]) -> Dict[str, Any]:
+def _image_env(binary: str, pass_env: Sequence[str]) -> str:
+    """The variables of our environment that an image depends on, as the worker decides
+    (``beam-worker --print-image-env``): a changed ``OMP_NUM_THREADS`` means a new image,
+    since a restored process keeps what its libraries read at import."""
+    argv = [binary, "--print-image-env"] + [f"--pass-env={n}" for n in pass_env]
+    try:
+        p = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise CLIError(f"cannot run {binary} --print-image-env: {exc}") from exc
+    if p.returncode != 0:
+        raise CLIError(f"{binary} --print-image-env failed: {(p.stderr or p.stdout).strip()}")
+    return p.stdout
+
+
+def _key_extra(workers: Optional[int], volume_root: Optional[str], image_env: str) -> Dict[str, Any]:
     root = volume_root or os.environ.get("BEAM_VOLUME_ROOT")
-    return {"workers": workers, "volume_root": os.path.abspath(root) if root else None}
+    return {"workers": workers, "volume_root": os.path.abspath(root) if root else None,
+            "image_env": image_env}
 
 
 def _current_key(app: str, workers: Optional[int], volume_root: Optional[str],
-                 binary: Optional[str] = None) -> str:
+                 binary: Optional[str] = None, pass_env: Sequence[str] = ()) -> str:
     from .checkpoint_key import AppSpecError, compute_key
 
     binary = binary or _binary()
+    extra = _key_extra(workers, volume_root, _image_env(binary, pass_env))
     try:
-        return compute_key(app, sys.executable, _worker_version(binary),
-                           _key_extra(workers, volume_root), worker_binary=binary)
+        return compute_key(app, sys.executable, _worker_version(binary), extra,
+                           worker_binary=binary)
     except AppSpecError as exc:
         raise CLIError(str(exc)) from exc
 
@@ -82,6 +98,12 @@ def _nonneg_float(text: str) -> float:
     return v
 
 
+def _env_name(text: str) -> str:
+    if not text or "=" in text or "\0" in text:
+        raise argparse.ArgumentTypeError(f"expected a variable name, got {text!r}")
+    return text
+
+
 def _host_port(text: str) -> str:
     from .client import parse_address  # cheap: only reached when --tcp is given
 
@@ -105,7 +127,7 @@ def _absolute_app(app: str) -> str:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     binary = _binary()
-    key = _current_key(args.app, args.workers, args.volume_root, binary)
+    key = _current_key(args.app, args.workers, args.volume_root, binary, args.pass_env or ())
     ckpt_dir = os.path.abspath(os.path.expanduser(args.checkpoint_dir or default_checkpoint_dir()))
     if not args.no_checkpoint and not os.path.isdir(ckpt_dir):
         try:
@@ -137,6 +159,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         argv += ["--restore-timeout", f"{args.restore_timeout:g}"]
     if args.json_logs:
         argv.append("--json-logs")
+    for name in args.pass_env or ():
+        argv += ["--pass-env", name]
     if args.allow_cpu:
         argv.append("--allow-cpu")
     if args.cuda_lock_timeout is not None:
@@ -565,6 +589,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--restore-timeout", metavar="SECONDS", type=_nonneg_float,
                    help="bound on one restore before booting cold (worker default 30)")
     s.add_argument("--json-logs", action="store_true", help="log one JSON object per line")
+    s.add_argument("--pass-env", metavar="NAME", action="append", type=_env_name,
+                   help="also give the app this variable of the environment (repeatable); it "
+                        "otherwise sees only an allow-list plus its env=/secrets= "
+                        "(docs/checkpoint.md, Environment)")
     s.add_argument("--allow-cpu", action="store_true",
                    help="serve an endpoint with gpu= even without a usable GPU (default: refuse)")
     s.add_argument("--cuda-lock-timeout", metavar="SECONDS", type=_nonneg_float,
