@@ -17,9 +17,8 @@ static int log_min = BW_LOG_INFO;
 void bw_log_init(const char *who, int json) {
     log_who = who;
     log_json = json;
-    const char *lvl = getenv("BEAM_LOG_LEVEL");
-    if (lvl && strcmp(lvl, "debug") == 0)
-        log_min = BW_LOG_DEBUG;
+    const char *lvl = getenv("BEAM_LOG_LEVEL"); /* again after a restore: today's level */
+    log_min = lvl && strcmp(lvl, "debug") == 0 ? BW_LOG_DEBUG : BW_LOG_INFO;
 }
 
 static const char *level_name(enum bw_log_level l) {

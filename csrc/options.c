@@ -10,6 +10,7 @@
 
 #include "environ.h"
 #include "frame.h"
+#include "privilege.h"
 #include "util.h"
 
 static const char usage[] =
@@ -66,6 +67,8 @@ static const char usage[] =
     "\n"
     "  -h, --help            this text\n"
     "  --version             print the version\n"
+    "  --check-privileges    say whether this process may checkpoint: PID namespace, the\n"
+    "                        capabilities CRIU needs (used by `beam doctor`)\n"
     "  --print-image-env     print the variables of this environment that an image depends\n"
     "                        on (NAME=value, with --pass-env names); `beam serve` keys on them\n";
 
@@ -74,7 +77,7 @@ enum {
     OPT_VOLUME_ROOT, OPT_JSON_LOGS, OPT_CKPT_DIR, OPT_CKPT_KEY, OPT_NO_CKPT, OPT_RETRY_CKPT,
     OPT_CRIU, OPT_CRIU_TIMEOUT, OPT_RESTORE_TIMEOUT, OPT_VERSION, OPT_HOST, OPT_MAY_CKPT,
     OPT_PORT, OPT_HTTP_HOST, OPT_NO_AUTH, OPT_MAX_BODY, OPT_MAX_REPLICAS, OPT_KEEP_WARM,
-    OPT_ALLOW_CPU, OPT_CUDA_LOCK_TIMEOUT, OPT_MAX_CRASHES, OPT_PASS_ENV, OPT_PRINT_IMAGE_ENV,
+    OPT_ALLOW_CPU, OPT_CUDA_LOCK_TIMEOUT, OPT_MAX_CRASHES, OPT_PASS_ENV, OPT_PRINT_IMAGE_ENV, OPT_CHECK_PRIVILEGES,
 };
 
 static const struct option long_opts[] = {
@@ -106,6 +109,7 @@ static const struct option long_opts[] = {
     {"help", no_argument, 0, 'h'},
     {"version", no_argument, 0, OPT_VERSION},
     {"print-image-env", no_argument, 0, OPT_PRINT_IMAGE_ENV},
+    {"check-privileges", no_argument, 0, OPT_CHECK_PRIVILEGES},
     {"run-host", no_argument, 0, OPT_HOST},         /* internal: be the host */
     {"may-checkpoint", no_argument, 0, OPT_MAY_CKPT}, /* internal */
     {0, 0, 0, 0},
@@ -137,6 +141,13 @@ static const char *cache_path(const char *env, const char *leaf) {
     else
         snprintf(b, 4096, "%s/.cache/beam/%s", home && *home ? home : "/tmp", leaf);
     return b;
+}
+
+static void print_privileges(void) {
+    char why[256] = "", missing[256];
+    bool ns = bw_priv_pidns(why, sizeof why);
+    size_t n = bw_priv_missing(missing, sizeof missing);
+    printf("pid_namespace: %s\nmissing_capabilities: %s\n", ns ? "ok" : why, n ? missing : "none");
 }
 
 int bw_options_parse(struct bw_options *o, int argc, char **argv) {
@@ -254,6 +265,7 @@ int bw_options_parse(struct bw_options *o, int argc, char **argv) {
         case 'h': fputs(usage, stdout); return 1;
         case OPT_VERSION: printf("beam-worker %s\n", BW_VERSION); return 1;
         case OPT_PRINT_IMAGE_ENV: print_image_env = true; break;
+        case OPT_CHECK_PRIVILEGES: print_privileges(); return 1;
         default: fputs(usage, stderr); return -1;
         }
     }

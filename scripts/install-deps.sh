@@ -6,7 +6,7 @@
 set -euo pipefail
 
 PKGS=(build-essential cmake pkg-config libuv1-dev libmsgpack-dev libhttp-parser-dev libcjson-dev
-      python3-dev python3-venv clang libclang-rt-14-dev curl wrk)
+      python3-dev python3-venv clang libclang-rt-14-dev curl wrk libcap2-bin)
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 

@@ -504,6 +504,23 @@ def _report_kdat_cache(report) -> None:
            required=False)
 
 
+def _report_privileges(report, binary: str) -> None:
+    """PID namespace and capabilities, as the worker itself sees them: a container with
+    the default capabilities serves, but cold."""
+    try:
+        p = subprocess.run([binary, "--check-privileges"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        report("privileges", False, f"cannot run {binary} --check-privileges: {exc}")
+        return
+    facts = dict(line.split(": ", 1) for line in p.stdout.splitlines() if ": " in line)
+    ns, missing = facts.get("pid_namespace", "unknown"), facts.get("missing_capabilities", "unknown")
+    report("pid namespace", ns == "ok", "can be created" if ns == "ok" else
+           f"{ns}: the worker serves, but cold (no checkpoints)")
+    report("capabilities", missing == "none", "all that CRIU needs are effective" if missing == "none"
+           else f"missing {missing}; in a container add them (docs/checkpoint.md, In a container)",
+           required=False)
+
+
 def cmd_doctor(args: argparse.Namespace) -> int:
     results = []
 
@@ -512,10 +529,12 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         tag = "OK" if ok else ("FAIL" if required else "INFO")
         print(f"{tag:<5} {name}: {reason}")
 
+    binary_ok = False
     try:
         binary = worker_binary()
         try:
             report("worker", True, f"{binary} ({_worker_version(binary)})")
+            binary_ok = True
         except CLIError as exc:
             report("worker", False, str(exc))
     except WorkerNotFound as exc:
@@ -524,6 +543,8 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     euid = os.geteuid()
     report("root", euid == 0, "running as root" if euid == 0 else
            f"running as uid {euid}; CRIU needs root to checkpoint and restore")
+    if euid == 0 and binary_ok:
+        _report_privileges(report, binary)
 
     criu = find_criu()
     if criu is None:
