@@ -5,11 +5,17 @@
  * (the listening sockets) travel with a message as SCM_RIGHTS ancillary data.
  *
  * Messages, in the order they occur:
+ *   host -> supervisor  {"t":"need_secrets", "names":[str..]}   cold boot, after import
+ *   supervisor -> host  {"t":"secrets", "secrets":{name:value}}  their values, for on_start
  *   host -> supervisor  {"t":"ready", "checkpoint":bool, "config":{..}, "profile":{..}}
  *       after on_start; if "checkpoint" the host is quiescent and may be dumped now.
  *   supervisor -> host  {"t":"start", "restored":bool, "container_id":str,
- *                        "env":{..}, "listeners":[address..], "profile":{..}} + fds
+ *                        "env":{..}, "secrets":{..}, "options":{..},
+ *                        "listeners":[address..], "profile":{..}} + fds
  *       the first message a restored host reads: it resumes blocked in that read.
+ *       "env" is today's allowed environment (environ.c), "options" today's command
+ *       line settings that a host uses after start (max_frame, grace_s, workers,
+ *       json_logs, allow_cpu).
  *   host -> supervisor  {"t":"serving", "workers":N}
  *   host -> supervisor  {"t":"fatal", "message":str} before the host exits on error.
  */

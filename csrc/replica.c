@@ -27,6 +27,7 @@
 #include "cuda_ckpt.h"
 #include "environ.h"
 #include "json.h"
+#include "leakscan.h"
 #include "log.h"
 #include "mp.h"
 #include "supervisor.h"
@@ -430,6 +431,44 @@ static void checkpoint_failed(const char *what, const char *err) {
     bw_ckpt_mark_failed(&bw_sup.ck, err);
 }
 
+/* Whether the image just written holds the value of a declared secret (the app or a
+ * library kept a copy past on_start): 0 if not; else -1 with the reason, naming the
+ * secret, never its value. Values shorter than 8 bytes would match by chance. */
+static int image_holds_secret(char *err, size_t errlen) {
+    msgpack_zone z;
+    msgpack_zone_init(&z, 1024);
+    msgpack_object cfg;
+    const msgpack_object *names = NULL;
+    if (bw_sup.config && bw_mp_unpack_exact(bw_sup.config, bw_sup.config_len, &z, &cfg) == 0)
+        names = bw_mp_get(&cfg, "secrets");
+    const char *values[64];
+    char name[64][256];
+    size_t n = 0;
+    for (uint32_t i = 0; names && names->type == MSGPACK_OBJECT_ARRAY &&
+                         i < names->via.array.size && n < 64; i++) {
+        const char *v = bw_mp_strdup(&names->via.array.ptr[i], name[n], sizeof name[n])
+                            ? getenv(name[n]) : NULL;
+        if (v && strlen(v) >= 8)
+            values[n++] = v;
+        else if (v)
+            bw_warn("secret %s is shorter than 8 bytes: the image is not searched for it", name[n]);
+    }
+    msgpack_zone_destroy(&z);
+    if (n == 0)
+        return 0;
+    char img[PATH_MAX + 210], file[256];
+    size_t which = 0;
+    snprintf(img, sizeof img, "%s/img", bw_sup.ck.dir);
+    int rc = bw_leakscan_dir(img, values, n, &which, file, sizeof file);
+    if (rc > 0)
+        snprintf(err, errlen, "the value of secret %s is in the image (%s): the app or a "
+                 "library kept a copy past on_start; read it in the handler or an "
+                 "@after_restore hook instead", name[which], file);
+    else if (rc < 0)
+        snprintf(err, errlen, "cannot search the image for secrets: %s: %s", file, strerror(errno));
+    return rc == 0 ? 0 : -1;
+}
+
 /* Dump the host while it waits for "start". Appends the checkpoint's phases to the
  * profile being built (pk, *n entries). */
 static void do_checkpoint(struct bw_replica *r, const msgpack_object *prof, msgpack_packer *pk,
@@ -469,6 +508,10 @@ static void do_checkpoint(struct bw_replica *r, const msgpack_object *prof, msgp
         r->replace = true;
         kill(r->pid, SIGKILL);
         return;
+    }
+    if (rc == 0 && image_holds_secret(err, sizeof err) < 0) {
+        bw_ckpt_discard(&bw_sup.ck);
+        rc = -1;
     }
     if (rc < 0) {
         checkpoint_failed("checkpoint", err);

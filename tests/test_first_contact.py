@@ -227,3 +227,32 @@ def test_output_is_line_buffered_flushed_once_and_atexit_runs(serves, workdir, a
     s.wait_for("restored-said-hello", timeout=5)
     assert s.stop() == 0
     assert "on-start-printed-this-once" not in s.log(), "on_start's buffer was in the image"
+
+
+LEAKY_APP = '''
+import os
+from beam import endpoint
+
+def load():
+    return {"kept": os.environ["USER_SECRET_READ"]}  # a copy that outlives on_start
+
+@endpoint(on_start=load, checkpoint_enabled=True, secrets=["USER_SECRET_READ"])
+def predict(context):
+    return len(context.on_start_value["kept"])
+'''
+
+
+@needs_root
+def test_an_image_that_would_hold_a_secret_is_never_kept(serves, workdir):
+    path = workdir / "leaky" / "app.py"
+    path.parent.mkdir()
+    path.write_text(LEAKY_APP)
+    s = start(serves, workdir, path, user_shell())
+    log = s.log()
+    assert "the value of secret USER_SECRET_READ is in the image" in log
+    assert "serving without one" in log and SECRET_READ not in log
+    assert s.call() == len(SECRET_READ)  # still serving, cold
+    s.stop()
+    for p in (workdir / "checkpoints").rglob("*"):
+        assert not p.is_file() or SECRET_READ.encode() not in p.read_bytes(), p
+    assert not any((workdir / "checkpoints").rglob("pages-*.img"))
