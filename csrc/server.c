@@ -266,6 +266,7 @@ int bw_server_run(const int *listen_fds, int nfds, size_t max_frame, double grac
     srv.loop = uv_default_loop();
     srv.max_frame = max_frame;
     srv.grace_s = grace_s;
+    bw_request_set_max_frame(max_frame);
     for (int i = 0; i < nfds && i < 8; i++) {
         if (open_listener(&srv.listeners[i], listen_fds[i]) < 0)
             return -1;

@@ -1,0 +1,162 @@
+"""The HTTP router's failure paths (issue 12), through the user's path:
+``python -m beam serve tests/apps/router_app.py:NAME --port P --no-auth`` (no
+PYTHONUNBUFFERED: what the user runs is what is tested).
+
+Capacity must survive a worker crash and an oversized result; a CRIU timeout must not
+kill the replicas that serve; retiring and stopping must not answer errors for calls
+that never ran."""
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import pytest
+
+from conftest import APPS
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Served:
+    """One `python -m beam serve ... --port P --no-auth`, its log and its port."""
+
+    def __init__(self, workdir: Path, app: str, *args: str, env: Optional[Dict[str, str]] = None,
+                 tag: str = "serve") -> None:
+        self.port = free_port()
+        self.log_path = workdir / f"{tag}.log"
+        e = dict(os.environ)
+        e.pop("PYTHONUNBUFFERED", None)
+        e.pop("BEAM_AUTH_TOKEN", None)
+        e.setdefault("BEAM_CHECKPOINT_DIR", str(workdir / "checkpoints"))
+        e.setdefault("BEAM_VOLUME_ROOT", str(workdir / "volumes"))
+        e.update(env or {})
+        cmd = [sys.executable, "-m", "beam", "serve", str(APPS / app), "--port", str(self.port),
+               "--no-auth", *args]
+        with open(self.log_path, "wb") as f:
+            self.proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=e,
+                                         cwd=str(workdir), start_new_session=True)
+        self.wait_for("ready:")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_for(self, text: str, timeout: float = 90.0, count: int = 1) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            log = self.log()
+            if log.count(text) >= count:
+                return log
+            if self.proc.poll() is not None:
+                raise AssertionError(f"serve exited ({self.proc.returncode}) before {text!r}:\n{log}")
+            time.sleep(0.02)
+        raise AssertionError(f"timed out waiting for {text!r}:\n{self.log()}")
+
+    def request(self, method: str, path: str = "/", body=None, timeout: float = 20.0):
+        c = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        try:
+            data = json.dumps(body).encode() if body is not None else None
+            c.request(method, path, body=data,
+                      headers={"Content-Type": "application/json"} if data else {})
+            r = c.getresponse()
+            return r.status, {k.lower(): v for k, v in r.getheaders()}, r.read()
+        finally:
+            c.close()
+
+    def call(self, timeout: float = 20.0, **kwargs):
+        status, _, body = self.request("POST", "/", kwargs, timeout=timeout)
+        return status, json.loads(body)
+
+    def stats(self) -> dict:
+        status, _, body = self.request("GET", "/stats")
+        assert status == 200, body
+        return json.loads(body)
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.proc.wait(10)
+
+
+@pytest.fixture
+def serve(workdir):
+    started: List[Served] = []
+
+    def start(app: str, *args: str, **kw) -> Served:
+        s = Served(workdir, app, *args, **kw)
+        started.append(s)
+        return s
+
+    yield start
+    for s in started:
+        s.kill()
+
+
+def wait_until(pred, timeout: float, what: str, every: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = pred()
+        if v:
+            return v
+        time.sleep(every)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+# ---- capacity after a worker crash or an oversized result -------------------------------
+
+
+def test_worker_crash_does_not_lose_http_capacity(serve):
+    s = serve("router_app.py:crashy", "--no-checkpoint", "--keep-warm", "-1")
+    assert s.call(op="echo", value="before") == (200, "before")
+    status, body = s.call(op="crash")
+    assert status == 502 and body["error"]["type"] == "ReplicaLost", body
+    s.wait_for("worker 0 exited with status 3; replacing it")
+    for i in range(5):  # hung for good before the router reconnected
+        assert s.call(timeout=15, op="echo", value=i) == (200, i), s.log()
+    # A second crash, then capacity again: reconnecting is not a one-off.
+    assert s.call(op="crash")[0] == 502
+    for i in range(3):
+        assert s.call(timeout=15, op="echo", value=i) == (200, i), s.log()
+    assert len(s.stats()["replicas"]) == 1
+
+
+def test_result_larger_than_max_frame_is_an_error_and_the_next_call_works(serve):
+    limit = 1 << 20
+    s = serve("router_app.py:crashy", "--no-checkpoint", "--keep-warm", "-1",
+              "--max-frame", str(limit))
+    status, body = s.call(op="big", n=2 * limit)
+    assert status == 500, body
+    assert body["error"]["type"] == "ResultTooLarge", body
+    assert str(limit) in body["error"]["message"]
+    for i in range(5):
+        assert s.call(timeout=15, op="echo", value=i) == (200, i), s.log()
+    status, body = s.call(op="big", n=limit // 2)  # under the limit: still served
+    assert status == 200 and len(body) > limit // 2
