@@ -160,3 +160,47 @@ def test_result_larger_than_max_frame_is_an_error_and_the_next_call_works(serve)
         assert s.call(timeout=15, op="echo", value=i) == (200, i), s.log()
     status, body = s.call(op="big", n=limit // 2)  # under the limit: still served
     assert status == 200 and len(body) > limit // 2
+
+
+# ---- a CRIU timeout kills criu, not the replicas that serve -----------------------------
+
+
+def test_criu_timeout_of_a_second_replica_spares_the_serving_one(serve, workdir):
+    """As test_checkpoint.py::test_hanging_criu_times_out, with a criu that hangs only
+    once a flag file exists: the first replica dumps with the real criu and serves; then
+    HTTP calls queue up, a second replica is restored, and that restore (and the dump of
+    the cold boot that replaces it) hangs past --criu-timeout. The watchdog must kill
+    criu alone: the serving replica's calls are answered."""
+    real = subprocess.run([sys.executable, "-c",
+                           "from beam._paths import find_criu; print(find_criu())"],
+                          capture_output=True, text=True).stdout.strip() or "/usr/sbin/criu"
+    flag = workdir / "criu-hangs-now"
+    fake = workdir / "criu-maybe-hangs"
+    fake.write_text(f"#!/bin/sh\n[ -e {flag} ] && exec sleep 600\nexec {real} \"$@\"\n")
+    fake.chmod(0o755)
+    s = serve("router_app.py:ckpt", "--max-replicas", "2", "--keep-warm", "-1",
+              "--criu", str(fake), "--criu-timeout", "2")
+    assert "checkpoint written" in s.log(), s.log()
+    [first] = s.stats()["replicas"]
+    flag.write_text("")
+    results: List = [None] * 3
+
+    def call(i):
+        results[i] = s.call(timeout=60, op="sleep", seconds=3, i=i)
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(3)]
+    for i, t in enumerate(threads):
+        t.start()
+        if i < 2:  # the first two are in the replica before the third queues
+            wait_until(lambda: s.stats()["inflight"] == i + 1, 10, "calls in flight")
+    for t in threads:
+        t.join(60)
+    log = s.log()
+    assert "CRIU restore timed out after 2s" in log, log
+    for i, r in enumerate(results):
+        assert r is not None and r[0] == 200 and r[1]["i"] == i, (results, log)
+    assert results[0][1]["pid"] == results[1][1]["pid"]
+    replicas = {r["id"]: r for r in s.stats()["replicas"]}
+    assert first["id"] in replicas and replicas[first["id"]]["pid"] == first["pid"], (replicas, log)
+    assert replicas[first["id"]]["state"] == "serving"
+    assert "killed by signal" not in log, log
