@@ -27,18 +27,12 @@ from conftest import APPS
 pytestmark = pytest.mark.timeout(120)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Served:
-    """One `python -m beam serve ... --port P --no-auth`, its log and its port."""
+    """One `python -m beam serve ... --port 0 --no-auth`, its log and its port (read from
+    the log: a port picked here could be taken by a parallel run before serve binds it)."""
 
     def __init__(self, workdir: Path, app: str, *args: str, env: Optional[Dict[str, str]] = None,
                  tag: str = "serve") -> None:
-        self.port = free_port()
         self.log_path = workdir / f"{tag}.log"
         e = dict(os.environ)
         e.pop("PYTHONUNBUFFERED", None)
@@ -46,12 +40,14 @@ class Served:
         e.setdefault("BEAM_CHECKPOINT_DIR", str(workdir / "checkpoints"))
         e.setdefault("BEAM_VOLUME_ROOT", str(workdir / "volumes"))
         e.update(env or {})
-        cmd = [sys.executable, "-m", "beam", "serve", str(APPS / app), "--port", str(self.port),
+        cmd = [sys.executable, "-m", "beam", "serve", str(APPS / app), "--port", "0",
                "--no-auth", *args]
         with open(self.log_path, "wb") as f:
             self.proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=e,
                                          cwd=str(workdir), start_new_session=True)
-        self.wait_for("ready:")
+        m = re.search(r"HTTP on http://127\.0\.0\.1:(\d+)", self.wait_for("ready:"))
+        assert m, self.log()
+        self.port = int(m.group(1))
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -204,3 +200,89 @@ def test_criu_timeout_of_a_second_replica_spares_the_serving_one(serve, workdir)
     assert first["id"] in replicas and replicas[first["id"]]["pid"] == first["pid"], (replicas, log)
     assert replicas[first["id"]]["state"] == "serving"
     assert "killed by signal" not in log, log
+
+
+# ---- stopping: no errors for calls that never ran ---------------------------------------
+
+
+class Raw:
+    """A raw keep-alive HTTP/1.1 connection: send requests, read responses in order."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+        self.f = self.sock.makefile("rb")
+
+    def send_call(self, **kwargs) -> None:
+        body = json.dumps(kwargs).encode()
+        self.sock.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                          b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+
+    def response(self):
+        line = self.f.readline()
+        if not line:
+            raise EOFError("connection closed before a response")
+        status = int(line.split()[1])
+        headers = {}
+        while True:
+            h = self.f.readline()
+            if h in (b"\r\n", b""):
+                break
+            k, v = h.decode("latin-1").split(":", 1)
+            headers[k.strip().lower()] = v.strip()
+        return status, headers, json.loads(self.f.read(int(headers["content-length"])))
+
+    def closed_by_peer(self) -> bool:
+        try:
+            return self.f.read(1) == b""
+        except ConnectionResetError:
+            return True
+
+
+def test_sigterm_answers_calls_in_flight_and_503_for_new_ones(serve):
+    """SIGTERM with one call running and one dispatched behind it (one worker, two router
+    connections): both are answered, not 502. A keep-alive connection opened before the
+    signal then gets 503 ShuttingDown with Connection: close, not silence."""
+    s = serve("router_app.py:crashy", "--no-checkpoint", "--keep-warm", "-1")
+    a, b, idle = Raw(s.port), Raw(s.port), Raw(s.port)
+    idle.send_call(op="echo", value="warm")
+    assert idle.response()[2] == "warm"
+    a.send_call(op="sleep", seconds=1.5, i=1)
+    b.send_call(op="sleep", seconds=0.2, i=2)  # waits in the replica behind the first
+    wait_until(lambda: s.stats()["inflight"] == 2, 10, "two calls in flight")
+    s.proc.send_signal(signal.SIGTERM)
+    s.wait_for("received Terminated")
+    idle.send_call(op="echo", value="late")
+    status, h, body = idle.response()
+    assert status == 503 and body["error"]["type"] == "ShuttingDown", body
+    assert h.get("connection") == "close"
+    assert idle.closed_by_peer()
+    for conn, i in ((a, 1), (b, 2)):
+        status, _, body = conn.response()
+        assert status == 200 and body["i"] == i, (body, s.log())
+    assert s.proc.wait(30) == 0, s.log()
+
+
+def test_replica_being_retired_gets_no_new_calls(serve, workdir):
+    """A replica is retired while a direct msgpack call still runs in it (the host
+    reports request starts as activity, so a call longer than keep_warm looks idle);
+    HTTP calls that arrive while it stops must not be sent to it (they were answered
+    502 ReplicaLost without running): they start a new replica and succeed."""
+    from beam.client import Client
+    sock = workdir / "m.sock"
+    s = serve("router_app.py:crashy", "--no-checkpoint", "--keep-warm", "1",
+              "--socket", str(sock))
+    out: List = []
+    t = threading.Thread(target=lambda: out.append(
+        Client(f"unix://{sock}", timeout=30).call(op="sleep", seconds=4, i=0)))
+    t.start()
+    s.wait_for("idle for 1s: stopping it", timeout=10)
+    results: List = []
+    calls = threading.Thread(target=lambda: results.extend(
+        s.call(timeout=30, op="echo", value=i) for i in range(3)))
+    calls.start()
+    time.sleep(0.3)  # the first call is parsed and routed by now
+    for r in s.stats()["replicas"]:
+        assert r["state"] != "stopping" or r["inflight"] == 0, (r, s.log())
+    calls.join(30)
+    assert results == [(200, 0), (200, 1), (200, 2)], (results, s.log())
+    t.join(30)
