@@ -286,3 +286,43 @@ def test_replica_being_retired_gets_no_new_calls(serve, workdir):
     calls.join(30)
     assert results == [(200, 0), (200, 1), (200, 2)], (results, s.log())
     t.join(30)
+
+
+# ---- options that cannot work are refused up front ---------------------------------------
+
+
+@pytest.mark.parametrize("value", ["nan", "inf"])
+def test_non_finite_seconds_are_refused(workdir, value):
+    """float("nan") passes argparse and every comparison in C: --keep-warm nan retired
+    replicas at once, --grace inf never killed a stuck one."""
+    env = dict(os.environ, BEAM_CHECKPOINT_DIR=str(workdir / "c"))
+    env.pop("PYTHONUNBUFFERED", None)
+    for opt in ("--keep-warm", "--grace"):
+        p = subprocess.run([sys.executable, "-m", "beam", "serve",
+                            str(APPS / "router_app.py:crashy"), "--port", "0", "--no-auth",
+                            "--no-checkpoint", f"{opt}={value}"],
+                           capture_output=True, text=True, timeout=30, env=env, cwd=str(workdir))
+        assert p.returncode != 0, (opt, p.stdout, p.stderr)
+        assert "finite number" in p.stderr and opt in p.stderr, p.stderr
+
+
+def test_listeners_beyond_what_start_can_carry_are_refused(start_worker, workdir):
+    """Eight fds travel in "start"; 4 --socket + 4 --tcp + --port is nine, and used to
+    give every host a listener list longer than its fds. Eight in all still serve."""
+    from conftest import Worker, worker_binary
+    socks = [f"--socket={workdir / f's{i}.sock'}" for i in range(4)]
+    tcps = ["--tcp=127.0.0.1:0"] * 4
+    p = subprocess.run([worker_binary(), "--python", sys.executable, "--no-checkpoint", *socks,
+                        *tcps, "--port", "0", str(APPS / "router_app.py:crashy")],
+                       capture_output=True, text=True, timeout=30)
+    assert p.returncode != 0 and "at most 8 listeners" in p.stderr, (p.stdout, p.stderr)
+    w = start_worker("router_app.py:crashy", "--no-checkpoint", *socks, *tcps[:3], "--port", "0",
+                     "--no-auth")
+    from beam.client import Client
+    for a in w.addresses:
+        with Client(a, timeout=10) as c:
+            assert c.call(op="echo", value=a) == a
+    port = int(re.search(r"HTTP on http://127\.0\.0\.1:(\d+)", w.log()).group(1))
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    c.request("POST", "/", body=b'{"op": "echo", "value": 8}')
+    assert c.getresponse().read() == b"8"
