@@ -174,13 +174,14 @@ static void call_handler(msgpack_sbuffer *out, const msgpack_object *id, const m
     if (bw_codec_from_py(&pk, result, err, sizeof err) < 0) {
         out->size = h; /* roll back the partial frame */
         error_frame(out, id, task_id, "UnsupportedType", err, NULL);
-    } else if (max_frame && out->size - h - BW_FRAME_HEADER > max_frame) {
+    } else if (max_frame && out->size - h - BW_FRAME_HEADER > max_frame + BW_FRAME_RESPONSE_SLACK) {
         /* A peer refuses frames above the limit and cannot resync after one (the router
          * would have to drop the connection): answer an error the size of a line. */
         size_t body = out->size - h - BW_FRAME_HEADER;
         out->size = h;
         snprintf(err, sizeof err, "the result is %zu bytes encoded, above the frame limit of %zu "
-                 "bytes (--max-frame)", body, max_frame);
+                 "bytes (--max-frame; responses may exceed it by %u)", body, max_frame,
+                 BW_FRAME_RESPONSE_SLACK);
         error_frame(out, id, task_id, "ResultTooLarge", err, NULL);
     } else {
         bw_frame_end(out, h);

@@ -235,7 +235,7 @@ static void up_read(uv_stream_t *s, ssize_t n, const uv_buf_t *buf) {
     for (;;) {
         const char *body;
         size_t blen, used, need;
-        enum bw_frame_status st = bw_frame_next(bw_buf_head(&u->in), u->in.len, R.max_frame + 4096,
+        enum bw_frame_status st = bw_frame_next(bw_buf_head(&u->in), u->in.len, R.max_frame + BW_FRAME_RESPONSE_SLACK,
                                                 &body, &blen, &used, &need);
         if (st == BW_FRAME_NEED_MORE)
             break;
