@@ -155,7 +155,11 @@ static void remove_stale_dumps(const char *root) {
 /* ---- bounded CRIU calls ------------------------------------------------------------
  * libcriu forks `criu swrk` from the calling thread and blocks on its socket. A stuck
  * criu (the notes record dumps hanging forever) must become an error: a watchdog
- * thread kills the calling thread's `criu` children once the time is up. */
+ * thread kills the calling thread's `criu` children once the time is up. The calling
+ * thread is the supervisor's loop, so its children are also every replica: the ones
+ * that existed before the call are snapshotted and never touched. */
+
+#define MAX_KIDS 256
 
 struct watchdog {
     pthread_t thread;
@@ -163,6 +167,8 @@ struct watchdog {
     pthread_cond_t cv;
     bool done, fired;
     pid_t caller_tid, spare;
+    pid_t before[MAX_KIDS]; /* the caller's children when the call began: replicas */
+    int nbefore;
     double timeout_s;
 };
 
@@ -186,21 +192,29 @@ static int children_of(pid_t pid, pid_t tid, pid_t *out, int cap) {
 /* SIGKILL a process and everything below it: a criu that forked helpers must not keep
  * the RPC socket open (and libcriu blocked) after its parent is gone. */
 static void kill_tree(pid_t pid, int depth) {
-    pid_t kids[256];
+    pid_t kids[MAX_KIDS];
     kill(pid, SIGSTOP); /* no new children while we look */
-    int n = depth < 8 ? children_of(pid, pid, kids, 256) : 0;
+    int n = depth < 8 ? children_of(pid, pid, kids, MAX_KIDS) : 0;
     for (int i = 0; i < n; i++)
         kill_tree(kids[i], depth + 1);
     kill(pid, SIGKILL);
 }
 
-/* Our children at the time of a CRIU call are the criu helper and, for a dump, the
- * host being dumped (spared: it keeps serving). */
-static void kill_criu_children(pid_t tid, pid_t spare) {
-    pid_t kids[256];
-    int n = children_of(getpid(), tid, kids, 256);
+static bool listed(const pid_t *pids, int n, pid_t pid) {
     for (int i = 0; i < n; i++)
-        if (kids[i] != spare)
+        if (pids[i] == pid)
+            return true;
+    return false;
+}
+
+/* The children that appeared during the CRIU call are criu's: its helper and what it
+ * forked. The replicas (the host being dumped among them) were there before: spared,
+ * they keep serving. */
+static void kill_criu_children(const struct watchdog *w) {
+    pid_t kids[MAX_KIDS];
+    int n = children_of(getpid(), w->caller_tid, kids, MAX_KIDS);
+    for (int i = 0; i < n; i++)
+        if (kids[i] != w->spare && !listed(w->before, w->nbefore, kids[i]))
             kill_tree(kids[i], 0);
 }
 
@@ -213,7 +227,7 @@ static void *watchdog_main(void *arg) {
     while (!w->done) {
         if (pthread_cond_timedwait(&w->cv, &w->mu, &until) == ETIMEDOUT && !w->done) {
             w->fired = true;
-            kill_criu_children(w->caller_tid, w->spare);
+            kill_criu_children(w);
             break;
         }
     }
@@ -228,6 +242,7 @@ static void watchdog_start(struct watchdog *w, double timeout_s, pid_t spare) {
     w->caller_tid = gettid();
     w->timeout_s = timeout_s;
     w->spare = spare;
+    w->nbefore = children_of(getpid(), w->caller_tid, w->before, MAX_KIDS);
     pthread_create(&w->thread, NULL, watchdog_main, w);
 }
 

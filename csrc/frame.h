@@ -8,6 +8,10 @@
 
 #define BW_FRAME_HEADER 4
 #define BW_DEFAULT_MAX_FRAME (64u * 1024u * 1024u)
+/* A response may exceed --max-frame by this much: its envelope (id, task_id, ok) around
+ * a value as large as a request may be, e.g. an echo. Beyond it the worker answers
+ * ResultTooLarge, and the router (which accepts up to max_frame + this) stays in sync. */
+#define BW_FRAME_RESPONSE_SLACK 4096u
 
 enum bw_frame_status {
     BW_FRAME_NEED_MORE, /* not a whole frame yet; need = bytes wanted in total */

@@ -64,6 +64,7 @@ static struct {
     uv_loop_t *loop;
     uv_tcp_t listener;
     bool listening;
+    bool stopping; /* SIGTERM: every new request is answered 503, Connection: close */
     struct bw_http_options opts;
     struct bw_http_handlers h;
     http_parser_settings settings;
@@ -368,6 +369,14 @@ static void route(struct conn *c, struct bw_http_req *r, enum http_method m) {
     path[n] = '\0';
     bool is_root = strcmp(path, "/") == 0, is_stats = strcmp(path, "/stats") == 0;
     r->head = m == HTTP_HEAD;
+    if (H.stopping) {
+        /* Keep-alive clients still send here after SIGTERM: tell them plainly, and close
+         * so they go elsewhere, rather than queue a call no replica will take. */
+        r->keep_alive = false;
+        bw_http_reply_error(r, 503, "ShuttingDown", "the server is stopping; retry elsewhere",
+                            NULL, -1);
+        return;
+    }
     if (strcmp(path, "/health") == 0) {
         bw_http_reply(r, m == HTTP_GET || m == HTTP_HEAD ? 200 : 405, "{\"status\":\"ok\"}", 15,
                       NULL, -1);
@@ -535,6 +544,7 @@ int bw_http_start(uv_loop_t *loop, int listen_fd, const struct bw_http_options *
 void bw_http_set_token(const char *token) { H.opts.token = token; }
 
 void bw_http_stop(void) {
+    H.stopping = true;
     if (H.listening) {
         uv_close((uv_handle_t *)&H.listener, NULL);
         H.listening = false;

@@ -26,7 +26,8 @@ struct bw_http_options {
 
 int bw_http_start(uv_loop_t *loop, int listen_fd, const struct bw_http_options *o,
                   const struct bw_http_handlers *h);
-/* Stop accepting; open connections close once answered. */
+/* Stop accepting; requests already handed on are still answered, every later one on an
+ * open connection gets 503 ShuttingDown with Connection: close. */
 void bw_http_stop(void);
 /* Change the required token (NULL: none), e.g. when the endpoint says authorized=False. */
 void bw_http_set_token(const char *token);

@@ -4,10 +4,12 @@
 
 #include <errno.h>
 #include <getopt.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "control.h"
 #include "environ.h"
 #include "frame.h"
 #include "privilege.h"
@@ -121,6 +123,10 @@ static int parse_double(const char *name, const char *s, double min, double *out
     double v = strtod(s, &end);
     if (errno || *end || end == s || v < min) {
         fprintf(stderr, "beam-worker: %s: invalid value %s\n", name, s);
+        return -1;
+    }
+    if (!isfinite(v)) { /* strtod takes "nan" and "inf"; NaN passes every comparison */
+        fprintf(stderr, "beam-worker: %s: expected a finite number, got %s\n", name, s);
         return -1;
     }
     *out = v;
@@ -278,6 +284,14 @@ int bw_options_parse(struct bw_options *o, int argc, char **argv) {
         return -1;
     }
     o->app = argv[optind];
+    /* Every listener travels to each host as one fd of the "start" message, the HTTP
+     * router's private socket included: more than it can carry would start no host. */
+    int nl = o->nsockets + o->ntcps + (o->http_port >= 0);
+    if (nl > BW_CTL_MAX_FDS) {
+        fprintf(stderr, "beam-worker: at most %d listeners in all (--socket, --tcp, and one for "
+                "--port); got %d\n", BW_CTL_MAX_FDS, nl);
+        return -1;
+    }
     if (o->checkpoint_key && (strlen(o->checkpoint_key) > 128 || strchr(o->checkpoint_key, '/') ||
                               o->checkpoint_key[0] == '.')) {
         fprintf(stderr, "beam-worker: --checkpoint-key must be a plain name of at most 128 characters\n");

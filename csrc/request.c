@@ -2,7 +2,8 @@
  *
  * The response is built straight into the connection's output buffer. When a result
  * cannot be encoded, the partial bytes are rolled back and an UnsupportedType error
- * takes their place, so a client always gets exactly one well-formed frame. */
+ * takes their place (a ResultTooLarge error when it encodes above --max-frame), so a
+ * client always gets exactly one well-formed frame it accepts. */
 #define _GNU_SOURCE
 #include "request.h"
 
@@ -20,6 +21,9 @@
 
 static msgpack_zone zone;
 static bool zone_ready;
+static size_t max_frame; /* largest response body we send; 0: no limit */
+
+void bw_request_set_max_frame(size_t n) { max_frame = n; }
 
 /* Begin a framed response map of n entries whose first two are id (echoed, or nil) and
  * ok. Returns the frame's header offset for bw_frame_end. */
@@ -170,6 +174,15 @@ static void call_handler(msgpack_sbuffer *out, const msgpack_object *id, const m
     if (bw_codec_from_py(&pk, result, err, sizeof err) < 0) {
         out->size = h; /* roll back the partial frame */
         error_frame(out, id, task_id, "UnsupportedType", err, NULL);
+    } else if (max_frame && out->size - h - BW_FRAME_HEADER > max_frame + BW_FRAME_RESPONSE_SLACK) {
+        /* A peer refuses frames above the limit and cannot resync after one (the router
+         * would have to drop the connection): answer an error the size of a line. */
+        size_t body = out->size - h - BW_FRAME_HEADER;
+        out->size = h;
+        snprintf(err, sizeof err, "the result is %zu bytes encoded, above the frame limit of %zu "
+                 "bytes (--max-frame; responses may exceed it by %u)", body, max_frame,
+                 BW_FRAME_RESPONSE_SLACK);
+        error_frame(out, id, task_id, "ResultTooLarge", err, NULL);
     } else {
         bw_frame_end(out, h);
     }

@@ -15,6 +15,9 @@ enum bw_req_outcome {
 /* Decode `body`, run the request and append one framed response to `out`. */
 enum bw_req_outcome bw_request_handle(const char *body, size_t len, msgpack_sbuffer *out);
 
+/* Results that encode larger than this become ResultTooLarge errors (0: no limit). */
+void bw_request_set_max_frame(size_t max_frame);
+
 /* Append a framed error response for requests that never reached decoding
  * (oversized frames, shutdown). id is nil. */
 void bw_request_error_frame(msgpack_sbuffer *out, const char *type, const char *message);

@@ -3,7 +3,13 @@
  * Answers on one upstream connection come back in the order the calls were sent, so
  * each connection keeps a FIFO of its in-flight calls. Writes to a connection are
  * gathered during a loop iteration and sent together from a check handle: under load
- * one write carries many calls. */
+ * one write carries many calls.
+ *
+ * A connection belongs to one worker process of the replica (the kernel's accept picks
+ * it). When that worker dies the connection ends while the replica keeps serving (its
+ * host forks a replacement), so a lost connection is reopened, with a growing delay,
+ * until the supervisor detaches or drains the replica: otherwise every worker crash
+ * would take HTTP capacity away for good. */
 #define _GNU_SOURCE
 #include "router.h"
 
@@ -11,6 +17,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/un.h>
 
 #include "frame.h"
 #include "json.h"
@@ -24,7 +31,11 @@
  * each worker. Everything beyond waits in the router queue, where it is visible to the
  * scaling decision (a deeper pipeline would hide the backlog inside the replicas). */
 #define DEPTH 1
-#define MAX_UPSTREAMS 64
+/* Reconnect delay after a lost connection: doubles per failure in a row, reset by an
+ * answer. Short first: the host replaces a crashed worker within milliseconds, and
+ * its listening socket queues our connect meanwhile. */
+#define RETRY_MIN_MS 20.0
+#define RETRY_MAX_MS 2000.0
 
 struct call {
     struct bw_http_req *req;
@@ -34,8 +45,14 @@ struct call {
 
 struct upstream {
     uv_pipe_t pipe;
+    uv_timer_t retry;         /* reopens a lost connection */
     void *owner;
+    char path[sizeof ((struct sockaddr_un *)0)->sun_path];
+    bool pipe_open;           /* pipe initialised and not yet closed */
     bool connected, dead;
+    bool draining;            /* the replica is stopping: no new calls, no reconnect */
+    int handles;              /* open libuv handles; freed when it drops to 0 */
+    double retry_ms;
     struct call *head, *tail; /* in flight, in send order */
     int inflight;
     unsigned long long answered;
@@ -52,8 +69,8 @@ static struct {
     int max_pending;
     bw_router_demand_fn demand;
     void *demand_arg;
-    struct upstream *up[MAX_UPSTREAMS];
-    int nup;
+    struct upstream **up; /* every connection of every attached replica */
+    int nup, capup;
     struct call *qhead, *qtail; /* waiting for a replica */
     size_t queued;
     struct upstream *dirty;
@@ -70,7 +87,8 @@ static int status_for(const char *type) {
         return 400;
     if (strcmp(type, "FrameTooLarge") == 0)
         return 413;
-    return 500; /* the handler raised, or returned something that cannot be sent */
+    return 500; /* the handler raised, or returned something that cannot be sent
+                 * (UnsupportedType, ResultTooLarge) */
 }
 
 static void answer(struct call *k, const char *body, size_t len) {
@@ -119,25 +137,78 @@ static void up_fail_inflight(struct upstream *u, const char *why) {
     u->inflight = 0;
 }
 
-static void up_closed(uv_handle_t *h) {
+static void up_handle_closed(uv_handle_t *h) {
     struct upstream *u = h->data;
+    if (h == (uv_handle_t *)&u->pipe)
+        u->pipe_open = false;
+    if (--u->handles > 0)
+        return;
     bw_buf_free(&u->in);
     msgpack_sbuffer_destroy(&u->out);
     free(u);
 }
 
+static void up_forget(struct upstream *u) {
+    for (int i = 0; i < R.nup; i++)
+        if (R.up[i] == u) {
+            R.up[i] = R.up[--R.nup];
+            break;
+        }
+}
+
+/* For good: the replica is gone (or going and drained). */
 static void up_remove(struct upstream *u, const char *why) {
     if (u->dead)
         return;
     u->dead = true;
     up_fail_inflight(u, why);
     R.answered_gone += u->answered;
-    for (int i = 0; i < R.nup; i++)
-        if (R.up[i] == u) {
-            R.up[i] = R.up[--R.nup];
-            break;
-        }
-    uv_close((uv_handle_t *)&u->pipe, up_closed);
+    up_forget(u);
+    uv_timer_stop(&u->retry);
+    uv_close((uv_handle_t *)&u->retry, up_handle_closed);
+    if (u->pipe_open && !uv_is_closing((uv_handle_t *)&u->pipe))
+        uv_close((uv_handle_t *)&u->pipe, up_handle_closed);
+}
+
+static void up_connect(struct upstream *u);
+
+static void on_retry(uv_timer_t *t) {
+    struct upstream *u = t->data;
+    if (!u->dead && !u->draining && !u->pipe_open)
+        up_connect(u);
+}
+
+/* The lost connection's handle is closed: open a new one after the delay. */
+static void up_pipe_closed(uv_handle_t *h) {
+    struct upstream *u = h->data;
+    if (u->dead) { /* removed while this close was under way */
+        up_handle_closed(h);
+        return;
+    }
+    u->pipe_open = false;
+    u->handles--;
+    u->retry_ms = u->retry_ms < RETRY_MIN_MS ? RETRY_MIN_MS : u->retry_ms * 2;
+    if (u->retry_ms > RETRY_MAX_MS)
+        u->retry_ms = RETRY_MAX_MS;
+    uv_timer_start(&u->retry, on_retry, (uint64_t)u->retry_ms, 0);
+}
+
+/* The connection ended (its worker died, or the stream went out of sync) but the
+ * replica may still serve: fail what was in flight on it, close it, and reconnect
+ * unless the replica is draining. */
+static void up_lost(struct upstream *u, const char *why) {
+    if (u->dead)
+        return;
+    if (u->draining) {
+        up_remove(u, why);
+        return;
+    }
+    up_fail_inflight(u, why);
+    u->connected = false;
+    u->in.start = u->in.len = 0;
+    msgpack_sbuffer_clear(&u->out);
+    if (u->pipe_open && !uv_is_closing((uv_handle_t *)&u->pipe))
+        uv_close((uv_handle_t *)&u->pipe, up_pipe_closed);
 }
 
 static void up_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *buf) {
@@ -156,7 +227,7 @@ static void up_read(uv_stream_t *s, ssize_t n, const uv_buf_t *buf) {
     (void)buf;
     struct upstream *u = s->data;
     if (n < 0) {
-        up_remove(u, "the replica closed the connection before answering");
+        up_lost(u, "the replica closed the connection before answering");
         dispatch();
         return;
     }
@@ -164,12 +235,12 @@ static void up_read(uv_stream_t *s, ssize_t n, const uv_buf_t *buf) {
     for (;;) {
         const char *body;
         size_t blen, used, need;
-        enum bw_frame_status st = bw_frame_next(bw_buf_head(&u->in), u->in.len, R.max_frame + 4096,
+        enum bw_frame_status st = bw_frame_next(bw_buf_head(&u->in), u->in.len, R.max_frame + BW_FRAME_RESPONSE_SLACK,
                                                 &body, &blen, &used, &need);
         if (st == BW_FRAME_NEED_MORE)
             break;
         if (st == BW_FRAME_TOO_LARGE || !u->head) {
-            up_remove(u, "the replica sent an unexpected answer");
+            up_lost(u, "the replica sent an unexpected answer");
             break;
         }
         struct call *k = u->head;
@@ -178,6 +249,7 @@ static void up_read(uv_stream_t *s, ssize_t n, const uv_buf_t *buf) {
             u->tail = NULL;
         u->inflight--;
         u->answered++;
+        u->retry_ms = 0; /* it answers: the next loss reconnects at once */
         answer(k, body, blen);
         bw_buf_consume(&u->in, used);
     }
@@ -202,7 +274,7 @@ static void flush_dirty(uv_check_t *h) {
         size_t len = u->out.size, queued = 0;
         char *data = msgpack_sbuffer_release(&u->out); /* the next calls start a new one */
         if (bw_stream_send((uv_stream_t *)&u->pipe, data, len, 1, on_written, &queued) < 0)
-            up_remove(u, "cannot write to the replica");
+            up_lost(u, "cannot write to the replica");
     }
 }
 
@@ -236,7 +308,8 @@ static struct upstream *least_loaded(void) {
     struct upstream *best = NULL;
     for (int i = 0; i < R.nup; i++) {
         struct upstream *u = R.up[i];
-        if (u->connected && !u->dead && u->inflight < DEPTH && (!best || u->inflight < best->inflight))
+        if (u->connected && !u->dead && !u->draining && u->inflight < DEPTH &&
+            (!best || u->inflight < best->inflight))
             best = u;
     }
     return best;
@@ -295,11 +368,12 @@ void bw_router_fail_queued(int status, const char *type, const char *message) {
 static void on_connect(uv_connect_t *c, int status) {
     struct upstream *u = c->handle->data;
     free(c);
-    if (u->dead)
+    if (u->dead || uv_is_closing((uv_handle_t *)&u->pipe))
         return;
     if (status < 0) {
-        bw_warn("router: cannot connect to a replica: %s", uv_strerror(status));
-        up_remove(u, "cannot connect to the replica");
+        /* The host may be between workers, or about to exit (then detach ends this). */
+        bw_debug("router: cannot connect to a replica: %s; retrying", uv_strerror(status));
+        up_lost(u, "cannot connect to the replica");
         return;
     }
     u->connected = true;
@@ -307,23 +381,64 @@ static void on_connect(uv_connect_t *c, int status) {
     dispatch();
 }
 
+static void up_connect(struct upstream *u) {
+    uv_connect_t *c = malloc(sizeof *c);
+    if (!c) {
+        uv_timer_start(&u->retry, on_retry, (uint64_t)RETRY_MAX_MS, 0);
+        return;
+    }
+    uv_pipe_init(R.loop, &u->pipe, 0);
+    u->pipe.data = u;
+    u->pipe_open = true;
+    u->handles++;
+    uv_pipe_connect(c, &u->pipe, u->path, on_connect);
+}
+
+static int up_track(struct upstream *u) {
+    if (R.nup == R.capup) {
+        int cap = R.capup ? 2 * R.capup : 16;
+        struct upstream **up = realloc(R.up, (size_t)cap * sizeof *up);
+        if (!up)
+            return -1;
+        R.up = up;
+        R.capup = cap;
+    }
+    R.up[R.nup++] = u;
+    return 0;
+}
+
 int bw_router_attach(void *owner, const char *unix_path, int n) {
-    for (int i = 0; i < n && R.nup < MAX_UPSTREAMS; i++) {
+    if (strlen(unix_path) >= sizeof ((struct upstream *)0)->path) {
+        bw_error("router: replica socket path too long: %s", unix_path);
+        return -1;
+    }
+    for (int i = 0; i < n; i++) {
         struct upstream *u = calloc(1, sizeof *u);
-        uv_connect_t *c = malloc(sizeof *c);
-        if (!u || !c) {
+        if (!u || up_track(u) < 0) {
             free(u);
-            free(c);
+            bw_error("router: out of memory connecting to a replica (%d of %d connections)", i, n);
             return -1;
         }
         u->owner = owner;
+        snprintf(u->path, sizeof u->path, "%s", unix_path);
         msgpack_sbuffer_init(&u->out);
-        uv_pipe_init(R.loop, &u->pipe, 0);
-        u->pipe.data = u;
-        R.up[R.nup++] = u;
-        uv_pipe_connect(c, &u->pipe, unix_path, on_connect);
+        uv_timer_init(R.loop, &u->retry);
+        u->retry.data = u;
+        u->handles = 1;
+        up_connect(u);
     }
     return 0;
+}
+
+void bw_router_drain(void *owner) {
+    for (int i = R.nup - 1; i >= 0; i--) {
+        struct upstream *u = R.up[i];
+        if (owner && u->owner != owner)
+            continue;
+        u->draining = true;
+        if (!u->connected) /* nothing in flight on it; do not reopen it */
+            up_remove(u, "the replica is stopping");
+    }
 }
 
 void bw_router_detach(void *owner) {

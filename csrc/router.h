@@ -18,8 +18,13 @@ typedef void (*bw_router_demand_fn)(void *arg);
 void bw_router_init(uv_loop_t *loop, size_t max_frame, bw_router_demand_fn demand, void *arg);
 void bw_router_set_max_pending(int n);
 
-/* Connect n pipelined connections to a replica's private socket; `owner` names it. */
+/* Connect n pipelined connections to a replica's private socket; `owner` names it.
+ * A connection that ends while the replica serves is reopened (its worker died and
+ * was replaced), until bw_router_drain or bw_router_detach. */
 int bw_router_attach(void *owner, const char *unix_path, int n);
+/* The replica is stopping: send it no new calls and reopen none of its connections;
+ * calls in flight are still answered. owner NULL: every replica (shutdown). */
+void bw_router_drain(void *owner);
 /* The replica is gone or going: calls it had not answered get an explicit 502. */
 void bw_router_detach(void *owner);
 

@@ -15,6 +15,7 @@
 #include <uv.h>
 
 #include "app.h"
+#include "control.h"
 #include "frame.h"
 #include "log.h"
 #include "request.h"
@@ -42,7 +43,7 @@ struct conn {
 
 static struct {
     uv_loop_t *loop;
-    union bw_stream listeners[8];
+    union bw_stream listeners[BW_CTL_MAX_FDS]; /* as many as "start" can carry */
     int nlisteners;
     uv_signal_t sigterm, sigint;
     uv_timer_t grace;
@@ -266,7 +267,8 @@ int bw_server_run(const int *listen_fds, int nfds, size_t max_frame, double grac
     srv.loop = uv_default_loop();
     srv.max_frame = max_frame;
     srv.grace_s = grace_s;
-    for (int i = 0; i < nfds && i < 8; i++) {
+    bw_request_set_max_frame(max_frame);
+    for (int i = 0; i < nfds && i < BW_CTL_MAX_FDS; i++) {
         if (open_listener(&srv.listeners[i], listen_fds[i]) < 0)
             return -1;
         srv.nlisteners++;

@@ -54,6 +54,7 @@ static struct {
     int next_id;
     int dumper;               /* id of the cold boot allowed to dump, 0 if none */
     bool stopping;
+    double stop_deadline;     /* bw_now_ms(): stop replicas with HTTP calls in flight then */
     int exit_code;
     uv_signal_t sigterm, sigint, sigchld;
     uv_timer_t tick;
@@ -213,6 +214,8 @@ static void retire_idle(double now) {
             continue;
         bw_info("replica %d idle for %gs: stopping it (%s)", r->id, F.keep_warm_s,
                 count_alive() == 1 ? "scale to zero; the next call restores one" : "scale down");
+        if (F.http)
+            bw_router_drain(r); /* calls arriving now wait for (or start) another replica */
         bw_replica_stop(r, bw_sup.o->grace_s);
     }
 }
@@ -231,9 +234,23 @@ static void status_line(double now) {
             count_alive(), count_starting(), bw_router_queued(), bw_router_inflight(NULL), rps);
 }
 
+/* Shutdown, after the router stopped dispatching: a replica is stopped once the HTTP
+ * calls it holds are answered (a host's workers drop requests they have not read yet
+ * when told to stop), or when the grace period is over. */
+static void stop_drained(double now) {
+    for (struct bw_replica *r = F.replicas; r; r = r->next)
+        if (r->pid > 0 && r->phase != BW_R_STOPPING &&
+            (!F.http || bw_router_inflight(r) == 0 || now >= F.stop_deadline))
+            bw_replica_stop(r, bw_sup.o->grace_s);
+}
+
 static void on_tick(uv_timer_t *t) {
     (void)t;
     double now = bw_now_ms();
+    if (F.stopping) {
+        stop_drained(now);
+        return;
+    }
     retire_idle(now);
     if (count_alive() == 0 && !F.stopping && !F.pending)
         wake_start();
@@ -417,21 +434,31 @@ static void on_sigchld(uv_signal_t *h, int sig) {
             }
 }
 
+/* First signal: stop dispatching (new HTTP requests get 503), let calls in flight
+ * finish, then stop each replica (stop_drained). A second signal stops them all now,
+ * and kills those already stopping. */
 static void on_signal(uv_signal_t *h, int sig) {
     (void)h;
-    if (!F.stopping)
+    bool again = F.stopping;
+    if (!again)
         bw_info("received %s, stopping (finishing requests for up to %gs)", strsignal(sig),
                 bw_sup.o->grace_s);
     F.stopping = true;
+    F.stop_deadline = bw_now_ms() + bw_sup.o->grace_s * 1000;
     wake_stop();
     uv_timer_stop(&F.backoff);
     F.pending = 0;
     if (F.http) {
         bw_http_stop();
+        bw_router_drain(NULL);
         bw_router_fail_queued(503, "ShuttingDown", "the server is stopping");
     }
-    for (struct bw_replica *r = F.replicas; r; r = r->next)
-        bw_replica_stop(r, bw_sup.o->grace_s); /* a second signal kills */
+    if (again) {
+        for (struct bw_replica *r = F.replicas; r; r = r->next)
+            bw_replica_stop(r, bw_sup.o->grace_s);
+    } else {
+        stop_drained(bw_now_ms());
+    }
     if (count_alive() == 0 && !F.replicas)
         shutdown_loop(0);
 }

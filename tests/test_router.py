@@ -1,0 +1,328 @@
+"""The HTTP router's failure paths (issue 12), through the user's path:
+``python -m beam serve tests/apps/router_app.py:NAME --port P --no-auth`` (no
+PYTHONUNBUFFERED: what the user runs is what is tested).
+
+Capacity must survive a worker crash and an oversized result; a CRIU timeout must not
+kill the replicas that serve; retiring and stopping must not answer errors for calls
+that never ran."""
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import pytest
+
+from conftest import APPS
+
+pytestmark = pytest.mark.timeout(120)
+
+
+class Served:
+    """One `python -m beam serve ... --port 0 --no-auth`, its log and its port (read from
+    the log: a port picked here could be taken by a parallel run before serve binds it)."""
+
+    def __init__(self, workdir: Path, app: str, *args: str, env: Optional[Dict[str, str]] = None,
+                 tag: str = "serve") -> None:
+        self.log_path = workdir / f"{tag}.log"
+        e = dict(os.environ)
+        e.pop("PYTHONUNBUFFERED", None)
+        e.pop("BEAM_AUTH_TOKEN", None)
+        e.setdefault("BEAM_CHECKPOINT_DIR", str(workdir / "checkpoints"))
+        e.setdefault("BEAM_VOLUME_ROOT", str(workdir / "volumes"))
+        e.update(env or {})
+        cmd = [sys.executable, "-m", "beam", "serve", str(APPS / app), "--port", "0",
+               "--no-auth", *args]
+        with open(self.log_path, "wb") as f:
+            self.proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=e,
+                                         cwd=str(workdir), start_new_session=True)
+        m = re.search(r"HTTP on http://127\.0\.0\.1:(\d+)", self.wait_for("ready:"))
+        assert m, self.log()
+        self.port = int(m.group(1))
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_for(self, text: str, timeout: float = 90.0, count: int = 1) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            log = self.log()
+            if log.count(text) >= count:
+                return log
+            if self.proc.poll() is not None:
+                raise AssertionError(f"serve exited ({self.proc.returncode}) before {text!r}:\n{log}")
+            time.sleep(0.02)
+        raise AssertionError(f"timed out waiting for {text!r}:\n{self.log()}")
+
+    def request(self, method: str, path: str = "/", body=None, timeout: float = 20.0):
+        c = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        try:
+            data = json.dumps(body).encode() if body is not None else None
+            c.request(method, path, body=data,
+                      headers={"Content-Type": "application/json"} if data else {})
+            r = c.getresponse()
+            return r.status, {k.lower(): v for k, v in r.getheaders()}, r.read()
+        finally:
+            c.close()
+
+    def call(self, timeout: float = 20.0, **kwargs):
+        status, _, body = self.request("POST", "/", kwargs, timeout=timeout)
+        return status, json.loads(body)
+
+    def stats(self) -> dict:
+        status, _, body = self.request("GET", "/stats")
+        assert status == 200, body
+        return json.loads(body)
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.proc.wait(10)
+
+
+@pytest.fixture
+def serve(workdir):
+    started: List[Served] = []
+
+    def start(app: str, *args: str, **kw) -> Served:
+        s = Served(workdir, app, *args, **kw)
+        started.append(s)
+        return s
+
+    yield start
+    for s in started:
+        s.kill()
+
+
+def wait_until(pred, timeout: float, what: str, every: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = pred()
+        if v:
+            return v
+        time.sleep(every)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+# ---- capacity after a worker crash or an oversized result -------------------------------
+
+
+def test_worker_crash_does_not_lose_http_capacity(serve):
+    s = serve("router_app.py:crashy", "--no-checkpoint", "--keep-warm", "-1")
+    assert s.call(op="echo", value="before") == (200, "before")
+    status, body = s.call(op="crash")
+    assert status == 502 and body["error"]["type"] == "ReplicaLost", body
+    s.wait_for("worker 0 exited with status 3; replacing it")
+    for i in range(5):  # hung for good before the router reconnected
+        assert s.call(timeout=15, op="echo", value=i) == (200, i), s.log()
+    # A second crash, then capacity again: reconnecting is not a one-off.
+    assert s.call(op="crash")[0] == 502
+    for i in range(3):
+        assert s.call(timeout=15, op="echo", value=i) == (200, i), s.log()
+    assert len(s.stats()["replicas"]) == 1
+
+
+def test_result_larger_than_max_frame_is_an_error_and_the_next_call_works(serve):
+    limit = 1 << 20
+    s = serve("router_app.py:crashy", "--no-checkpoint", "--keep-warm", "-1",
+              "--max-frame", str(limit))
+    status, body = s.call(op="big", n=2 * limit)
+    assert status == 500, body
+    assert body["error"]["type"] == "ResultTooLarge", body
+    assert str(limit) in body["error"]["message"]
+    for i in range(5):
+        assert s.call(timeout=15, op="echo", value=i) == (200, i), s.log()
+    status, body = s.call(op="big", n=limit // 2)  # under the limit: still served
+    assert status == 200 and len(body) > limit // 2
+
+
+# ---- a CRIU timeout kills criu, not the replicas that serve -----------------------------
+
+
+def test_criu_timeout_of_a_second_replica_spares_the_serving_one(serve, workdir):
+    """As test_checkpoint.py::test_hanging_criu_times_out, with a criu that hangs only
+    once a flag file exists: the first replica dumps with the real criu and serves; then
+    HTTP calls queue up, a second replica is restored, and that restore (and the dump of
+    the cold boot that replaces it) hangs past --criu-timeout. The watchdog must kill
+    criu alone: the serving replica's calls are answered."""
+    real = subprocess.run([sys.executable, "-c",
+                           "from beam._paths import find_criu; print(find_criu())"],
+                          capture_output=True, text=True).stdout.strip() or "/usr/sbin/criu"
+    flag = workdir / "criu-hangs-now"
+    fake = workdir / "criu-maybe-hangs"
+    fake.write_text(f"#!/bin/sh\n[ -e {flag} ] && exec sleep 600\nexec {real} \"$@\"\n")
+    fake.chmod(0o755)
+    s = serve("router_app.py:ckpt", "--max-replicas", "2", "--keep-warm", "-1",
+              "--criu", str(fake), "--criu-timeout", "2")
+    assert "checkpoint written" in s.log(), s.log()
+    [first] = s.stats()["replicas"]
+    flag.write_text("")
+    results: List = [None] * 3
+
+    def call(i):
+        results[i] = s.call(timeout=60, op="sleep", seconds=3, i=i)
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(3)]
+    for i, t in enumerate(threads):
+        t.start()
+        if i < 2:  # the first two are in the replica before the third queues
+            wait_until(lambda: s.stats()["inflight"] == i + 1, 10, "calls in flight")
+    for t in threads:
+        t.join(60)
+    log = s.log()
+    assert "CRIU restore timed out after 2s" in log, log
+    for i, r in enumerate(results):
+        assert r is not None and r[0] == 200 and r[1]["i"] == i, (results, log)
+    assert results[0][1]["pid"] == results[1][1]["pid"]
+    replicas = {r["id"]: r for r in s.stats()["replicas"]}
+    assert first["id"] in replicas and replicas[first["id"]]["pid"] == first["pid"], (replicas, log)
+    assert replicas[first["id"]]["state"] == "serving"
+    assert "killed by signal" not in log, log
+
+
+# ---- stopping: no errors for calls that never ran ---------------------------------------
+
+
+class Raw:
+    """A raw keep-alive HTTP/1.1 connection: send requests, read responses in order."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+        self.f = self.sock.makefile("rb")
+
+    def send_call(self, **kwargs) -> None:
+        body = json.dumps(kwargs).encode()
+        self.sock.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                          b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+
+    def response(self):
+        line = self.f.readline()
+        if not line:
+            raise EOFError("connection closed before a response")
+        status = int(line.split()[1])
+        headers = {}
+        while True:
+            h = self.f.readline()
+            if h in (b"\r\n", b""):
+                break
+            k, v = h.decode("latin-1").split(":", 1)
+            headers[k.strip().lower()] = v.strip()
+        return status, headers, json.loads(self.f.read(int(headers["content-length"])))
+
+    def closed_by_peer(self) -> bool:
+        try:
+            return self.f.read(1) == b""
+        except ConnectionResetError:
+            return True
+
+
+def test_sigterm_answers_calls_in_flight_and_503_for_new_ones(serve):
+    """SIGTERM with one call running and one dispatched behind it (one worker, two router
+    connections): both are answered, not 502. A keep-alive connection opened before the
+    signal then gets 503 ShuttingDown with Connection: close, not silence."""
+    s = serve("router_app.py:crashy", "--no-checkpoint", "--keep-warm", "-1")
+    a, b, idle = Raw(s.port), Raw(s.port), Raw(s.port)
+    idle.send_call(op="echo", value="warm")
+    assert idle.response()[2] == "warm"
+    a.send_call(op="sleep", seconds=1.5, i=1)
+    b.send_call(op="sleep", seconds=0.2, i=2)  # waits in the replica behind the first
+    wait_until(lambda: s.stats()["inflight"] == 2, 10, "two calls in flight")
+    s.proc.send_signal(signal.SIGTERM)
+    s.wait_for("received Terminated")
+    idle.send_call(op="echo", value="late")
+    status, h, body = idle.response()
+    assert status == 503 and body["error"]["type"] == "ShuttingDown", body
+    assert h.get("connection") == "close"
+    assert idle.closed_by_peer()
+    for conn, i in ((a, 1), (b, 2)):
+        status, _, body = conn.response()
+        assert status == 200 and body["i"] == i, (body, s.log())
+    assert s.proc.wait(30) == 0, s.log()
+
+
+def test_replica_being_retired_gets_no_new_calls(serve, workdir):
+    """A replica is retired while a direct msgpack call still runs in it (the host
+    reports request starts as activity, so a call longer than keep_warm looks idle);
+    HTTP calls that arrive while it stops must not be sent to it (they were answered
+    502 ReplicaLost without running): they start a new replica and succeed."""
+    from beam.client import Client
+    sock = workdir / "m.sock"
+    s = serve("router_app.py:crashy", "--no-checkpoint", "--keep-warm", "1",
+              "--socket", str(sock))
+    out: List = []
+    t = threading.Thread(target=lambda: out.append(
+        Client(f"unix://{sock}", timeout=30).call(op="sleep", seconds=4, i=0)))
+    t.start()
+    s.wait_for("idle for 1s: stopping it", timeout=10)
+    results: List = []
+    calls = threading.Thread(target=lambda: results.extend(
+        s.call(timeout=30, op="echo", value=i) for i in range(3)))
+    calls.start()
+    time.sleep(0.3)  # the first call is parsed and routed by now
+    for r in s.stats()["replicas"]:
+        assert r["state"] != "stopping" or r["inflight"] == 0, (r, s.log())
+    calls.join(30)
+    assert results == [(200, 0), (200, 1), (200, 2)], (results, s.log())
+    t.join(30)
+
+
+# ---- options that cannot work are refused up front ---------------------------------------
+
+
+@pytest.mark.parametrize("value", ["nan", "inf"])
+def test_non_finite_seconds_are_refused(workdir, value):
+    """float("nan") passes argparse and every comparison in C: --keep-warm nan retired
+    replicas at once, --grace inf never killed a stuck one."""
+    env = dict(os.environ, BEAM_CHECKPOINT_DIR=str(workdir / "c"))
+    env.pop("PYTHONUNBUFFERED", None)
+    for opt in ("--keep-warm", "--grace"):
+        p = subprocess.run([sys.executable, "-m", "beam", "serve",
+                            str(APPS / "router_app.py:crashy"), "--port", "0", "--no-auth",
+                            "--no-checkpoint", f"{opt}={value}"],
+                           capture_output=True, text=True, timeout=30, env=env, cwd=str(workdir))
+        assert p.returncode != 0, (opt, p.stdout, p.stderr)
+        assert "finite number" in p.stderr and opt in p.stderr, p.stderr
+
+
+def test_listeners_beyond_what_start_can_carry_are_refused(start_worker, workdir):
+    """Eight fds travel in "start"; 4 --socket + 4 --tcp + --port is nine, and used to
+    give every host a listener list longer than its fds. Eight in all still serve."""
+    from conftest import Worker, worker_binary
+    socks = [f"--socket={workdir / f's{i}.sock'}" for i in range(4)]
+    tcps = ["--tcp=127.0.0.1:0"] * 4
+    p = subprocess.run([worker_binary(), "--python", sys.executable, "--no-checkpoint", *socks,
+                        *tcps, "--port", "0", str(APPS / "router_app.py:crashy")],
+                       capture_output=True, text=True, timeout=30)
+    assert p.returncode != 0 and "at most 8 listeners" in p.stderr, (p.stdout, p.stderr)
+    w = start_worker("router_app.py:crashy", "--no-checkpoint", *socks, *tcps[:3], "--port", "0",
+                     "--no-auth")
+    from beam.client import Client
+    for a in w.addresses:
+        with Client(a, timeout=10) as c:
+            assert c.call(op="echo", value=a) == a
+    port = int(re.search(r"HTTP on http://127\.0\.0\.1:(\d+)", w.log()).group(1))
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    c.request("POST", "/", body=b'{"op": "echo", "value": 8}')
+    assert c.getresponse().read() == b"8"
