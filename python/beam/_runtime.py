@@ -19,7 +19,7 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from . import hooks
+from . import env, hooks
 from .context import Context
 from .endpoint import Endpoint
 from .exceptions import TaskTimeout
@@ -38,6 +38,7 @@ _endpoint: Optional[Endpoint] = None
 def load(spec: str) -> Tuple[Endpoint, str]:
     """Import ``path/to/app.py:func`` or ``package.module:func``; return the endpoint and
     the app's directory (which becomes the working directory)."""
+    env._mark_remote()  # before the app's module-level code runs: it may ask
     module_part, sep, func_name = spec.rpartition(":")
     if not sep or not module_part or not func_name:
         raise AppLoadError(f"app must look like 'app.py:function' or 'pkg.module:function', got {spec!r}")
@@ -91,6 +92,7 @@ def describe(ep: Endpoint) -> Dict[str, Any]:
         "memory": str(c.memory),
         "wants_context": ep.wants_context,
         "has_on_start": c.on_start is not None,
+        "unused_options": list(ep.unused_options),
     }
 
 
@@ -198,6 +200,7 @@ def make_context_factory(ep: Endpoint, on_start_value: Any, container_id: str,
         worker=worker,
         stub_id=ep.config.name,
         stub_type="endpoint",
+        callback_url=ep.config.callback_url or "",
     )
 
     def factory(task_id: str) -> Context:
