@@ -80,6 +80,7 @@ setup(
     python_requires=">=3.9",
     package_dir={"": "python"},
     packages=["beam"],
+    package_data={"beam": ["py.typed"]},
     install_requires=["msgpack>=1.0"],
     entry_points={"console_scripts": ["beam=beam.cli:main"]},
     data_files=[("bin", [STAGE_REL])],

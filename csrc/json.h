@@ -9,8 +9,8 @@
 /* Levels of arrays/objects. An HTTP body becomes the kwargs map, one level inside the
  * request map, and the worker decodes at most 32 levels (msgpack-c): so 31. */
 #define BW_JSON_MAX_DEPTH 31
-/* cJSON spends ~64 bytes per value: 16 MiB of "[0,0,..." would take ~700 MiB. Bodies are
- * counted before parsing and refused above this many values (~64 MiB of nodes). */
+/* The parser builds no tree (4 bytes per container), but the worker turns every value into
+ * a Python object (~30-100 bytes each): a body above this many values is refused. */
 #define BW_JSON_MAX_VALUES (1u << 20)
 
 /* Append JSON text to `out` (a byte buffer). bin becomes a base64 string; NaN and
@@ -23,8 +23,11 @@ void bw_json_write_str(FILE *f, const char *s);
 void bw_json_write_object(FILE *f, const msgpack_object *o);
 void bw_json_write_msgpack(FILE *f, const char *buf, size_t len); /* "null" if unparsable */
 
-/* Parse JSON text and pack it as one msgpack value. Integers that fit int64 stay
- * integers. 0, or -1 with a reason in err (not JSON, nested deeper than BW_JSON_MAX_DEPTH). */
+/* Parse JSON text (RFC 8259) and pack it as one msgpack value, as Python's json.loads reads
+ * it: a number with a fraction or exponent is a float, any other an int, exact from -2**63
+ * to 2**64-1; strings keep NULs and every code point (surrogate pairs). 0, or -1 with a
+ * reason in err: not JSON, an integer past 64 bits, a lone surrogate, nested deeper than
+ * BW_JSON_MAX_DEPTH, more than BW_JSON_MAX_VALUES values. */
 int bw_json_to_msgpack(const char *text, size_t len, msgpack_packer *pk, char *err, size_t errlen);
 
 #endif

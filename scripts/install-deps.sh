@@ -5,7 +5,7 @@
 # Then provisions CRIU with scripts/install-criu.sh. Run scripts/venv.sh afterwards.
 set -euo pipefail
 
-PKGS=(build-essential cmake pkg-config libuv1-dev libmsgpack-dev libhttp-parser-dev libcjson-dev
+PKGS=(build-essential cmake pkg-config libuv1-dev libmsgpack-dev libhttp-parser-dev
       python3-dev python3-venv clang libclang-rt-14-dev curl wrk libcap2-bin)
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)

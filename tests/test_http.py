@@ -220,7 +220,7 @@ def test_client_errors_keep_the_connection(start_worker):
         (request("GET", "/"), 405, "MethodNotAllowed"),
         (request("PUT", "/", b"{}"), 405, "MethodNotAllowed"),
         (request("POST", "/stats", b"{}"), 405, "MethodNotAllowed"),
-        # more values than the front parses (each costs ~64 bytes in cJSON)
+        # more values than the front accepts (BW_JSON_MAX_VALUES)
         (request("POST", "/", b'{"v": [' + b"0," * (1 << 20) + b"0]}"), 400, "BadRequest"),
     ]
     for raw, status, etype in cases:

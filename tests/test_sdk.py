@@ -96,7 +96,7 @@ def test_volume_validation():
 def test_public_names_and_light_import():
     for name in ("endpoint", "Endpoint", "Image", "Volume", "Context", "Client", "RemoteError",
                  "ConnectionClosed", "BeamError", "TimeoutError", "before_checkpoint",
-                 "after_restore", "__version__"):
+                 "after_restore", "env", "__version__"):
         assert hasattr(beam, name), name
     assert beam.__version__ == "0.1.0"
     assert issubclass(beam.TimeoutError, beam.BeamError)
@@ -104,6 +104,128 @@ def test_public_names_and_light_import():
     code = ("import sys, beam; assert 'msgpack' not in sys.modules and 'beam.client' not in sys.modules;"
             "beam.Client; assert 'msgpack' in sys.modules")
     subprocess.run([sys.executable, "-c", code], env=ENV, check=True)
+
+
+# ------------------------------------------------------- Beam's option set, is_remote
+#: Every option of Beam's (beta9's) @endpoint, with values of the kinds Beam apps pass.
+BEAM_OPTIONS = dict(
+    app="my-app", cpu=2, memory="4Gi", gpu="T4", gpu_count=1, image=beam.Image(python_packages=["torch"]),
+    timeout=60, workers=1, keep_warm_seconds=300, max_pending_tasks=50, on_start=None, on_deploy=None,
+    volumes=[], secrets=[], env={"A": "1"}, name="beam-app", authorized=False, autoscaler=object(),
+    callback_url="https://example.invalid/cb", task_policy=object(), retries=3, concurrent_requests=2,
+    checkpoint_enabled=True, pricing=object(), inputs=object(), outputs=object(), block_network=True,
+    docker_enabled=False,
+)
+
+
+def test_endpoint_accepts_every_beam_option():
+    @beam.endpoint(**BEAM_OPTIONS)
+    def predict(x: int) -> int:
+        return x * 2
+
+    assert predict(x=2) == 4 and predict.__name__ == "predict"
+    for k, v in BEAM_OPTIONS.items():
+        assert getattr(predict.config, k) == v, k
+    assert predict.unused_options == sorted(
+        {"app", "cpu", "memory", "gpu_count", "image", "on_deploy", "autoscaler", "callback_url",
+         "task_policy", "retries", "concurrent_requests", "pricing", "inputs", "outputs",
+         "block_network", "docker_enabled"})
+
+    @beam.endpoint(workers=2)
+    def plain():
+        pass
+
+    assert plain.unused_options == []
+
+
+def test_endpoint_typo_is_a_type_error_with_a_hint():
+    with pytest.raises(TypeError, match="'keep_warm_second' \\(did you mean 'keep_warm_seconds'\\?\\)"):
+        @beam.endpoint(keep_warm_second=10)
+        def f():
+            pass
+    with pytest.raises(TypeError, match="'zzz_option'$"):
+        beam.endpoint(zzz_option=1)
+
+
+def test_decorator_options_read_from_source():
+    src = textwrap.dedent("""
+        import beam
+        from beam import endpoint
+        @beam.endpoint(cpu=2, autoscaler=None, **extra)
+        def a(): pass
+        @endpoint(memory="1Gi")
+        async def b(): pass
+        def c(): pass
+    """)
+    assert cli.decorator_options(src, "a") == ["cpu", "autoscaler"]
+    assert cli.decorator_options(src, "b") == ["memory"]
+    assert cli.decorator_options(src, "c") == []
+
+
+def test_is_remote_false_outside_a_worker(tmp_path):
+    assert beam.env.is_remote() is False
+    (tmp_path / "app.py").write_text("import beam\nprint('remote', beam.env.is_remote())\n")
+    out = subprocess.run([sys.executable, "app.py"], cwd=tmp_path, env=ENV, capture_output=True,
+                         text=True, check=True).stdout
+    assert out == "remote False\n"
+
+
+BEAM_APP = """
+import beam
+from beam import env
+
+AT_IMPORT = env.is_remote()
+
+@beam.endpoint(app="shop", cpu="500m", memory=512, gpu_count=0, autoscaler=None, retries=2,
+               callback_url="https://example.invalid/done", task_policy=None, pricing=None,
+               keep_warm_seconds=60, name="beam-only")
+def predict(context, x: int = 1):
+    return {"x": x, "remote": env.is_remote(), "at_import": AT_IMPORT,
+            "callback_url": context.callback_url}
+"""
+
+
+def _real_worker() -> str:
+    from conftest import worker_binary
+
+    path = worker_binary()
+    if not os.access(path, os.X_OK):
+        pytest.skip(f"no beam-worker binary at {path}")
+    return path
+
+
+@pytest.mark.timeout(90)
+def test_serve_app_with_beam_only_options(tmp_path):
+    """A Beam app with Beam-only options imports and serves through ``python -m beam serve``;
+    the note naming them is printed once (the CLI execs the worker: it must not be lost in
+    a buffer, so no PYTHONUNBUFFERED here); is_remote() is true in the worker."""
+    binary = _real_worker()
+    (tmp_path / "app.py").write_text(BEAM_APP)
+    env = {k: v for k, v in ENV.items() if k != "PYTHONUNBUFFERED"}
+    env.update(BEAM_WORKER_BINARY=binary, BEAM_CHECKPOINT_DIR=str(tmp_path / "ck"),
+               BEAM_VOLUME_ROOT=str(tmp_path / "vol"))
+    log = tmp_path / "serve.log"
+    with open(log, "wb") as out:
+        p = subprocess.Popen([sys.executable, "-m", "beam", "serve", "app.py:predict", "--socket",
+                              "s.sock", "--no-checkpoint"], cwd=tmp_path, env=env, stdout=out,
+                             stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while not (tmp_path / "s.sock").exists():
+            assert p.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        with Client(f"unix://{tmp_path / 's.sock'}", timeout=30) as c:
+            got = c.call(x=3)
+    finally:
+        p.terminate()
+        p.wait(timeout=30)
+    assert got == {"x": 3, "remote": True, "at_import": True,
+                   "callback_url": "https://example.invalid/done"}
+    text = log.read_text()
+    notes = [line for line in text.splitlines() if "not used by the local worker" in line]
+    assert len(notes) == 1, text
+    assert ("not used by the local worker: app, autoscaler, callback_url, cpu, gpu_count, memory, "
+            "pricing, retries, task_policy") in notes[0]
 
 
 # ---------------------------------------------------------------------- checkpoint key

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any, List
 
+from . import env
 from .context import Context
 from .endpoint import Endpoint, Image, Volume, endpoint
 from .exceptions import BeamError, ConnectionClosed, RemoteError, TaskTimeout, TimeoutError  # noqa: A004
@@ -21,7 +22,7 @@ __version__ = "0.1.0"
 __all__ = [
     "endpoint", "Endpoint", "Image", "Volume", "Context", "Client",
     "RemoteError", "ConnectionClosed", "BeamError", "TaskTimeout",
-    "before_checkpoint", "after_restore", "__version__",
+    "before_checkpoint", "after_restore", "env", "__version__",
 ]
 
 _LAZY = {"Client": ("client", "Client"), "client": ("client", None)}

@@ -20,7 +20,7 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from . import hooks
+from . import env, hooks
 from .context import Context
 from .endpoint import Endpoint
 from .exceptions import TaskTimeout
@@ -47,6 +47,7 @@ def load(spec: str) -> Tuple[Endpoint, str]:
     the app's directory (which becomes the working directory)."""
     global _inherited
     _inherited = frozenset(os.environ)
+    env._mark_remote()  # before the app's module-level code runs: it may ask
     module_part, sep, func_name = spec.rpartition(":")
     if not sep or not module_part or not func_name:
         raise AppLoadError(f"app must look like 'app.py:function' or 'pkg.module:function', got {spec!r}")
@@ -100,6 +101,7 @@ def describe(ep: Endpoint) -> Dict[str, Any]:
         "memory": str(c.memory),
         "wants_context": ep.wants_context,
         "has_on_start": c.on_start is not None,
+        "unused_options": list(ep.unused_options),
     }
 
 
@@ -165,18 +167,18 @@ def set_secrets(secrets: Dict[str, str]) -> None:
     os.environ.update(secrets)
 
 
-def after_start(restored: bool, env: Dict[str, str], secrets: Dict[str, str]) -> None:
+def after_start(restored: bool, environ: Dict[str, str], secrets: Dict[str, str]) -> None:
     """Called in every start, cold or restored, with the supervisor's environment as of
-    this start (``env``: its allowed variables) and the declared secrets' values.
+    this start (``environ``: its allowed variables) and the declared secrets' values.
 
     After a restore the process still has the environment of the image's cold boot: the
     inherited variables are brought to today's values (removed where unset today), then
     ``env={}`` from the decorator (removed before the dump like the secrets) and the
     secrets are put back, then the replica is made unique again."""
     if restored:
-        for name in _inherited - env.keys():
+        for name in _inherited - environ.keys():
             os.environ.pop(name, None)
-    os.environ.update(env)
+    os.environ.update(environ)
     if _endpoint is not None:
         apply_env(_endpoint)
     os.environ.update(secrets)
@@ -246,6 +248,7 @@ def make_context_factory(ep: Endpoint, on_start_value: Any, container_id: str,
         worker=worker,
         stub_id=ep.config.name,
         stub_type="endpoint",
+        callback_url=ep.config.callback_url or "",
     )
 
     def factory(task_id: str) -> Context:

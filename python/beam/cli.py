@@ -125,6 +125,64 @@ def _absolute_app(app: str) -> str:
     return f"{os.path.abspath(module_part)}:{func}" if is_file else app
 
 
+def _app_source(app: str) -> Optional[str]:
+    """The file defining the app's module, found without importing it (None if unsure)."""
+    from .checkpoint_key import locate_app, split_spec
+
+    loc = locate_app(app)
+    if loc.kind == "file":
+        return os.path.abspath(split_spec(app)[0])
+    top, *rest = loc.module.split(".")
+    cands = list(loc.files)
+    for root in loc.roots:  # a package's directory, or a plain module's parent directory
+        if rest:
+            cands += [os.path.join(root, *rest) + ".py", os.path.join(root, *rest, "__init__.py")]
+        else:
+            cands += [os.path.join(root, top + ".py"), os.path.join(root, "__init__.py")]
+    return next((c for c in cands if os.path.isfile(c)), None)
+
+
+def decorator_options(source: str, func: str) -> List[str]:
+    """The keywords written in ``@endpoint(...)`` / ``@beam.endpoint(...)`` on the top-level
+    function ``func`` of a Python source text."""
+    import ast
+
+    for node in ast.parse(source).body:
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) or node.name != func:
+            continue
+        for d in node.decorator_list:
+            if not isinstance(d, ast.Call):
+                continue
+            f = d.func
+            name = f.id if isinstance(f, ast.Name) else f.attr if isinstance(f, ast.Attribute) else ""
+            if name == "endpoint":
+                return [k.arg for k in d.keywords if k.arg]
+    return []
+
+
+def unused_options_note(app: str) -> Optional[str]:
+    """``not used by the local worker: ...`` for the Beam-only options the app sets.
+
+    Read from the app's source, not by importing it: the CLI execs the worker, which
+    imports the app once anyway, and an import here could take minutes (a model load)
+    or have side effects. Options passed indirectly (``**opts``) are not seen."""
+    from .endpoint import NOT_USED_LOCALLY
+
+    try:
+        path = _app_source(app)
+        if path is None:
+            return None
+        with open(path, encoding="utf-8") as f:
+            written = decorator_options(f.read(), app.rpartition(":")[2])
+    except (OSError, SyntaxError, ValueError):
+        return None  # the worker reports a broken app properly; this is only a note
+    unused = sorted(set(written) & NOT_USED_LOCALLY)
+    if not unused:
+        return None
+    return (f"not used by the local worker: {', '.join(unused)} (accepted for Beam "
+            f"compatibility and recorded; see docs/sdk.md)")
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     binary = _binary()
     key = _current_key(args.app, args.workers, args.volume_root, binary, args.pass_env or ())
@@ -178,6 +236,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.max_crashes is not None:
         argv += ["--max-crashes", str(args.max_crashes)]
     argv.append(_absolute_app(args.app))
+    note = unused_options_note(args.app)
+    if note:
+        print(f"beam: note: {note}", file=sys.stderr)
     sys.stdout.flush()
     sys.stderr.flush()
     os.execv(binary, argv)

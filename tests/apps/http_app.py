@@ -22,6 +22,11 @@ def load():
 def _run(context, op, kwargs):
     if op == "echo":
         return kwargs.get("value")
+    if op == "describe":  # what the handler received, for tests/test_http_json.py
+        v = kwargs.get("value")
+        return {"type": type(v).__name__, "repr": repr(v)}
+    if op == "pow2":
+        return 2 ** kwargs["k"] * kwargs.get("sign", 1)
     if op == "len":
         return len(kwargs["data"])
     if op == "sleep":
