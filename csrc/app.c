@@ -5,12 +5,14 @@
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <limits.h>
 #include <malloc.h>
 #include <stdio.h>
 #include <string.h>
 
 #include "codec.h"
 #include "log.h"
+#include "pylib.h"
 #include "scrub.h"
 #include "util.h"
 
@@ -94,12 +96,24 @@ int bw_app_init(const char *python, bool scrub, double *elapsed_ms) {
     if (!PyStatus_Exception(st))
         st = Py_InitializeFromConfig(&cfg);
     PyConfig_Clear(&cfg);
-    if (status_failed(st, "Python initialisation"))
+    if (status_failed(st, "Python initialisation")) {
+        /* Most often the stdlib of --python is another Python's: say which we embed. */
+        char why[sizeof last_error];
+        snprintf(why, sizeof why, "%s", last_error);
+        bw_pylib_init_failed(python, why, last_error, sizeof last_error);
+        return -1;
+    }
+    /* Before any import that needs an extension module (beam._runtime needs math): a
+     * mismatched stdlib fails there with errors that do not name the cause. */
+    if (bw_pylib_check(python, last_error, sizeof last_error) < 0)
         return -1;
     runtime = PyImport_ImportModule("beam._runtime");
     if (!runtime) {
-        capture_error("cannot import beam._runtime (is the beam package installed in the "
-                      "environment of --python?)");
+        char lib[PATH_MAX + 256], what[PATH_MAX + 512];
+        bw_pylib_describe(lib, sizeof lib);
+        snprintf(what, sizeof what, "cannot import beam._runtime with %s (is the beam "
+                 "package installed in the environment of --python?)", lib);
+        capture_error(what);
         return -1;
     }
     if (call_runtime("configure_output", "cannot configure stdout/stderr") < 0)

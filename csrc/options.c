@@ -4,6 +4,7 @@
 
 #include <errno.h>
 #include <getopt.h>
+#include <limits.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -13,6 +14,7 @@
 #include "environ.h"
 #include "frame.h"
 #include "privilege.h"
+#include "pylib.h"
 #include "util.h"
 
 static const char usage[] =
@@ -156,6 +158,14 @@ static void print_privileges(void) {
     printf("pid_namespace: %s\nmissing_capabilities: %s\n", ns ? "ok" : why, n ? missing : "none");
 }
 
+/* Line 1 is the version; then the Python this binary embeds, because a worker runs only
+ * the stdlib of that one Python (beam doctor compares it with the running interpreter). */
+static void print_version(void) {
+    char lib[PATH_MAX + 256];
+    bw_pylib_describe(lib, sizeof lib);
+    printf("beam-worker %s\nlibpython: %s\nbuilt for: %s\n", BW_VERSION, lib, BW_BUILD_PYTHON);
+}
+
 int bw_options_parse(struct bw_options *o, int argc, char **argv) {
     memset(o, 0, sizeof *o);
     o->max_frame = BW_DEFAULT_MAX_FRAME;
@@ -269,7 +279,7 @@ int bw_options_parse(struct bw_options *o, int argc, char **argv) {
                 return -1;
             break;
         case 'h': fputs(usage, stdout); return 1;
-        case OPT_VERSION: printf("beam-worker %s\n", BW_VERSION); return 1;
+        case OPT_VERSION: print_version(); return 1;
         case OPT_PRINT_IMAGE_ENV: print_image_env = true; break;
         case OPT_CHECK_PRIVILEGES: print_privileges(); return 1;
         default: fputs(usage, stderr); return -1;

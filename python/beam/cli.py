@@ -547,6 +547,33 @@ def _check_gpu() -> tuple:
                   "GPU processes cannot be checkpointed")
 
 
+def _same_dir(a: str, b: Optional[str]) -> bool:
+    return bool(b) and os.path.realpath(a) == os.path.realpath(b)
+
+
+def _check_python(version_text: str) -> tuple:
+    """Whether the worker embeds this interpreter's libpython (its ``--version`` names
+    the library): the same test the worker makes at start, by directory and version."""
+    import re
+    import sysconfig
+
+    m = re.search(r"^libpython: (.*?)(, linked in)? \(Python (.*)\)$", version_text, re.M)
+    if not m:
+        return False, "the worker's --version names no libpython (an older worker: reinstall beam)"
+    lib, version = m.group(1), m.group(3)
+    libdir = os.path.dirname(lib)
+    ours = [sysconfig.get_config_var("LIBDIR"), sysconfig.get_config_var("LIBPL"),
+            os.path.join(sys.base_prefix, sys.platlibdir)]
+    same = any(_same_dir(libdir, d) for d in ours) and version == sys.version.split("\n")[0]
+    what = (f"worker embeds {lib} (Python {version.split()[0]}); this interpreter is "
+            f"{sys.executable} (Python {sys.version.split()[0]}, libpython in {ours[0]})")
+    if same:
+        return True, what + ": they match"
+    return False, (what + ": they do NOT match, `beam serve` will refuse to start; rebuild "
+                   f"with `{sys.executable} -m pip install --force-reinstall --no-cache-dir "
+                   "<beam source tree>`")
+
+
 KDAT_DIR = "/run/beam-criu"  # RUNDIR of the CRIU that scripts/install-criu.sh builds
 
 
@@ -594,10 +621,13 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     try:
         binary = worker_binary()
         try:
-            report("worker", True, f"{binary} ({_worker_version(binary)})")
-            binary_ok = True
+            version = _worker_version(binary)
         except CLIError as exc:
             report("worker", False, str(exc))
+        else:
+            binary_ok = True
+            report("worker", True, f"{binary} ({version.splitlines()[0]})")
+            report("python", *_check_python(version))
     except WorkerNotFound as exc:
         report("worker", False, str(exc))
 
