@@ -133,7 +133,11 @@ def apply_env(ep: Endpoint) -> None:
 
 def run_on_start(ep: Endpoint) -> Any:
     fn = ep.config.on_start
-    return fn() if fn is not None else None
+    if fn is None:
+        return None
+    from . import _aio
+
+    return _aio.run_on_start(fn())  # an async on_start is awaited here
 
 
 def _run_bounded(fns: List[Callable[[], Any]], what: str) -> None:

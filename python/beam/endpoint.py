@@ -136,7 +136,13 @@ class Endpoint(Generic[P, R]):
         if not callable(func):
             raise TypeError("@endpoint must decorate a function")
         config.validate()
-        self.func = func
+        #: What the worker calls: the function itself, or for ``async def`` a plain
+        #: function that runs the coroutine to completion on the worker's loop.
+        self.func: Callable[..., Any] = func
+        if inspect.iscoroutinefunction(func):
+            from . import _aio
+
+            self.func = _aio.sync_runner(func)
         self.config = config
         if config.name is None:
             config.name = func.__name__
@@ -145,10 +151,11 @@ class Endpoint(Generic[P, R]):
         params = inspect.signature(func).parameters
         #: Beam passes ``context`` only to handlers that declare a parameter so named.
         self.wants_context = "context" in params
+        self.__wrapped__: Callable[P, R] = func
         functools.update_wrapper(self, func)
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
-        return self.func(*args, **kwargs)
+        return self.__wrapped__(*args, **kwargs)  # an async def gives its coroutine, as usual
 
     def __repr__(self) -> str:
         return f"<beam.endpoint {self.config.name!r} of {self.func!r}>"
