@@ -274,13 +274,6 @@ static int respawn_allowed(struct workers *w) {
     return 1;
 }
 
-static void describe_status(int status, char *buf, size_t cap) {
-    if (WIFSIGNALED(status))
-        snprintf(buf, cap, "killed by signal %d (%s)", WTERMSIG(status), strsignal(WTERMSIG(status)));
-    else
-        snprintf(buf, cap, "exited with status %d", WEXITSTATUS(status));
-}
-
 static int reap(struct workers *w, bool stopping, const struct bw_options *o,
                 const struct start_info *si, const sigset_t *orig_mask) {
     int status;
@@ -293,7 +286,7 @@ static int reap(struct workers *w, bool stopping, const struct bw_options *o,
         if (stopping)
             continue;
         char why[128];
-        describe_status(status, why, sizeof why);
+        bw_describe_status(status, why, sizeof why);
         if (!respawn_allowed(w)) {
             bw_error("worker %d %s; too many crashes in %.0fs, stopping", i, why,
                      RESPAWN_WINDOW_MS / 1000);

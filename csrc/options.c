@@ -62,6 +62,8 @@ static const char usage[] =
     "  --criu PATH           criu binary (default: $BEAM_CRIU, /usr/local/lib/beam/criu, criu)\n"
     "  --criu-timeout SEC    bound on one CRIU dump or restore (default 120)\n"
     "  --restore-timeout SEC bound on a restored replica becoming ready (default 30)\n"
+    "  --restore MODE        lazy: serve while the page daemon fills memory in; eager: copy\n"
+    "                        every page first; auto (default): lazy where userfaultfd works\n"
     "\n"
     "GPU (docs/gpu.md):\n"
     "  --allow-cpu           serve an endpoint with gpu= on a machine without a usable GPU\n"
@@ -81,7 +83,7 @@ enum {
     OPT_VOLUME_ROOT, OPT_JSON_LOGS, OPT_CKPT_DIR, OPT_CKPT_KEY, OPT_NO_CKPT, OPT_RETRY_CKPT,
     OPT_CRIU, OPT_CRIU_TIMEOUT, OPT_RESTORE_TIMEOUT, OPT_VERSION, OPT_HOST, OPT_MAY_CKPT,
     OPT_PORT, OPT_HTTP_HOST, OPT_NO_AUTH, OPT_MAX_BODY, OPT_MAX_REPLICAS, OPT_KEEP_WARM,
-    OPT_ALLOW_CPU, OPT_CUDA_LOCK_TIMEOUT, OPT_MAX_CRASHES, OPT_PASS_ENV, OPT_PRINT_IMAGE_ENV, OPT_CHECK_PRIVILEGES,
+    OPT_ALLOW_CPU, OPT_CUDA_LOCK_TIMEOUT, OPT_MAX_CRASHES, OPT_PASS_ENV, OPT_PRINT_IMAGE_ENV, OPT_CHECK_PRIVILEGES, OPT_RESTORE,
 };
 
 static const struct option long_opts[] = {
@@ -101,6 +103,7 @@ static const struct option long_opts[] = {
     {"criu", required_argument, 0, OPT_CRIU},
     {"criu-timeout", required_argument, 0, OPT_CRIU_TIMEOUT},
     {"restore-timeout", required_argument, 0, OPT_RESTORE_TIMEOUT},
+    {"restore", required_argument, 0, OPT_RESTORE},
     {"allow-cpu", no_argument, 0, OPT_ALLOW_CPU},
     {"cuda-lock-timeout", required_argument, 0, OPT_CUDA_LOCK_TIMEOUT},
     {"port", required_argument, 0, OPT_PORT},
@@ -240,6 +243,18 @@ int bw_options_parse(struct bw_options *o, int argc, char **argv) {
         case OPT_RESTORE_TIMEOUT:
             if (parse_double("--restore-timeout", optarg, 1, &o->restore_timeout_s) < 0)
                 return -1;
+            break;
+        case OPT_RESTORE:
+            if (strcmp(optarg, "auto") == 0)
+                o->restore_mode = BW_RESTORE_AUTO;
+            else if (strcmp(optarg, "lazy") == 0)
+                o->restore_mode = BW_RESTORE_LAZY;
+            else if (strcmp(optarg, "eager") == 0)
+                o->restore_mode = BW_RESTORE_EAGER;
+            else {
+                fprintf(stderr, "beam-worker: --restore must be auto, lazy or eager\n");
+                return -1;
+            }
             break;
         case OPT_PORT:
             if (parse_double("--port", optarg, 0, &d) < 0 || d > 65535 || d != (int)d)

@@ -25,6 +25,7 @@ struct bw_options {
     const char *criu;
     double criu_timeout_s;
     double restore_timeout_s;
+    enum bw_restore_mode { BW_RESTORE_AUTO, BW_RESTORE_LAZY, BW_RESTORE_EAGER } restore_mode;
     double cuda_lock_timeout_s;  /* bound on locking the host's CUDA state (docs/gpu.md) */
     bool allow_cpu;              /* gpu= asked for but no usable GPU: serve on CPU anyway */
     bool json_logs;

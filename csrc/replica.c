@@ -176,6 +176,7 @@ static void io_detach(struct bw_replica *r) {
 
 void bw_replica_reaped(struct bw_replica *r) {
     r->pid = 0;
+    bw_lazy_abort(&r->lazy); /* it cannot outlive the process it fills */
     uv_timer_stop(r->timer);
     io_detach(r);
 }
@@ -725,6 +726,67 @@ static int restore_failed(struct bw_ckpt_image *img, struct host_io *io, const c
     return -1;
 }
 
+/* Lazy where it works and has not failed here; eager otherwise (lazy.c says why). */
+static bool want_lazy(void) {
+    static bool said;
+    enum bw_restore_mode m = bw_sup.o->restore_mode;
+    if (m == BW_RESTORE_EAGER || bw_sup.lazy_broken)
+        return false;
+    if (bw_lazy_supported())
+        return true;
+    if (m == BW_RESTORE_LAZY && !said)
+        bw_warn("--restore lazy: this kernel offers no non-cooperative userfaultfd; "
+                "restoring eagerly");
+    said = true;
+    return false;
+}
+
+/* CRIU restore, lazy or eager; a failed lazy restore is retried eagerly at once. */
+static int criu_restore(struct bw_replica *r, const struct bw_ckpt_image *img,
+                        const struct host_io *io, pid_t *pid, char *err, size_t errlen) {
+    if (want_lazy()) {
+        if (bw_lazy_restore(&bw_sup.ck, img, io->host_out, io->host_err, io->host_ctl, pid,
+                            &r->lazy, err, errlen) == 0) {
+            if (r->lazy.pager == 0) /* every page was in before the restore returned */
+                bw_lazy_finished(&r->lazy);
+            return 1;
+        }
+        bw_warn("lazy restore failed (%s); restoring eagerly from now on", err);
+        bw_sup.lazy_broken = true;
+    }
+    return bw_ckpt_restore(&bw_sup.ck, img, io->host_out, io->host_err, io->host_ctl, pid, err,
+                           errlen);
+}
+
+void bw_replica_check_pager(struct bw_replica *r, double now) {
+    if (r->lazy.pager <= 0 || now - r->restored_at < bw_sup.o->restore_timeout_s * 1000)
+        return;
+    bw_error("replica %d: the page daemon has not filled its memory in %gs; killing both, "
+             "restoring eagerly from now on", r->id, bw_sup.o->restore_timeout_s);
+    bw_sup.lazy_broken = true;
+    kill(r->lazy.pager, SIGKILL); /* reaped, and so handled, like any pager exit */
+}
+
+void bw_replica_pager_exited(struct bw_replica *r, int status) {
+    r->lazy.pager = 0;
+    if (WIFEXITED(status) && WEXITSTATUS(status) == 0) {
+        bw_info("replica %d: all memory in %.0f ms after its lazy restore", r->id,
+                bw_now_ms() - r->restored_at);
+        bw_lazy_finished(&r->lazy);
+        return;
+    }
+    char why[128];
+    bw_describe_status(status, why, sizeof why);
+    /* Pages it never delivered would read as zeros: the replica must not answer again. */
+    bw_error("replica %d: the page daemon %s before all memory was in (log: %s); killing the "
+             "replica, restoring eagerly from now on", r->id, why, r->lazy.workdir);
+    bw_sup.lazy_broken = true;
+    if (r->pid > 0) {
+        r->replace = true;
+        kill(r->pid, SIGKILL);
+    }
+}
+
 int bw_replica_restore(struct bw_replica *r) {
     char err[1024];
     struct bw_ckpt_image img;
@@ -749,9 +811,9 @@ int bw_replica_restore(struct bw_replica *r) {
     }
     pid_t pid;
     double t = bw_now_ms();
-    int rc = bw_ckpt_restore(&bw_sup.ck, &img, io.host_out, io.host_err, io.host_ctl, &pid, err,
-                             sizeof err);
-    double restore_ms = bw_now_ms() - t;
+    int rc = criu_restore(r, &img, &io, &pid, err, sizeof err);
+    r->restored_at = bw_now_ms();
+    double restore_ms = r->restored_at - t;
     if (rc < 0)
         return restore_failed(&img, &io, "restore failed", err);
     if (gpu) {
@@ -784,8 +846,9 @@ int bw_replica_restore(struct bw_replica *r) {
     msgpack_sbuffer_clear(&r->start_profile);
     msgpack_packer pk;
     msgpack_packer_init(&pk, &r->start_profile, msgpack_sbuffer_write);
-    msgpack_pack_map(&pk, gpu ? 6 : 3);
+    msgpack_pack_map(&pk, gpu ? 7 : 4);
     bw_mp_kv_str(&pk, "mode", "restore");
+    bw_mp_kv_str(&pk, "restore", rc == 1 ? "lazy" : "eager");
     bw_mp_kv_double(&pk, "criu_restore_ms", restore_ms);
     bw_mp_kv_int(&pk, "image_bytes", (long long)image_bytes);
     if (gpu) {

@@ -10,6 +10,7 @@
 #include <uv.h>
 
 #include "checkpoint.h"
+#include "lazy.h"
 #include "listen.h"
 
 enum bw_replica_phase { BW_R_BOOT, BW_R_RESTORE, BW_R_SERVING, BW_R_STOPPING };
@@ -31,6 +32,8 @@ struct bw_replica {
     uv_timer_t *timer;         /* restore timeout, then stop timeout */
     int workers;
     unsigned long long requests; /* served, as the host last reported */
+    struct bw_lazy lazy;       /* a lazy restore's page daemon, while it fills memory in */
+    double restored_at;        /* bw_now_ms() when CRIU's restore returned */
     struct bw_replica *next;
 };
 
@@ -42,6 +45,11 @@ int bw_replica_boot_cold(struct bw_replica *r, bool may_dump);
 int bw_replica_restore(struct bw_replica *r);
 /* SIGTERM now, SIGKILL after the grace period. */
 void bw_replica_stop(struct bw_replica *r, double grace_s);
+/* A page daemon still filling memory in after --restore-timeout is stuck: the replica
+ * is killed (calls that fault on a missing page would hang). Called on each tick. */
+void bw_replica_check_pager(struct bw_replica *r, double now);
+/* The page daemon of a lazy restore exited (reaped by the caller). */
+void bw_replica_pager_exited(struct bw_replica *r, int status);
 /* The process is gone (reaped): close the channel. */
 void bw_replica_reaped(struct bw_replica *r);
 void bw_replica_free(struct bw_replica *r);

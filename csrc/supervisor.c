@@ -21,6 +21,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/prctl.h>
 #include <sys/random.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -252,6 +253,8 @@ static void on_tick(uv_timer_t *t) {
         return;
     }
     retire_idle(now);
+    for (struct bw_replica *r = F.replicas; r; r = r->next)
+        bw_replica_check_pager(r, now);
     if (count_alive() == 0 && !F.stopping && !F.pending)
         wake_start();
     status_line(now);
@@ -321,13 +324,6 @@ static struct bw_replica *start_replica(const char *why) {
     return r;
 }
 
-static void describe_status(int status, char *why, size_t cap) {
-    if (WIFSIGNALED(status))
-        snprintf(why, cap, "was killed by signal %d", WTERMSIG(status));
-    else
-        snprintf(why, cap, "exited with status %d", WEXITSTATUS(status));
-}
-
 static void on_backoff(uv_timer_t *t) {
     (void)t;
     int n = F.pending;
@@ -373,7 +369,7 @@ static void replica_exited(struct bw_replica *r, int status) {
     bool replace = r->replace, restored = r->restored;
     double served_ms = r->serving_since > 0 ? bw_now_ms() - r->serving_since : 0;
     char why[128];
-    describe_status(status, why, sizeof why);
+    bw_describe_status(status, why, sizeof why);
     /* Detach while r still counts as alive: detaching dispatches, and calls waiting then
      * must not make on_demand start a replica on top of the replacement started below. */
     if (F.http)
@@ -401,6 +397,10 @@ static void replica_exited(struct bw_replica *r, int status) {
         }
         return;
     case BW_R_RESTORE:
+        if (replace) { /* its page daemon failed: the image is sound, restore it eagerly */
+            start_replica(NULL);
+            return;
+        }
         bw_warn("restored replica %s before it was ready; discarding the checkpoint, booting cold",
                 why);
         bw_ckpt_discard(&bw_sup.ck);
@@ -430,6 +430,9 @@ static void on_sigchld(uv_signal_t *h, int sig) {
         for (struct bw_replica *r = F.replicas; r; r = r->next)
             if (r->pid == pid) {
                 replica_exited(r, status);
+                break;
+            } else if (r->lazy.pager == pid) {
+                bw_replica_pager_exited(r, status);
                 break;
             }
 }
@@ -644,6 +647,9 @@ int bw_supervisor_main(const struct bw_options *o, int argc, char **argv) {
         return 1;
     }
     bw_sup.exe[n] = '\0';
+    /* A lazily restored host is left by the criu that restored it (lazy.c): it must be
+     * reparented to us, not to init, to be reaped and supervised like any replica. */
+    prctl(PR_SET_CHILD_SUBREAPER, 1);
     find_namespaces();
     bw_sup.loop = uv_default_loop();
     F.keep_warm_s = o->keep_warm_s < -0.5 ? 180 : o->keep_warm_s;

@@ -30,6 +30,7 @@ struct bw_sup {
     char *config;      /* the endpoint's configuration (packed map), once known */
     size_t config_len;
     bool gpu_resume_failed;
+    bool lazy_broken;  /* a lazy restore failed here: restore eagerly from now on */
 };
 extern struct bw_sup bw_sup;
 

@@ -21,6 +21,9 @@ void bw_id_new(char out[BW_ID_LEN]);
 int bw_read_full(int fd, void *buf, size_t n);
 int bw_write_full(int fd, const void *buf, size_t n);
 
+/* "exited with status N" or "was killed by signal N (NAME)" for a wait status. */
+void bw_describe_status(int status, char *buf, size_t cap);
+
 /* Big-endian 32-bit helpers for frame headers. */
 static inline uint32_t bw_load_be32(const unsigned char *p) {
     return ((uint32_t)p[0] << 24) | ((uint32_t)p[1] << 16) | ((uint32_t)p[2] << 8) | p[3];

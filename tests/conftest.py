@@ -125,3 +125,22 @@ def start_worker(workdir):
     yield start
     for w in started:
         w.kill()
+
+
+@pytest.fixture
+def serve_cli(workdir):
+    """serve_cli(app_path, exports, *flags, wrap=None, ready=True) -> usercli.Serve:
+    `python -m beam serve` from bash with `exports` exported, as a user runs it."""
+    from usercli import Serve
+    started: List[Serve] = []
+
+    def start(app: Path, exports: Dict[str, str], *flags: str, wrap=None, ready: bool = True):
+        s = Serve(workdir, app, exports, *flags, wrap=wrap)
+        started.append(s)
+        if ready:
+            s.wait_for("ready:")
+        return s
+
+    yield start
+    for s in started:
+        s.kill()

@@ -10,18 +10,16 @@ import json
 import os
 import shlex
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict
 
 import pytest
 
-from beam.client import Client, RemoteError
+from beam.client import RemoteError
 
 APPS = Path(__file__).resolve().parent / "apps"
 
@@ -32,61 +30,6 @@ UNDECLARED = "AKIA-undeclared-credential-77d02e"
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="CRIU checkpoints need root")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Serve:
-    """`python -m beam serve` run by bash with `export` lines, as a user's shell does."""
-
-    def __init__(self, workdir: Path, app: Path, exports: Dict[str, str], *flags: str,
-                 wrap: Optional[List[str]] = None) -> None:
-        self.port = free_port()
-        self.log_path = workdir / f"serve-{time.monotonic_ns()}.log"
-        env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
-        env.update(BEAM_CHECKPOINT_DIR=str(workdir / "checkpoints"),
-                   BEAM_VOLUME_ROOT=str(workdir / "volumes"))
-        serve = [sys.executable, "-m", "beam", "serve", f"{app}:predict",
-                 "--tcp", f"127.0.0.1:{self.port}", *flags]
-        script = "".join(f"export {k}={shlex.quote(v)}\n" for k, v in exports.items())
-        script += "exec " + " ".join(shlex.quote(a) for a in serve)
-        # capsh ... -- ARGS runs bash ARGS: the wrapper ends where bash's arguments start.
-        cmd = [*wrap, "-c", script] if wrap else ["bash", "-c", script]
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                         cwd=str(workdir), start_new_session=True)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def wait_for(self, text: str, timeout: float = 90) -> str:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            log = self.log()
-            if text in log:
-                return log
-            if self.proc.poll() is not None:
-                raise AssertionError(f"serve exited ({self.proc.returncode}) before {text!r}:\n{log}")
-            time.sleep(0.05)
-        raise AssertionError(f"timed out waiting for {text!r}:\n{self.log()}")
-
-    def call(self, **kwargs):
-        with Client(f"tcp://127.0.0.1:{self.port}", timeout=30) as c:
-            return c.call(**kwargs)
-
-    def stop(self, timeout: float = 30) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
-        return self.proc.returncode
-
-
 @pytest.fixture
 def app(workdir):
     path = workdir / "app" / "app.py"
@@ -95,32 +38,14 @@ def app(workdir):
     return path
 
 
-@pytest.fixture
-def serves():
-    started: List[Serve] = []
-    yield started
-    for s in started:
-        if s.proc.poll() is None:
-            os.killpg(s.proc.pid, signal.SIGKILL)
-            s.proc.wait(10)
-
-
 def user_shell(**more: str) -> Dict[str, str]:
     return {"USER_SECRET_READ": SECRET_READ, "USER_SECRET_UNREAD": SECRET_UNREAD,
             "USER_UNDECLARED": UNDECLARED, **more}
 
 
-def start(serves, workdir, app, exports, *flags, wrap=None, ready=True) -> Serve:
-    s = Serve(workdir, app, exports, *flags, wrap=wrap)
-    serves.append(s)
-    if ready:
-        s.wait_for("ready:")
-    return s
-
-
 @needs_root
-def test_no_secret_and_no_undeclared_variable_in_any_image_file_or_log(serves, workdir, app):
-    s = start(serves, workdir, app, user_shell())
+def test_no_secret_and_no_undeclared_variable_in_any_image_file_or_log(serve_cli, workdir, app):
+    s = serve_cli(app, user_shell())
     assert "checkpoint written" in s.log()
     env = s.call()["env"]
     assert env["USER_SECRET_READ"] == SECRET_READ and env["USER_SECRET_UNREAD"] == SECRET_UNREAD
@@ -136,7 +61,7 @@ def test_no_secret_and_no_undeclared_variable_in_any_image_file_or_log(serves, w
     assert "USER_UNDECLARED" in s.log() and "not passed to the app" in s.log()
 
     # A restore gets today's secret values, and still no undeclared variable.
-    s2 = start(serves, workdir, app, user_shell(USER_SECRET_READ="rotated-" + SECRET_READ))
+    s2 = serve_cli(app, user_shell(USER_SECRET_READ="rotated-" + SECRET_READ))
     assert "restored from checkpoint" in s2.log()
     env = s2.call()["env"]
     assert env["USER_SECRET_READ"] == "rotated-" + SECRET_READ
@@ -144,11 +69,11 @@ def test_no_secret_and_no_undeclared_variable_in_any_image_file_or_log(serves, w
 
 
 @needs_root
-def test_pass_env_gives_the_app_a_variable_and_keys_the_image_on_it(serves, workdir, app):
-    s = start(serves, workdir, app, user_shell(), "--pass-env", "USER_UNDECLARED")
+def test_pass_env_gives_the_app_a_variable_and_keys_the_image_on_it(serve_cli, workdir, app):
+    s = serve_cli(app, user_shell(), "--pass-env", "USER_UNDECLARED")
     assert s.call()["env"]["USER_UNDECLARED"] == UNDECLARED
     s.stop()
-    s = start(serves, workdir, app, user_shell(USER_UNDECLARED="other"), "--pass-env",
+    s = serve_cli(app, user_shell(USER_UNDECLARED="other"), "--pass-env",
               "USER_UNDECLARED")
     assert "mode=cold" in s.log(), "a passed variable is read at import: a new value, a new image"
     assert s.call()["env"]["USER_UNDECLARED"] == "other"
@@ -158,9 +83,9 @@ DROP_SYS_ADMIN = ["capsh", "--drop=cap_sys_admin", "--"]  # a default container'
 
 
 @needs_root
-def test_serves_without_cap_sys_admin_and_says_what_is_missing(serves, workdir, app):
+def test_serves_without_cap_sys_admin_and_says_what_is_missing(serve_cli, workdir, app):
     assert shutil.which("capsh"), "scripts/install-deps.sh installs capsh (libcap2-bin)"
-    s = start(serves, workdir, app, user_shell(), wrap=DROP_SYS_ADMIN)
+    s = serve_cli(app, user_shell(), wrap=DROP_SYS_ADMIN)
     log = s.log()
     assert "checkpointing off, serving cold" in log and "CAP_SYS_ADMIN" in log
     assert "cannot start the host" not in log
@@ -177,13 +102,13 @@ def test_serves_without_cap_sys_admin_and_says_what_is_missing(serves, workdir, 
 
 
 @needs_root
-def test_restored_replica_runs_with_todays_options_and_environment(serves, workdir, app):
-    s = start(serves, workdir, app, user_shell(TZ="UTC"))
+def test_restored_replica_runs_with_todays_options_and_environment(serve_cli, workdir, app):
+    s = serve_cli(app, user_shell(TZ="UTC"))
     assert "checkpoint written" in s.log()
     assert s.call(big=10_000)["pad"]  # the default --max-frame takes it
     s.stop()
 
-    s = start(serves, workdir, app, user_shell(TZ="Asia/Tokyo"), "--max-frame", "4096",
+    s = serve_cli(app, user_shell(TZ="Asia/Tokyo"), "--max-frame", "4096",
               "--json-logs", "--grace", "1")
     assert "restored from checkpoint" in s.log()
     env = s.call()["env"]
@@ -207,21 +132,21 @@ def test_restored_replica_runs_with_todays_options_and_environment(serves, workd
     assert time.monotonic() - t0 < 4, "today's --grace 1 was not applied"
 
     # A variable read at import (thread pools) is part of the image: a new value boots cold.
-    s = start(serves, workdir, app, user_shell(TZ="UTC", OMP_NUM_THREADS="1"))
+    s = serve_cli(app, user_shell(TZ="UTC", OMP_NUM_THREADS="1"))
     assert "mode=cold" in s.log()
     assert s.call()["env"]["OMP_NUM_THREADS"] == "1"
 
 
 @needs_root
-def test_output_is_line_buffered_flushed_once_and_atexit_runs(serves, workdir, app):
-    s = start(serves, workdir, app, user_shell())
+def test_output_is_line_buffered_flushed_once_and_atexit_runs(serve_cli, workdir, app):
+    s = serve_cli(app, user_shell())
     assert s.log().count("on-start-printed-this-once") == 1
     s.call(say="handler-said-hello")
     s.wait_for("handler-said-hello", timeout=5)  # while serving, no flush in the handler
     assert s.stop() == 0
     assert "atexit-ran-in-worker" in s.log()
 
-    s = start(serves, workdir, app, user_shell())
+    s = serve_cli(app, user_shell())
     assert "restored from checkpoint" in s.log()
     s.call(say="restored-said-hello")
     s.wait_for("restored-said-hello", timeout=5)
@@ -243,11 +168,11 @@ def predict(context):
 
 
 @needs_root
-def test_an_image_that_would_hold_a_secret_is_never_kept(serves, workdir):
+def test_an_image_that_would_hold_a_secret_is_never_kept(serve_cli, workdir):
     path = workdir / "leaky" / "app.py"
     path.parent.mkdir()
     path.write_text(LEAKY_APP)
-    s = start(serves, workdir, path, user_shell())
+    s = serve_cli(path, user_shell())
     log = s.log()
     assert "the value of secret USER_SECRET_READ is in the image" in log
     assert "serving without one" in log and SECRET_READ not in log

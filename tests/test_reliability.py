@@ -137,7 +137,7 @@ def test_crash_after_a_long_serve_is_replaced_at_once(start_worker, workdir):
     w.wait_for("ready:", 30, count=2)
     assert time.monotonic() - t0 < 3
     log = w.log()
-    assert "host was killed by signal 9; starting a new replica" in log
+    assert "host was killed by signal 9 (Killed); starting a new replica" in log
     assert "in a row" not in log and "(restored from checkpoint)" in log
 
 

@@ -215,6 +215,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         argv += ["--criu-timeout", f"{args.criu_timeout:g}"]
     if args.restore_timeout is not None:
         argv += ["--restore-timeout", f"{args.restore_timeout:g}"]
+    if args.restore:
+        argv += ["--restore", args.restore]
     if args.json_logs:
         argv.append("--json-logs")
     for name in args.pass_env or ():
@@ -700,6 +702,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bound on one CRIU dump (worker default 120)")
     s.add_argument("--restore-timeout", metavar="SECONDS", type=_nonneg_float,
                    help="bound on one restore before booting cold (worker default 30)")
+    s.add_argument("--restore", choices=("auto", "lazy", "eager"),
+                   help="lazy: serve while memory is filled in behind; eager: copy it all first; "
+                        "auto (default): lazy where userfaultfd works (docs/checkpoint.md)")
     s.add_argument("--json-logs", action="store_true", help="log one JSON object per line")
     s.add_argument("--pass-env", metavar="NAME", action="append", type=_env_name,
                    help="also give the app this variable of the environment (repeatable); it "

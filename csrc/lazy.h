@@ -1,0 +1,34 @@
+/* lazy.h - restore with CRIU lazy pages and a page daemon (lazy.c). */
+#ifndef BW_LAZY_H
+#define BW_LAZY_H
+
+#include <limits.h>
+#include <sys/types.h>
+
+#include "checkpoint.h"
+
+#define BW_LAZY_MAX_UFFD 8
+
+struct bw_lazy {
+    pid_t pager;              /* the criu lazy-pages daemon, 0 when none */
+    int uffd[BW_LAZY_MAX_UFFD]; /* our copies of its userfaultfds (lazy.c says why) */
+    int nuffd;
+    char workdir[PATH_MAX + 32]; /* its socket and logs; "" once removed */
+};
+
+/* Whether the kernel offers what lazy restore needs: non-cooperative userfaultfd
+ * (asked once, then cached). */
+int bw_lazy_supported(void);
+/* Restore with lazy pages; the page daemon keeps running (lz->pager) until every page
+ * is in (lz->pager is 0 if it was already done). 0, or -1 with a reason (nothing left
+ * running). */
+int bw_lazy_restore(const struct bw_ckpt *c, const struct bw_ckpt_image *img, int out_fd,
+                    int err_fd, int ctl_fd, pid_t *pid, struct bw_lazy *lz, char *err,
+                    size_t errlen);
+/* Kill and reap the page daemon (its logs stay for diagnosis); let its userfaultfds go.
+ * Call it once the restored process is dead. */
+void bw_lazy_abort(struct bw_lazy *lz);
+/* The daemon exited 0 (reaped by the caller): remove its work directory. */
+void bw_lazy_finished(struct bw_lazy *lz);
+
+#endif
