@@ -59,8 +59,9 @@ def libpython():
     """``(library, extra link flags)`` of the running interpreter's own libpython.
 
     The shared library when it has one (LIBDIR; ``sys.base_prefix/lib`` for a build moved
-    after configure), else the static archive (LIBPL) with the libraries it needs and
-    ``--export-dynamic``: extension modules resolve the C API against the executable.
+    after configure), else the static archive (LIBPL) with the libraries it and its
+    built-in modules need, ``--export-dynamic`` (extension modules resolve the C API
+    against the executable) and ``-no-pie`` (archives such as Debian's are not PIC).
     """
     var = sysconfig.get_config_var
     dirs = [d for d in (var("LIBDIR"), os.path.join(sys.base_prefix, sys.platlibdir)) if d]
@@ -71,8 +72,8 @@ def libpython():
                 return os.path.join(d, name), ""
     for d in [var("LIBPL")] + dirs:
         if d and var("LIBRARY") and os.path.isfile(os.path.join(d, var("LIBRARY"))):
-            flags = " ".join(f for f in (var("LIBS"), var("SYSLIBS")) if f)
-            return os.path.join(d, var("LIBRARY")), f"-Wl,--export-dynamic {flags}"
+            flags = " ".join(f for f in (var("LIBS"), var("SYSLIBS"), var("MODLIBS")) if f)
+            return os.path.join(d, var("LIBRARY")), f"-no-pie -Wl,--export-dynamic {flags}"
     sys.exit(f"beam: {sys.executable} has no libpython to embed (looked for "
              f"{shared + [var('LIBRARY')]} in {[var('LIBPL')] + dirs}); beam-worker needs a "
              "Python built with its development files")

@@ -107,16 +107,18 @@ static int read_sides(struct pyside *s) {
 /* Same build: the stdlib's Python keeps its libpython where ours was loaded from (LIBDIR;
  * LIBPL holds a static one; base_prefix/lib covers builds relocated after configure).
  * Same ABI: the stdlib's extension-module tag and abiflags are the libpython's. */
-static bool sides_match(const struct pyside *s, const char *libdir) {
-    bool build = same_dir(libdir, s->libdir) || same_dir(libdir, s->libpl) ||
-                 same_dir(libdir, s->base_lib);
-    bool abi = (!*s->soabi || !*s->cache_tag ||
-                strncmp(s->soabi, s->cache_tag, strlen(s->cache_tag)) == 0) &&
-               strcmp(s->abiflags, s->sys_abiflags) == 0;
-    return build && abi;
+static bool same_build(const struct pyside *s, const char *libdir) {
+    return same_dir(libdir, s->libdir) || same_dir(libdir, s->libpl) ||
+           same_dir(libdir, s->base_lib);
 }
 
-/* A venv of another Python version passes sides_match (getpath, not finding that
+static bool same_abi(const struct pyside *s) {
+    return (!*s->soabi || !*s->cache_tag ||
+            strncmp(s->soabi, s->cache_tag, strlen(s->cache_tag)) == 0) &&
+           strcmp(s->abiflags, s->sys_abiflags) == 0;
+}
+
+/* A venv of another Python version passes both (getpath, not finding that
  * version's stdlib beside the venv's base, falls back to our own build's) but lacks our
  * site-packages: a venv has lib/<stdlib dir name>, e.g. lib/python3.11. */
 static bool venv_matches(const struct pyside *s) {
@@ -149,7 +151,8 @@ int bw_pylib_check(const char *python, char *err, size_t cap) {
     char libdir[PATH_MAX], lib[PATH_MAX + 256], hint[2 * PATH_MAX];
     embedded_dir(libdir, sizeof libdir);
     int readable = read_sides(&s);
-    bool stdlib_ok = readable == 0 && sides_match(&s, libdir);
+    bool abi = readable == 0 && same_abi(&s);
+    bool stdlib_ok = abi && same_build(&s, libdir);
     if (stdlib_ok && venv_matches(&s))
         return 0;
     bw_pylib_describe(lib, sizeof lib);
@@ -160,10 +163,10 @@ int bw_pylib_check(const char *python, char *err, size_t cap) {
                  "worker with that interpreter: %s", lib, python, hint);
     else if (!stdlib_ok)
         snprintf(err, cap, "beam-worker embeds %s, but --python %s runs the standard library "
-                 "of another Python: %s (its libpython is in %s; extension tag %s, this "
-                 "libpython's %s). A worker must embed the Python it serves; rebuild it with "
-                 "that interpreter: %s", lib, python, s.stdlib, s.libdir, s.soabi,
-                 s.cache_tag, hint);
+                 "of another Python: %s (its libpython is in %s%s%s%s%s). A worker must "
+                 "embed the Python it serves; rebuild it with that interpreter: %s", lib,
+                 python, s.stdlib, s.libdir, abi ? "" : "; its extension tag is ", abi ? "" :
+                 s.soabi, abi ? "" : ", this libpython's ", abi ? "" : s.cache_tag, hint);
     else
         snprintf(err, cap, "beam-worker embeds %s, but --python %s belongs to a venv %s of "
                  "another Python version (it has no %s/%s). Rebuild the worker with that "

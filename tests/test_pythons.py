@@ -186,17 +186,23 @@ def test_worker_refuses_another_pythons_venv(built_for, used_with, venvs, base):
     app_dir = base / f"mismatch-{built_for}"
     app_dir.mkdir()
     shutil.copy(APPS / "pythons_app.py", app_dir / "app.py")
-    p = subprocess.run([worker_of(venvs[built_for]), "--python", venvs[used_with],
-                        "--no-checkpoint", "--tcp", "127.0.0.1:0", "app.py:predict"],
-                       cwd=app_dir, capture_output=True, text=True, timeout=90,
-                       env=clean_env(BEAM_VOLUME_ROOT=str(app_dir / "volumes")))
-    out = p.stdout + p.stderr
-    assert p.returncode != 0, out
-    embedded, theirs = libpython_of(venvs[built_for]), libpython_of(venvs[used_with])
-    assert f"beam-worker embeds {embedded} " in out, out
-    assert f"--python {venvs[used_with]} runs the standard library of another Python" in out, out
-    assert f"its libpython is in {os.path.dirname(theirs)};" in out, out
-    assert f"`{venvs[used_with]} -m pip install --force-reinstall --no-cache-dir " in out, out
-    # One clear error: the mismatch is caught before any import fails on it.
-    assert "undefined symbol" not in out and "No module named" not in out, out
-    assert out.count("error:") == 2, out  # the reason, then "the app failed to start"
+    worker, python = worker_of(venvs[built_for]), venvs[used_with]
+    env = clean_env(BEAM_VOLUME_ROOT=str(app_dir / "volumes"))
+    direct = [worker, "--python", python, "--no-checkpoint", "--tcp", "127.0.0.1:0",
+              "app.py:predict"]
+    # The user's path: serve execs the worker, whose supervisor prints the host's fatal error.
+    serve = [python, "-m", "beam", "serve", "app.py:predict", "--tcp", f"127.0.0.1:{free_port()}"]
+    for cmd, extra in ((direct, {}), (serve, {"BEAM_WORKER_BINARY": worker,
+                                              "BEAM_CHECKPOINT_DIR": str(app_dir / "ck")})):
+        p = subprocess.run(cmd, cwd=app_dir, capture_output=True, text=True, timeout=90,
+                           env={**env, **extra})
+        out = p.stdout + p.stderr
+        assert p.returncode != 0, out
+        embedded, theirs = libpython_of(venvs[built_for]), libpython_of(python)
+        assert f"beam-worker embeds {embedded} " in out, out
+        assert f"--python {python} runs the standard library of another Python" in out, out
+        assert f"its libpython is in {os.path.dirname(theirs)})" in out, out
+        assert f"`{python} -m pip install --force-reinstall --no-cache-dir " in out, out
+        # One clear error: the mismatch is caught before any import fails on it.
+        assert "undefined symbol" not in out and "No module named" not in out, out
+        assert out.count("error:") == 2, out  # the reason, then "the app failed to start"
