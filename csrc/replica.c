@@ -669,6 +669,7 @@ static void on_ctl(uv_poll_t *p, int status, int events) {
         if (bw_mp_is_str(t, "activity")) {
             r->last_active = bw_now_ms();
             r->requests = (unsigned long long)bw_mp_num(bw_mp_get(&m, "requests"), 0);
+            r->in_call = (int)bw_mp_num(bw_mp_get(&m, "in_call"), 0);
         } else if (bw_mp_is_str(t, "need_secrets")) {
             send_secrets(r, bw_mp_get(&m, "names"));
         } else if (bw_mp_is_str(t, "ready")) {

@@ -31,6 +31,7 @@ struct bw_replica {
     uv_timer_t *timer;         /* restore timeout, then stop timeout */
     int workers;
     unsigned long long requests; /* served, as the host last reported */
+    int in_call;                 /* workers running a call, as the host last reported */
     struct bw_replica *next;
 };
 

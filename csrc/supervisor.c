@@ -208,7 +208,7 @@ static void retire_idle(double now) {
     for (struct bw_replica *r = F.replicas; r; r = r->next) {
         if (r->phase != BW_R_SERVING || r->pid <= 0)
             continue;
-        if (bw_router_inflight(r) > 0)
+        if (bw_router_inflight(r) > 0 || r->in_call > 0) /* HTTP or msgpack calls running */
             r->last_active = now;
         if (now - r->last_active < F.keep_warm_s * 1000)
             continue;
@@ -537,7 +537,14 @@ static int setup_http(void) {
         for (size_t i = 0; i < sizeof raw; i++)
             snprintf(F.token + 2 * i, 3, "%02x", raw[i]);
     }
-    struct bw_http_options ho = {o->max_body, F.token[0] ? F.token : NULL};
+    struct bw_http_options ho = {
+        .max_body = o->max_body,
+        .token = F.token[0] ? F.token : NULL,
+        .header_timeout_s = o->header_timeout_s,
+        .body_timeout_s = o->body_timeout_s,
+        .idle_timeout_s = o->idle_timeout_s,
+        .max_conns = o->max_conns,
+    };
     struct bw_http_handlers hh = {on_http_call, on_http_stats, NULL};
     bw_router_init(bw_sup.loop, o->max_frame, on_demand, NULL);
     if (bw_http_start(bw_sup.loop, F.http_l.fd, &ho, &hh) < 0)
