@@ -30,6 +30,7 @@
 #include "json.h"
 #include "log.h"
 #include "mp.h"
+#include "output.h"
 #include "privilege.h"
 #include "replica.h"
 #include "router.h"
@@ -638,6 +639,8 @@ static void cleanup(void) {
         rmdir(F.rundir);
 }
 
+static void log_to_stderr(const char *line, size_t len) { bw_output_write(2, line, len); }
+
 int bw_supervisor_main(const struct bw_options *o, int argc, char **argv) {
     (void)argc;
     (void)argv;
@@ -653,6 +656,8 @@ int bw_supervisor_main(const struct bw_options *o, int argc, char **argv) {
     bw_sup.exe[n] = '\0';
     find_namespaces();
     bw_sup.loop = uv_default_loop();
+    bw_output_init(bw_sup.loop);
+    bw_log_set_sink(log_to_stderr);
     F.keep_warm_s = o->keep_warm_s < -0.5 ? 180 : o->keep_warm_s;
     F.http = o->http_port >= 0;
     if (open_listeners() < 0 || (F.http && setup_http() < 0)) {
@@ -678,6 +683,8 @@ int bw_supervisor_main(const struct bw_options *o, int argc, char **argv) {
     if (isatty(STDERR_FILENO) && F.http && !o->json_logs)
         fputc('\n', stderr);
     cleanup();
+    bw_log_set_sink(NULL);
+    bw_output_close();
     if (F.exit_code == 0)
         bw_info("stopped");
     return F.exit_code;

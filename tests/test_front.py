@@ -8,6 +8,7 @@ headers. Slow or idle connections are closed after their timeout, and connection
 from __future__ import annotations
 
 import json
+import os
 import socket
 import threading
 import time
@@ -254,3 +255,25 @@ def test_msgpack_call_longer_than_keep_warm_is_not_retired_mid_call(serve, workd
         assert again["pid"] == first["pid"] and again["container_id"] == first["container_id"]
     # Once idle, it is retired as before.
     s.wait_for("idle for 1s: stopping it", timeout=10)
+
+
+# ---- a stuck stdout ------------------------------------------------------------------------
+
+
+def test_stdout_nobody_reads_does_not_stall_http(serve):
+    r, w = os.pipe()  # we keep the read end and never read it
+    try:
+        s = serve("router_app.py:where", "--no-checkpoint", "--keep-warm", "-1", stdout=w)
+        os.close(w)
+        t0 = time.monotonic()
+        for i in range(40):  # 40 x 100 kB printed by the app: far past the 64 KiB pipe
+            t = time.monotonic()
+            status, body = s.call(timeout=10, out_bytes=100_000)
+            assert status == 200, body
+            assert time.monotonic() - t < 2, (i, time.monotonic() - t)
+        took = time.monotonic() - t0
+        s.wait_for("stdout is not being read: dropping output", timeout=5)
+        print(f"40 calls printing 100 kB each, stdout unread: {took:.2f}s")
+        assert s.stats()["replicas"], s.log()
+    finally:
+        os.close(r)
