@@ -267,7 +267,7 @@ void bw_sup_replica_serving(struct bw_replica *r) {
         F.dumper = 0;
     wake_stop();
     if (F.http && r->upstream.fd >= 0)
-        bw_router_attach(r, r->upstream.unix_path, 2 * (r->workers > 0 ? r->workers : 1));
+        bw_router_attach(r, r->upstream.unix_path, r->workers > 0 ? r->workers : 1);
 }
 
 static bool may_dump_now(void) {

@@ -277,3 +277,49 @@ def test_stdout_nobody_reads_does_not_stall_http(serve):
         assert s.stats()["replicas"], s.log()
     finally:
         os.close(r)
+
+
+# ---- least-loaded, worker-aware routing ------------------------------------------------------
+
+
+def concurrent_calls(s: Served, n: int, seconds: float):
+    out: list = [None] * n
+
+    def one(i: int) -> None:
+        out[i] = s.call(timeout=30, seconds=seconds)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+    t = time.monotonic()
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(30)
+    took = time.monotonic() - t
+    assert all(o and o[0] == 200 for o in out), out
+    return took, [o[1] for o in out]
+
+
+def test_concurrent_slow_calls_use_every_worker(serve):
+    s = serve("router_app.py:where", "--no-checkpoint", "--keep-warm", "-1", "--workers", "4")
+    assert s.call(seconds=0)[0] == 200
+    took, results = concurrent_calls(s, 4, 1.0)
+    workers = sorted(r["worker"] for r in results)
+    print(f"4 concurrent 1 s calls, --workers 4: {took:.2f}s on workers {workers}")
+    assert workers == [0, 1, 2, 3], results
+    assert took < 2.0, took
+    took, _ = concurrent_calls(s, 4, 1.0)  # and again, on the connections now open
+    assert took < 2.0, took
+
+
+def test_two_concurrent_calls_run_on_different_replicas(serve):
+    s = serve("router_app.py:where", "--no-checkpoint", "--keep-warm", "-1", "--workers", "1",
+              "--max-replicas", "2")
+    concurrent_calls(s, 3, 1.5)  # more than one replica holds: a second one starts
+    wait_until(lambda: sum(r["state"] == "serving" for r in s.stats()["replicas"]) == 2, 30,
+               "a second replica serving")
+    for _ in range(3):
+        took, results = concurrent_calls(s, 2, 1.0)
+        containers = {r["container"] for r in results}
+        print(f"2 concurrent 1 s calls, 2 replicas: {took:.2f}s on {len(containers)} replica(s)")
+        assert len(containers) == 2, results
+        assert took < 1.9, took
