@@ -41,6 +41,10 @@
 #define WORKER_DEPTH 2
 #define MAX_WORKERS 256 /* as in host.c */
 #define PROBE_ID 0      /* the id of the "stats" a new connection sends; calls count from 1 */
+/* How long a call waits for a new connection's answer. A busy worker may have accepted
+ * it before starting its call, and answers only when that call ends: past this, the
+ * call goes to a worker already reached. */
+#define PROBE_WAIT_MS 200.0
 /* Reconnect delay after a lost connection: doubles per failure in a row, reset by an
  * answer. Short first: the host replaces a crashed worker within milliseconds, and
  * its listening socket queues our connect meanwhile. */
@@ -62,6 +66,7 @@ struct rep {
     int want;                 /* opened one by one at attach: 2 per worker */
     int cap;                  /* at most this many, however they land */
     int probing;              /* connections waiting for their "stats" answer */
+    double probe_t;           /* bw_now_ms() when the last one was opened */
     int inflight;
     bool draining;
     int load[MAX_WORKERS];    /* calls in flight per worker index */
@@ -101,6 +106,7 @@ static struct {
     struct upstream **up; /* every connection of every attached replica */
     int nup, capup;
     struct rep *reps;
+    uv_timer_t hold;          /* dispatches again when calls stop waiting for a probe */
     struct call *qhead, *qtail; /* waiting for a replica */
     size_t queued;
     struct upstream *dirty;
@@ -445,6 +451,11 @@ static int reached(const struct rep *p) {
     return n;
 }
 
+static void on_hold(uv_timer_t *t) {
+    (void)t;
+    dispatch();
+}
+
 /* Where a call goes now; NULL: it waits. When the best worker already runs a call and
  * some replica has workers no connection reaches, the call waits for a new connection
  * to find one (one opened at a time, at most rep->cap per replica). */
@@ -460,8 +471,15 @@ static struct upstream *pick(void) {
             grow = p;
     if (!grow)
         return best;
-    if (grow->probing == 0)
+    double waited = bw_now_ms() - grow->probe_t;
+    if (grow->probing == 0 || (waited >= PROBE_WAIT_MS && !best)) {
         up_new(grow);
+        waited = 0;
+    }
+    if (waited >= PROBE_WAIT_MS)
+        return best; /* its probe sits behind a busy worker's call */
+    if (!uv_is_active((uv_handle_t *)&R.hold))
+        uv_timer_start(&R.hold, on_hold, (uint64_t)(PROBE_WAIT_MS - waited) + 1, 0);
     return NULL;
 }
 
@@ -546,6 +564,7 @@ static void up_connect(struct upstream *u) {
     u->handles++;
     u->probing = true;
     u->rep->probing++;
+    u->rep->probe_t = bw_now_ms();
     uv_pipe_connect(c, &u->pipe, u->path, on_connect);
 }
 
@@ -652,6 +671,8 @@ void bw_router_init(uv_loop_t *loop, size_t max_frame, bw_router_demand_fn deman
     R.max_pending = 100;
     R.demand = demand;
     R.demand_arg = arg;
+    uv_timer_init(loop, &R.hold);
+    uv_unref((uv_handle_t *)&R.hold);
     uv_check_init(loop, &R.flusher);
     uv_check_start(&R.flusher, flush_dirty);
     uv_unref((uv_handle_t *)&R.flusher);
