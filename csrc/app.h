@@ -71,6 +71,7 @@ struct bw_worker_state {
     size_t profile_len;
     unsigned long long requests;
     unsigned long long *shared_requests; /* this worker's slot in the host's counters */
+    unsigned long long *shared_in_call;  /* 1 while a handler runs, in the same memory */
 };
 extern struct bw_worker_state bw_worker;
 

@@ -7,6 +7,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <unistd.h>
 
 #include "frame.h"
 #include "util.h"
@@ -63,6 +64,33 @@ static int wait_readable(int sock, int timeout_ms) {
     return r < 0 ? -1 : 0;
 }
 
+/* Read exactly n bytes by the deadline (bw_now_ms(); < 0: none). A peer that sends a
+ * header and then stalls must not hold a caller who gave a timeout. */
+static int read_until(int sock, void *buf, size_t n, double deadline) {
+    char *p = buf;
+    while (n > 0) {
+        if (deadline >= 0) {
+            double left = deadline - bw_now_ms();
+            if (left <= 0 || wait_readable(sock, (int)left + 1) < 0) {
+                errno = ETIMEDOUT;
+                return -1;
+            }
+        }
+        ssize_t r = read(sock, p, n);
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r <= 0) {
+            if (r == 0)
+                errno = EPIPE;
+            return -1;
+        }
+        p += r;
+        n -= (size_t)r;
+    }
+    return 0;
+}
+
+/* timeout_ms (>= 0) bounds the whole message, not only its first byte. */
 int bw_ctl_recv(int sock, char **body, size_t *len, int *fds, int *nfds, int timeout_ms) {
     unsigned char hdr[BW_FRAME_HEADER];
     union {
@@ -74,6 +102,7 @@ int bw_ctl_recv(int sock, char **body, size_t *len, int *fds, int *nfds, int tim
                          .msg_controllen = sizeof u.buf};
     *nfds = 0;
     *body = NULL;
+    double deadline = timeout_ms >= 0 ? bw_now_ms() + timeout_ms : -1;
     if (timeout_ms >= 0 && wait_readable(sock, timeout_ms) < 0)
         return -1;
     ssize_t r;
@@ -92,8 +121,12 @@ int bw_ctl_recv(int sock, char **body, size_t *len, int *fds, int *nfds, int tim
         memcpy(fds + *nfds, CMSG_DATA(c), sizeof(int) * (size_t)n);
         *nfds += n;
     }
-    if ((size_t)r < sizeof hdr && bw_read_full(sock, hdr + r, sizeof hdr - (size_t)r) < 0)
+    if ((size_t)r < sizeof hdr && read_until(sock, hdr + r, sizeof hdr - (size_t)r, deadline) < 0) {
+        for (int i = 0; i < *nfds; i++)
+            close(fds[i]);
+        *nfds = 0;
         return -1;
+    }
     *len = bw_load_be32(hdr);
     if (*len > BW_CTL_MAX_MSG) {
         errno = EMSGSIZE;
@@ -102,7 +135,7 @@ int bw_ctl_recv(int sock, char **body, size_t *len, int *fds, int *nfds, int tim
     *body = malloc(*len ? *len : 1);
     if (!*body)
         return -1;
-    if (bw_read_full(sock, *body, *len) < 0) {
+    if (read_until(sock, *body, *len, deadline) < 0) {
         free(*body);
         *body = NULL;
         return -1;

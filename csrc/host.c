@@ -206,17 +206,21 @@ out:
 struct workers {
     pid_t pid[MAX_WORKERS];
     int n;
-    /* Requests served, one slot per worker, in memory shared with them (created after
-     * the checkpoint, so never in an image): the host reports activity to the
-     * supervisor, which keeps a busy replica from being retired as idle. */
+    /* Requests started, one slot per worker, and whether each is in a call now, in
+     * memory shared with them (created after the checkpoint, so never in an image): the
+     * host reports both to the supervisor, which keeps a busy replica from being retired
+     * as idle, also while one call runs longer than keep_warm_seconds. */
     unsigned long long *served;
+    unsigned long long *in_call;
     unsigned long long reported;
+    int reported_in_call;
     double respawns[RESPAWN_MAX];
     int nrespawns;
 };
 
 static pid_t spawn_worker(const struct bw_options *o, const struct start_info *si, int index,
-                          const sigset_t *orig_mask, unsigned long long *served) {
+                          const sigset_t *orig_mask, unsigned long long *served,
+                          unsigned long long *in_call) {
     bw_app_before_fork();
     pid_t pid = fork();
     if (pid != 0) {
@@ -239,6 +243,7 @@ static pid_t spawn_worker(const struct bw_options *o, const struct start_info *s
     if (served) {
         bw_worker.requests = served[index]; /* a replacement continues the count */
         bw_worker.shared_requests = &served[index];
+        bw_worker.shared_in_call = &in_call[index];
     }
     int rc = bw_server_run(si->fds, si->nfds, o->max_frame, o->grace_s);
     bw_app_worker_exit();
@@ -283,6 +288,8 @@ static int reap(struct workers *w, bool stopping, const struct bw_options *o,
         if (i < 0)
             continue; /* an orphan of the app's own children: reaped, as init must */
         w->pid[i] = 0;
+        if (w->in_call) /* it died in a call: that call is over */
+            __atomic_store_n(&w->in_call[i], 0, __ATOMIC_RELAXED);
         if (stopping)
             continue;
         char why[128];
@@ -294,25 +301,32 @@ static int reap(struct workers *w, bool stopping, const struct bw_options *o,
         }
         bw_warn("worker %d %s; replacing it", i, why);
         bw_app_acquire_gil(); /* forking a Python process needs the GIL (PyOS_BeforeFork) */
-        w->pid[i] = spawn_worker(o, si, i, orig_mask, w->served);
+        w->pid[i] = spawn_worker(o, si, i, orig_mask, w->served, w->in_call);
         bw_app_release_gil();
     }
     return 0;
 }
 
+/* Tell the supervisor when calls start or the number running changes: it counts a
+ * replica with calls running as active however long they take. */
 static void report_activity(struct workers *w) {
     if (!w->served)
         return;
     unsigned long long total = 0;
-    for (int i = 0; i < w->n; i++)
+    int running = 0;
+    for (int i = 0; i < w->n; i++) {
         total += w->served[i];
-    if (total == w->reported)
+        running += __atomic_load_n(&w->in_call[i], __ATOMIC_RELAXED) != 0;
+    }
+    if (total == w->reported && running == w->reported_in_call)
         return;
     w->reported = total;
+    w->reported_in_call = running;
     msgpack_sbuffer sb;
     msgpack_packer pk;
-    msg_begin(&sb, &pk, "activity", 2);
+    msg_begin(&sb, &pk, "activity", 3);
     bw_mp_kv_int(&pk, "requests", (long long)total);
+    bw_mp_kv_int(&pk, "in_call", running);
     send_msg(&sb);
 }
 
@@ -354,12 +368,14 @@ static int supervise(const struct bw_options *o, struct start_info *si, const si
                 "process instead of %d workers", w.n);
     if (in_process)
         w.n = 1;
-    w.served = mmap(NULL, MAX_WORKERS * sizeof *w.served, PROT_READ | PROT_WRITE,
+    w.served = mmap(NULL, 2 * MAX_WORKERS * sizeof *w.served, PROT_READ | PROT_WRITE,
                     MAP_SHARED | MAP_ANONYMOUS, -1, 0);
     if (w.served == MAP_FAILED)
         w.served = NULL;
+    else
+        w.in_call = w.served + MAX_WORKERS;
     for (int i = 0; i < w.n && !in_process; i++)
-        w.pid[i] = spawn_worker(o, si, i, orig, w.served);
+        w.pid[i] = spawn_worker(o, si, i, orig, w.served, w.in_call);
 
     msgpack_sbuffer sb;
     msgpack_packer pk;

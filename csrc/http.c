@@ -10,6 +10,7 @@
 #include <http_parser.h>
 #include <msgpack.h>
 #include <stdio.h>
+#include <sys/resource.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
@@ -25,8 +26,20 @@
                           * fills the queue */
 #define MAX_URL 1024
 #define MAX_AUTH 1024
+/* Deadlines are checked by one sweep over the connections, not a timer per connection:
+ * a connection costs no extra handle, and a deadline is late by at most this much. */
+#define SWEEP_MS 100
 
 struct conn;
+
+/* Where a connection is between requests; each phase has its own deadline. */
+enum target { T_ROOT, T_STATS, T_HEALTH, T_OTHER };
+
+enum conn_phase {
+    C_IDLE,    /* no request begun: keep-alive idle timeout, once nothing is owed */
+    C_HEADERS, /* request line and headers arriving: header timeout */
+    C_BODY,    /* body arriving: body timeout */
+};
 
 struct bw_http_req {
     struct conn *conn;
@@ -58,6 +71,11 @@ struct conn {
     bool closed, reading, close_after_flush;
     bool eof;               /* the client finished sending: close once all is answered */
     size_t write_bytes;
+    enum conn_phase phase;
+    double deadline;        /* bw_now_ms() past which the phase took too long; 0: none */
+    bool keep_body;         /* only POST / uses its body; others are counted, not kept */
+    size_t body_seen;
+    struct conn *prev, *next; /* open connections, for the deadline sweep */
 };
 
 static struct {
@@ -68,6 +86,9 @@ static struct {
     struct bw_http_options opts;
     struct bw_http_handlers h;
     http_parser_settings settings;
+    uv_timer_t sweep;
+    struct conn *conns; /* open (not yet closed) connections */
+    int nconns;
 } H;
 
 static const char *status_text(int status) {
@@ -77,6 +98,7 @@ static const char *status_text(int status) {
     case 401: return "Unauthorized";
     case 404: return "Not Found";
     case 405: return "Method Not Allowed";
+    case 408: return "Request Timeout";
     case 413: return "Payload Too Large";
     case 429: return "Too Many Requests";
     case 500: return "Internal Server Error";
@@ -99,6 +121,13 @@ static void conn_free_if_done(struct conn *c) {
 
 static void on_closed(uv_handle_t *h) {
     struct conn *c = h->data;
+    if (c->prev)
+        c->prev->next = c->next;
+    else
+        H.conns = c->next;
+    if (c->next)
+        c->next->prev = c->prev;
+    H.nconns--;
     c->closed = true;
     conn_free_if_done(c);
 }
@@ -177,6 +206,8 @@ static void flush(struct conn *c) {
         if (c->write_bytes == 0)
             conn_close(c);
     } else {
+        if (c->pending == 0 && c->phase == C_IDLE) /* nothing owed: the idle clock runs */
+            c->deadline = bw_now_ms() + H.opts.idle_timeout_s * 1000;
         if (c->pending < MAX_PIPELINED / 2)
             resume_parsing(c);
         if (c->eof && !c->head && c->write_bytes == 0 && c->unparsed.size == 0)
@@ -264,7 +295,11 @@ static int on_message_begin(http_parser *p) {
     c->url_len = c->auth_len = c->field_len = 0;
     c->in_auth = c->expect_continue = false;
     c->nauth = 0;
-    c->body.size = 0;
+    c->body.size = c->body_seen = 0;
+    if (c->phase != C_HEADERS) { /* a new connection's clock started at accept */
+        c->phase = C_HEADERS;
+        c->deadline = bw_now_ms() + H.opts.header_timeout_s * 1000;
+    }
     return 0;
 }
 
@@ -307,10 +342,29 @@ static int on_header_value(http_parser *p, const char *at, size_t len) {
     return 0;
 }
 
+static bool token_ok(const struct conn *c);
+static enum target target_of(const struct conn *c, char *path);
+
+static bool has_body(const http_parser *p) {
+    return (p->flags & F_CHUNKED) || (p->content_length > 0 && p->content_length != ULLONG_MAX);
+}
+
+/* Everything is known but the body: refuse what will be refused before reading it. An
+ * unauthorized request with a body is answered 401 and closed here, so a client without
+ * the token gets no 100 Continue and never has a byte of its body buffered. */
 static int on_headers_complete(http_parser *p) {
     struct conn *c = p->data;
+    char path[MAX_URL];
+    enum target t = target_of(c, path);
     c->field_len = 0;
-    if (p->content_length != ULLONG_MAX && p->content_length > H.opts.max_body) {
+    c->phase = C_BODY;
+    c->deadline = bw_now_ms() + H.opts.body_timeout_s * 1000;
+    c->keep_body = t == T_ROOT;
+    if (H.opts.token && (t == T_ROOT || t == T_STATS) && has_body(p) && !H.stopping &&
+        !token_ok(c)) {
+        c->reject = 401;
+        http_parser_pause(p, 1);
+    } else if (p->content_length != ULLONG_MAX && p->content_length > H.opts.max_body) {
         c->reject = 413; /* refuse before reading a byte of the body */
         http_parser_pause(p, 1);
     } else if (c->expect_continue && !c->head && !uv_is_closing((uv_handle_t *)&c->tcp)) {
@@ -328,12 +382,14 @@ static int on_headers_complete(http_parser *p) {
 
 static int on_body(http_parser *p, const char *at, size_t len) {
     struct conn *c = p->data;
-    if (c->body.size + len > H.opts.max_body) { /* chunked bodies have no length up front */
+    if (c->body_seen + len > H.opts.max_body) { /* chunked bodies have no length up front */
         c->reject = 413;
         http_parser_pause(p, 1);
         return 0;
     }
-    msgpack_sbuffer_write(&c->body, at, len);
+    c->body_seen += len;
+    if (c->keep_body)
+        msgpack_sbuffer_write(&c->body, at, len);
     return 0;
 }
 
@@ -359,15 +415,25 @@ static bool token_ok(const struct conn *c) {
     return diff == 0;
 }
 
-static void route(struct conn *c, struct bw_http_req *r, enum http_method m) {
-    char path[MAX_URL];
+/* The path (without the query) into path[MAX_URL], and what it names. */
+static enum target target_of(const struct conn *c, char *path) {
     size_t n = c->url_len;
     const char *q = memchr(c->url, '?', n);
     if (q)
         n = (size_t)(q - c->url);
     memcpy(path, c->url, n);
     path[n] = '\0';
-    bool is_root = strcmp(path, "/") == 0, is_stats = strcmp(path, "/stats") == 0;
+    if (strcmp(path, "/") == 0)
+        return T_ROOT;
+    if (strcmp(path, "/stats") == 0)
+        return T_STATS;
+    return strcmp(path, "/health") == 0 ? T_HEALTH : T_OTHER;
+}
+
+static void route(struct conn *c, struct bw_http_req *r, enum http_method m) {
+    char path[MAX_URL];
+    enum target t = target_of(c, path);
+    bool is_root = t == T_ROOT, is_stats = t == T_STATS;
     r->head = m == HTTP_HEAD;
     if (H.stopping) {
         /* Keep-alive clients still send here after SIGTERM: tell them plainly, and close
@@ -377,7 +443,7 @@ static void route(struct conn *c, struct bw_http_req *r, enum http_method m) {
                             NULL, -1);
         return;
     }
-    if (strcmp(path, "/health") == 0) {
+    if (t == T_HEALTH) {
         bw_http_reply(r, m == HTTP_GET || m == HTTP_HEAD ? 200 : 405, "{\"status\":\"ok\"}", 15,
                       NULL, -1);
         return;
@@ -422,6 +488,8 @@ static void route(struct conn *c, struct bw_http_req *r, enum http_method m) {
 
 static int on_message_complete(http_parser *p) {
     struct conn *c = p->data;
+    c->phase = C_IDLE;
+    c->deadline = 0; /* a request is owed an answer: no clock until it is sent */
     struct bw_http_req *r = req_new(c, http_should_keep_alive(p) != 0);
     if (!r)
         return -1;
@@ -453,7 +521,9 @@ static void reject(struct conn *c, int status, const char *type, const char *msg
 static void feed(struct conn *c, const char *data, size_t len) {
     size_t used = http_parser_execute(&c->parser, &H.settings, data, len);
     enum http_errno e = HTTP_PARSER_ERRNO(&c->parser);
-    if (c->reject) {
+    if (c->reject == 401) {
+        reject(c, 401, "Unauthorized", "missing or wrong 'Authorization: Bearer <token>'");
+    } else if (c->reject) {
         char msg[96];
         snprintf(msg, sizeof msg, "body larger than the limit of %zu bytes", H.opts.max_body);
         reject(c, 413, "PayloadTooLarge", msg);
@@ -467,6 +537,8 @@ static void feed(struct conn *c, const char *data, size_t len) {
 }
 
 static void resume_parsing(struct conn *c) {
+    if (c->reject) /* refused mid-request: the rest of its bytes are never parsed */
+        return;
     if (HTTP_PARSER_ERRNO(&c->parser) == HPE_PAUSED) {
         http_parser_pause(&c->parser, 0);
         msgpack_sbuffer rest = c->unparsed;
@@ -495,6 +567,42 @@ static void on_read(uv_stream_t *s, ssize_t n, const uv_buf_t *buf) {
     free(buf->base);
 }
 
+/* ---- deadlines and the connection limit --------------------------------------------- */
+
+/* A last word that must not wait: written only if the kernel takes it now, then close. */
+static void say_and_close(struct conn *c, int status, const char *type, const char *message) {
+    if (!c->head && c->write_bytes == 0) { /* else it would overtake owed answers */
+        char body[256], msg[512];
+        int blen = snprintf(body, sizeof body, "{\"error\":{\"type\":\"%s\",\"message\":\"%s\"}}",
+                            type, message);
+        int n = snprintf(msg, sizeof msg, "HTTP/1.1 %d %s\r\nContent-Type: application/json\r\n"
+                         "Content-Length: %d\r\nConnection: close\r\n%s\r\n%s", status,
+                         status_text(status), blen, status == 503 ? "Retry-After: 1\r\n" : "",
+                         body);
+        uv_buf_t b = uv_buf_init(msg, (unsigned)n);
+        uv_try_write((uv_stream_t *)&c->tcp, &b, 1);
+    }
+    conn_close(c);
+}
+
+/* Slow clients lose their connection: one that trickles its headers (slowloris) or its
+ * body would otherwise hold a connection, and its buffers, for as long as it likes. */
+static void on_sweep(uv_timer_t *t) {
+    (void)t;
+    double now = bw_now_ms();
+    for (struct conn *c = H.conns; c; c = c->next) {
+        if (c->deadline <= 0 || now < c->deadline || uv_is_closing((uv_handle_t *)&c->tcp))
+            continue;
+        c->deadline = 0;
+        if (c->phase == C_IDLE) /* keep-alive idle, or not reading what it was sent */
+            conn_close(c);
+        else
+            say_and_close(c, 408, "RequestTimeout", c->phase == C_HEADERS
+                              ? "headers not received in time (--header-timeout)"
+                              : "body not received in time (--body-timeout)");
+    }
+}
+
 static void on_connection(uv_stream_t *server, int status) {
     if (status < 0)
         return;
@@ -505,14 +613,47 @@ static void on_connection(uv_stream_t *server, int status) {
     c->tcp.data = c;
     msgpack_sbuffer_init(&c->body);
     msgpack_sbuffer_init(&c->unparsed);
+    c->next = H.conns;
+    if (H.conns)
+        H.conns->prev = c;
+    H.conns = c;
+    H.nconns++;
     if (uv_accept(server, (uv_stream_t *)&c->tcp) < 0) {
         uv_close((uv_handle_t *)&c->tcp, on_closed);
+        return;
+    }
+    if (H.nconns > H.opts.max_conns) {
+        /* Accepted only to be refused: costs one write and a close, and the clients
+         * already connected keep their connections. */
+        say_and_close(c, 503, "TooManyConnections",
+                      "the server has --max-connections connections open; retry later");
         return;
     }
     uv_tcp_nodelay(&c->tcp, 1);
     http_parser_init(&c->parser, HTTP_REQUEST);
     c->parser.data = c;
+    c->phase = C_HEADERS; /* the first request's headers are due from now */
+    c->deadline = bw_now_ms() + H.opts.header_timeout_s * 1000;
     read_start(c);
+}
+
+/* Every connection is a descriptor: raise the soft limit to fit max_conns (as far as the
+ * hard limit allows), else lower max_conns, so the limit is ours and not EMFILE's. */
+static void fit_fd_limit(void) {
+    struct rlimit rl;
+    rlim_t want = (rlim_t)H.opts.max_conns + 256; /* + replicas, listeners, pipes */
+    if (getrlimit(RLIMIT_NOFILE, &rl) < 0 || rl.rlim_cur >= want)
+        return;
+    rlim_t cur = rl.rlim_cur;
+    rl.rlim_cur = rl.rlim_max == RLIM_INFINITY || rl.rlim_max >= want ? want : rl.rlim_max;
+    if (setrlimit(RLIMIT_NOFILE, &rl) < 0)
+        rl.rlim_cur = cur;
+    if (rl.rlim_cur < want) {
+        int fit = rl.rlim_cur > 512 ? (int)(rl.rlim_cur - 256) : (int)rl.rlim_cur / 2;
+        bw_warn("http: the open-file limit (%llu) leaves room for %d connections, not %d",
+                (unsigned long long)rl.rlim_cur, fit, H.opts.max_conns);
+        H.opts.max_conns = fit;
+    }
 }
 
 int bw_http_start(uv_loop_t *loop, int listen_fd, const struct bw_http_options *o,
@@ -528,6 +669,10 @@ int bw_http_start(uv_loop_t *loop, int listen_fd, const struct bw_http_options *
     H.settings.on_headers_complete = on_headers_complete;
     H.settings.on_body = on_body;
     H.settings.on_message_complete = on_message_complete;
+    fit_fd_limit();
+    uv_timer_init(loop, &H.sweep);
+    uv_timer_start(&H.sweep, on_sweep, SWEEP_MS, SWEEP_MS);
+    uv_unref((uv_handle_t *)&H.sweep);
     int rc = uv_tcp_init(loop, &H.listener);
     if (rc == 0)
         rc = uv_tcp_open(&H.listener, listen_fd);

@@ -22,6 +22,10 @@ struct bw_http_handlers {
 struct bw_http_options {
     size_t max_body;   /* larger bodies: 413 */
     const char *token; /* required bearer token; NULL: no auth (--no-auth) */
+    double header_timeout_s; /* request line + headers, from its first byte (or accept) */
+    double body_timeout_s;   /* the whole body, from the end of the headers */
+    double idle_timeout_s;   /* keep-alive connection with nothing owed */
+    int max_conns;           /* open connections; beyond: 503 and close */
 };
 
 int bw_http_start(uv_loop_t *loop, int listen_fd, const struct bw_http_options *o,

@@ -13,6 +13,9 @@
 static const char *log_who = "beam";
 static int log_json;
 static int log_min = BW_LOG_INFO;
+static void (*log_sink)(const char *line, size_t len);
+
+void bw_log_set_sink(void (*sink)(const char *line, size_t len)) { log_sink = sink; }
 
 void bw_log_init(const char *who, int json) {
     log_who = who;
@@ -73,7 +76,9 @@ void bw_log(enum bw_log_level level, const char *fmt, ...) {
     }
     if (n > (int)sizeof line - 1)
         n = (int)sizeof line - 1;
-    if (write(STDERR_FILENO, line, (size_t)n) < 0) {
+    if (log_sink)
+        log_sink(line, (size_t)n);
+    else if (write(STDERR_FILENO, line, (size_t)n) < 0) {
         /* nowhere left to report it */
     }
 }

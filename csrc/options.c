@@ -47,6 +47,13 @@ static const char usage[] =
     "  --no-auth             no bearer token, even if the endpoint says authorized=True\n"
     "                        (default token: $BEAM_AUTH_TOKEN, else generated and printed)\n"
     "  --max-body BYTES      largest HTTP request body (default 67108864)\n"
+    "  --header-timeout SEC  close a connection whose request line and headers take longer\n"
+    "                        (from the first byte, or the connect; default 10)\n"
+    "  --body-timeout SEC    close a connection whose request body takes longer, counted\n"
+    "                        from the end of its headers (default 60)\n"
+    "  --idle-timeout SEC    close a keep-alive connection idle this long (default 60)\n"
+    "  --max-connections N   open HTTP connections; more are answered 503 and closed\n"
+    "                        (default 1024)\n"
     "  --max-replicas N      restore up to N replicas when calls queue up (default 1)\n"
     "  --keep-warm SECONDS   stop an idle replica after this long; the next call restores\n"
     "                        one (default: the endpoint's keep_warm_seconds; -1: never)\n"
@@ -84,6 +91,7 @@ enum {
     OPT_CRIU, OPT_CRIU_TIMEOUT, OPT_RESTORE_TIMEOUT, OPT_VERSION, OPT_HOST, OPT_MAY_CKPT,
     OPT_PORT, OPT_HTTP_HOST, OPT_NO_AUTH, OPT_MAX_BODY, OPT_MAX_REPLICAS, OPT_KEEP_WARM,
     OPT_ALLOW_CPU, OPT_CUDA_LOCK_TIMEOUT, OPT_MAX_CRASHES, OPT_PASS_ENV, OPT_PRINT_IMAGE_ENV, OPT_CHECK_PRIVILEGES, OPT_RESTORE,
+    OPT_HEADER_TIMEOUT, OPT_BODY_TIMEOUT, OPT_IDLE_TIMEOUT, OPT_MAX_CONNS,
 };
 
 static const struct option long_opts[] = {
@@ -110,6 +118,10 @@ static const struct option long_opts[] = {
     {"host", required_argument, 0, OPT_HTTP_HOST},
     {"no-auth", no_argument, 0, OPT_NO_AUTH},
     {"max-body", required_argument, 0, OPT_MAX_BODY},
+    {"header-timeout", required_argument, 0, OPT_HEADER_TIMEOUT},
+    {"body-timeout", required_argument, 0, OPT_BODY_TIMEOUT},
+    {"idle-timeout", required_argument, 0, OPT_IDLE_TIMEOUT},
+    {"max-connections", required_argument, 0, OPT_MAX_CONNS},
     {"max-replicas", required_argument, 0, OPT_MAX_REPLICAS},
     {"keep-warm", required_argument, 0, OPT_KEEP_WARM},
     {"max-crashes", required_argument, 0, OPT_MAX_CRASHES},
@@ -178,6 +190,10 @@ int bw_options_parse(struct bw_options *o, int argc, char **argv) {
     o->http_port = -1;
     o->http_host = "127.0.0.1";
     o->max_body = BW_DEFAULT_MAX_FRAME;
+    o->header_timeout_s = 10;
+    o->body_timeout_s = 60;
+    o->idle_timeout_s = 60;
+    o->max_conns = 1024;
     o->max_replicas = 1;
     o->max_crashes = 5;
     o->keep_warm_s = -1000;
@@ -267,6 +283,25 @@ int bw_options_parse(struct bw_options *o, int argc, char **argv) {
             if (parse_double("--max-body", optarg, 16, &d) < 0 || d > 4294967295.0)
                 return -1;
             o->max_body = (size_t)d;
+            break;
+        case OPT_HEADER_TIMEOUT:
+            if (parse_double("--header-timeout", optarg, 0.01, &o->header_timeout_s) < 0)
+                return -1;
+            break;
+        case OPT_BODY_TIMEOUT:
+            if (parse_double("--body-timeout", optarg, 0.01, &o->body_timeout_s) < 0)
+                return -1;
+            break;
+        case OPT_IDLE_TIMEOUT:
+            if (parse_double("--idle-timeout", optarg, 0.01, &o->idle_timeout_s) < 0)
+                return -1;
+            break;
+        case OPT_MAX_CONNS:
+            if (parse_double("--max-connections", optarg, 1, &d) < 0 || d > 1000000 || d != (int)d) {
+                fprintf(stderr, "beam-worker: --max-connections must be an integer from 1 to 1000000\n");
+                return -1;
+            }
+            o->max_conns = (int)d;
             break;
         case OPT_MAX_REPLICAS:
             if (parse_double("--max-replicas", optarg, 1, &d) < 0 || d > 64 || d != (int)d) {

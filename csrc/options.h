@@ -36,6 +36,10 @@ struct bw_options {
     const char *http_host;       /* default 127.0.0.1 */
     bool no_auth;
     size_t max_body;
+    double header_timeout_s;     /* HTTP: request line + headers must arrive within this */
+    double body_timeout_s;       /* HTTP: the whole body, after the headers */
+    double idle_timeout_s;       /* HTTP: keep-alive connection with nothing owed */
+    int max_conns;               /* HTTP: open connections; beyond, 503 and close */
     int max_replicas;
     double keep_warm_s;          /* < -0.5: the endpoint's keep_warm_seconds */
     int max_crashes;             /* host crashes per 60 s before giving up; 0: never */

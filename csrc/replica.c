@@ -30,6 +30,7 @@
 #include "leakscan.h"
 #include "log.h"
 #include "mp.h"
+#include "output.h"
 #include "supervisor.h"
 #include "util.h"
 
@@ -118,11 +119,13 @@ static unsigned long inode_of(int fd) {
     return fstat(fd, &st) == 0 ? (unsigned long)st.st_ino : 0;
 }
 
+/* Never a blocking write here: a reader of our stdout that stops reading would stall
+ * the whole event loop (output.c queues, then drops and counts). The host's pipe is
+ * always drained, so the host never blocks either. */
 static void on_output(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf) {
     int fd = (int)(intptr_t)s->data;
-    if (nread > 0 && bw_write_full(fd, buf->base, (size_t)nread) < 0) {
-        /* our own stdout is gone; keep draining so the host never blocks */
-    }
+    if (nread > 0)
+        bw_output_write(fd, buf->base, (size_t)nread);
     free(buf->base);
     if (nread < 0)
         uv_close((uv_handle_t *)s, free_handle);
@@ -670,6 +673,7 @@ static void on_ctl(uv_poll_t *p, int status, int events) {
         if (bw_mp_is_str(t, "activity")) {
             r->last_active = bw_now_ms();
             r->requests = (unsigned long long)bw_mp_num(bw_mp_get(&m, "requests"), 0);
+            r->in_call = (int)bw_mp_num(bw_mp_get(&m, "in_call"), 0);
         } else if (bw_mp_is_str(t, "need_secrets")) {
             send_secrets(r, bw_mp_get(&m, "names"));
         } else if (bw_mp_is_str(t, "ready")) {

@@ -34,6 +34,7 @@ struct bw_replica {
     unsigned long long requests; /* served, as the host last reported */
     struct bw_lazy lazy;       /* a lazy restore's page daemon, while it fills memory in */
     double restored_at;        /* bw_now_ms() when CRIU's restore returned */
+    int in_call;                 /* workers running a call, as the host last reported */
     struct bw_replica *next;
 };
 

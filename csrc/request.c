@@ -143,8 +143,12 @@ static void call_handler(msgpack_sbuffer *out, const msgpack_object *id, const m
         t0 = bw_now_ms();
         arm_timer(limit);
     }
+    if (bw_worker.shared_in_call) /* a long call is activity too (host.c) */
+        __atomic_store_n(bw_worker.shared_in_call, 1, __ATOMIC_RELAXED);
     PyObject *empty = PyTuple_New(0);
     PyObject *result = empty ? PyObject_Call(bw_worker.func, empty, kwargs) : NULL;
+    if (bw_worker.shared_in_call)
+        __atomic_store_n(bw_worker.shared_in_call, 0, __ATOMIC_RELAXED);
     Py_XDECREF(empty);
     Py_DECREF(kwargs);
     bool timed_out = false;

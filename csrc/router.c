@@ -26,11 +26,25 @@
 #include "stream.h"
 #include "util.h"
 
-/* Calls in flight per upstream connection. The supervisor opens two connections per
- * worker, so a replica holds at most 2 x workers calls: one running and one ready in
- * each worker. Everything beyond waits in the router queue, where it is visible to the
- * scaling decision (a deeper pipeline would hide the backlog inside the replicas). */
-#define DEPTH 1
+/* Calls in flight per worker process: one running and one ready behind it (on one
+ * connection or two: a worker reached by one connection only still gets both, since a
+ * busy worker accepts no new connection). Everything beyond waits in the router queue, where it is visible to
+ * the scaling decision (a deeper pipeline would hide the backlog inside the replicas).
+ *
+ * Which worker accepts a connection is the kernel's choice, and an idle replica's
+ * workers do not share evenly: connections opened one after another mostly land on the
+ * same one or two. So each connection first asks "stats", whose answer names the worker,
+ * and calls go to the least-loaded worker, then the least-loaded replica. When every
+ * worker reached so far is busy and a replica has workers no connection reaches, the
+ * call waits for one more connection: a busy worker is inside a handler and does not
+ * accept, so an idle one takes it. */
+#define WORKER_DEPTH 2
+#define MAX_WORKERS 256 /* as in host.c */
+#define PROBE_ID 0      /* the id of the "stats" a new connection sends; calls count from 1 */
+/* How long a call waits for a new connection's answer. A busy worker may have accepted
+ * it before starting its call, and answers only when that call ends: past this, the
+ * call goes to a worker already reached. */
+#define PROBE_WAIT_MS 200.0
 /* Reconnect delay after a lost connection: doubles per failure in a row, reset by an
  * answer. Short first: the host replaces a crashed worker within milliseconds, and
  * its listening socket queues our connect meanwhile. */
@@ -43,8 +57,28 @@ struct call {
     struct call *next;
 };
 
+/* One replica's connections and what each of its workers holds. */
+struct rep {
+    void *owner;
+    char path[sizeof ((struct sockaddr_un *)0)->sun_path];
+    int workers;              /* as the host said in "serving" */
+    int nup;                  /* connections (upstreams) not removed */
+    int want;                 /* opened one by one at attach: 2 per worker */
+    int cap;                  /* at most this many, however they land */
+    int probing;              /* connections waiting for their "stats" answer */
+    double probe_t;           /* bw_now_ms() when the last one was opened */
+    int inflight;
+    bool draining;
+    int load[MAX_WORKERS];    /* calls in flight per worker index */
+    int conns[MAX_WORKERS];   /* connections that reach each worker */
+    struct rep *next;
+};
+
 struct upstream {
     uv_pipe_t pipe;
+    struct rep *rep;
+    int worker;               /* index of the worker that accepted it; -1 until known */
+    bool probing;             /* its "stats" is not answered yet: no calls on it */
     uv_timer_t retry;         /* reopens a lost connection */
     void *owner;
     char path[sizeof ((struct sockaddr_un *)0)->sun_path];
@@ -71,6 +105,8 @@ static struct {
     void *demand_arg;
     struct upstream **up; /* every connection of every attached replica */
     int nup, capup;
+    struct rep *reps;
+    uv_timer_t hold;          /* dispatches again when calls stop waiting for a probe */
     struct call *qhead, *qtail; /* waiting for a replica */
     size_t queued;
     struct upstream *dirty;
@@ -125,6 +161,9 @@ static void answer(struct call *k, const char *body, size_t len) {
 static void dispatch(void);
 
 static void up_fail_inflight(struct upstream *u, const char *why) {
+    if (u->worker >= 0)
+        u->rep->load[u->worker] -= u->inflight;
+    u->rep->inflight -= u->inflight;
     while (u->head) {
         struct call *k = u->head;
         u->head = k->next;
@@ -148,6 +187,30 @@ static void up_handle_closed(uv_handle_t *h) {
     free(u);
 }
 
+/* The connection no longer reaches its worker (lost or removed). */
+static void up_unbind(struct upstream *u) {
+    struct rep *p = u->rep;
+    if (u->probing) {
+        u->probing = false;
+        p->probing--;
+    }
+    if (u->worker >= 0) {
+        p->conns[u->worker]--;
+        u->worker = -1;
+    }
+}
+
+static void rep_release(struct rep *p) {
+    if (--p->nup > 0)
+        return;
+    for (struct rep **q = &R.reps; *q; q = &(*q)->next)
+        if (*q == p) {
+            *q = p->next;
+            break;
+        }
+    free(p);
+}
+
 static void up_forget(struct upstream *u) {
     for (int i = 0; i < R.nup; i++)
         if (R.up[i] == u) {
@@ -162,6 +225,8 @@ static void up_remove(struct upstream *u, const char *why) {
         return;
     u->dead = true;
     up_fail_inflight(u, why);
+    up_unbind(u);
+    rep_release(u->rep);
     R.answered_gone += u->answered;
     up_forget(u);
     uv_timer_stop(&u->retry);
@@ -204,6 +269,7 @@ static void up_lost(struct upstream *u, const char *why) {
         return;
     }
     up_fail_inflight(u, why);
+    up_unbind(u);
     u->connected = false;
     u->in.start = u->in.len = 0;
     msgpack_sbuffer_clear(&u->out);
@@ -223,6 +289,31 @@ static void up_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *buf) {
     buf->len = u->in.cap - u->in.start - u->in.len;
 }
 
+static struct upstream *up_new(struct rep *p);
+
+/* Open the replica's connections one at a time: connections that arrive together are
+ * all taken by the first worker to wake. */
+static void rep_grow(struct rep *p) {
+    if (!p->draining && p->probing == 0 && p->nup < p->want)
+        up_new(p);
+}
+
+/* The answer to a new connection's "stats": which worker holds it. */
+static void probe_answered(struct upstream *u, const char *body, size_t len) {
+    msgpack_zone z;
+    msgpack_zone_init(&z, 1024);
+    msgpack_object m;
+    double w = 0;
+    if (bw_mp_unpack_exact(body, len, &z, &m) == 0)
+        w = bw_mp_num(bw_mp_get(bw_mp_get(&m, "result"), "worker"), 0);
+    msgpack_zone_destroy(&z);
+    u->worker = w >= 0 && w < MAX_WORKERS ? (int)w : 0;
+    u->probing = false;
+    u->rep->probing--;
+    u->rep->conns[u->worker]++;
+    rep_grow(u->rep);
+}
+
 static void up_read(uv_stream_t *s, ssize_t n, const uv_buf_t *buf) {
     (void)buf;
     struct upstream *u = s->data;
@@ -239,6 +330,11 @@ static void up_read(uv_stream_t *s, ssize_t n, const uv_buf_t *buf) {
                                                 &body, &blen, &used, &need);
         if (st == BW_FRAME_NEED_MORE)
             break;
+        if (st == BW_FRAME_OK && u->probing) {
+            probe_answered(u, body, blen);
+            bw_buf_consume(&u->in, used);
+            continue;
+        }
         if (st == BW_FRAME_TOO_LARGE || !u->head) {
             up_lost(u, "the replica sent an unexpected answer");
             break;
@@ -248,6 +344,8 @@ static void up_read(uv_stream_t *s, ssize_t n, const uv_buf_t *buf) {
         if (!u->head)
             u->tail = NULL;
         u->inflight--;
+        u->rep->load[u->worker]--;
+        u->rep->inflight--;
         u->answered++;
         u->retry_ms = 0; /* it answers: the next loss reconnects at once */
         answer(k, body, blen);
@@ -278,6 +376,25 @@ static void flush_dirty(uv_check_t *h) {
     }
 }
 
+static void mark_dirty(struct upstream *u) {
+    if (!u->dirty) {
+        u->dirty = true;
+        u->next_dirty = R.dirty;
+        R.dirty = u;
+    }
+}
+
+static void send_probe(struct upstream *u) {
+    msgpack_packer pk;
+    msgpack_packer_init(&pk, &u->out, msgpack_sbuffer_write);
+    size_t h = bw_frame_begin(&u->out);
+    msgpack_pack_map(&pk, 2);
+    bw_mp_kv_int(&pk, "id", PROBE_ID);
+    bw_mp_kv_str(&pk, "type", "stats");
+    bw_frame_end(&u->out, h);
+    mark_dirty(u);
+}
+
 static void send_call(struct upstream *u, struct call *k) {
     size_t kwlen;
     const char *kw = bw_http_req_kwargs(k->req, &kwlen);
@@ -297,29 +414,83 @@ static void send_call(struct upstream *u, struct call *k) {
         u->head = k;
     u->tail = k;
     u->inflight++;
-    if (!u->dirty) {
-        u->dirty = true;
-        u->next_dirty = R.dirty;
-        R.dirty = u;
-    }
+    u->rep->load[u->worker]++;
+    u->rep->inflight++;
+    mark_dirty(u);
 }
 
-static struct upstream *least_loaded(void) {
+/* Is u a better place for the next call than best (whose worker has *load calls)? The
+ * least-loaded worker first, then the least-loaded replica, then the emptier connection. */
+static bool better(const struct upstream *u, int l, const struct upstream *best, int load) {
+    if (!best || l != load)
+        return !best || l < load;
+    if (u->rep->inflight != best->rep->inflight)
+        return u->rep->inflight < best->rep->inflight;
+    return u->inflight < best->inflight;
+}
+
+static struct upstream *least_loaded(int *load) {
     struct upstream *best = NULL;
     for (int i = 0; i < R.nup; i++) {
         struct upstream *u = R.up[i];
-        if (u->connected && !u->dead && !u->draining && u->inflight < DEPTH &&
-            (!best || u->inflight < best->inflight))
+        if (!u->connected || u->dead || u->draining || u->worker < 0)
+            continue;
+        int l = u->rep->load[u->worker];
+        if (l < WORKER_DEPTH && better(u, l, best, *load)) {
             best = u;
+            *load = l;
+        }
     }
     return best;
 }
 
-bool bw_router_has_capacity(void) { return least_loaded() != NULL; }
+static int reached(const struct rep *p) {
+    int n = 0;
+    for (int w = 0; w < p->workers; w++)
+        n += p->conns[w] > 0;
+    return n;
+}
+
+static void on_hold(uv_timer_t *t) {
+    (void)t;
+    dispatch();
+}
+
+/* Where a call goes now; NULL: it waits. When the best worker already runs a call and
+ * some replica has workers no connection reaches, the call waits for a new connection
+ * to find one (one opened at a time, at most rep->cap per replica). */
+static struct upstream *pick(void) {
+    int load = 0;
+    struct upstream *best = least_loaded(&load);
+    if (best && load == 0)
+        return best;
+    struct rep *grow = NULL;
+    for (struct rep *p = R.reps; p; p = p->next)
+        if (!p->draining && p->nup < p->cap && reached(p) < p->workers &&
+            (!grow || p->inflight < grow->inflight))
+            grow = p;
+    if (!grow)
+        return best;
+    double waited = bw_now_ms() - grow->probe_t;
+    if (grow->probing == 0 || (waited >= PROBE_WAIT_MS && !best)) {
+        up_new(grow);
+        waited = 0;
+    }
+    if (waited >= PROBE_WAIT_MS)
+        return best; /* its probe sits behind a busy worker's call */
+    if (!uv_is_active((uv_handle_t *)&R.hold))
+        uv_timer_start(&R.hold, on_hold, (uint64_t)(PROBE_WAIT_MS - waited) + 1, 0);
+    return NULL;
+}
+
+bool bw_router_has_capacity(void) {
+    int load = 0;
+    return least_loaded(&load) != NULL;
+}
 
 static void dispatch(void) {
     struct upstream *u;
-    while (R.qhead && (u = least_loaded())) {
+    while (R.qhead && (u = pick())) {
         struct call *k = R.qhead;
         R.qhead = k->next;
         if (!R.qhead)
@@ -378,7 +549,7 @@ static void on_connect(uv_connect_t *c, int status) {
     }
     u->connected = true;
     uv_read_start((uv_stream_t *)&u->pipe, up_alloc, up_read);
-    dispatch();
+    send_probe(u); /* calls wait until the answer says which worker this is */
 }
 
 static void up_connect(struct upstream *u) {
@@ -391,6 +562,9 @@ static void up_connect(struct upstream *u) {
     u->pipe.data = u;
     u->pipe_open = true;
     u->handles++;
+    u->probing = true;
+    u->rep->probing++;
+    u->rep->probe_t = bw_now_ms();
     uv_pipe_connect(c, &u->pipe, u->path, on_connect);
 }
 
@@ -407,30 +581,52 @@ static int up_track(struct upstream *u) {
     return 0;
 }
 
-int bw_router_attach(void *owner, const char *unix_path, int n) {
-    if (strlen(unix_path) >= sizeof ((struct upstream *)0)->path) {
-        bw_error("router: replica socket path too long: %s", unix_path);
+static struct upstream *up_new(struct rep *p) {
+    struct upstream *u = calloc(1, sizeof *u);
+    if (!u || up_track(u) < 0) {
+        free(u);
+        bw_error("router: out of memory connecting to a replica");
+        return NULL;
+    }
+    u->owner = p->owner;
+    u->rep = p;
+    u->worker = -1;
+    p->nup++;
+    snprintf(u->path, sizeof u->path, "%s", p->path);
+    msgpack_sbuffer_init(&u->out);
+    uv_timer_init(R.loop, &u->retry);
+    u->retry.data = u;
+    u->handles = 1;
+    up_connect(u);
+    return u;
+}
+
+int bw_router_attach(void *owner, const char *unix_path, int workers) {
+    struct rep *p = calloc(1, sizeof *p);
+    if (!p || strlen(unix_path) >= sizeof p->path) {
+        free(p);
+        bw_error("router: cannot connect to replica socket %s", unix_path);
         return -1;
     }
-    for (int i = 0; i < n; i++) {
-        struct upstream *u = calloc(1, sizeof *u);
-        if (!u || up_track(u) < 0) {
-            free(u);
-            bw_error("router: out of memory connecting to a replica (%d of %d connections)", i, n);
-            return -1;
-        }
-        u->owner = owner;
-        snprintf(u->path, sizeof u->path, "%s", unix_path);
-        msgpack_sbuffer_init(&u->out);
-        uv_timer_init(R.loop, &u->retry);
-        u->retry.data = u;
-        u->handles = 1;
-        up_connect(u);
+    p->owner = owner;
+    snprintf(p->path, sizeof p->path, "%s", unix_path);
+    p->workers = workers < 1 ? 1 : workers > MAX_WORKERS ? MAX_WORKERS : workers;
+    p->want = 2 * p->workers;
+    p->cap = 4 * p->workers;
+    p->next = R.reps;
+    R.reps = p;
+    if (!up_new(p)) {
+        R.reps = p->next;
+        free(p);
+        return -1;
     }
     return 0;
 }
 
 void bw_router_drain(void *owner) {
+    for (struct rep *p = R.reps; p; p = p->next)
+        if (!owner || p->owner == owner)
+            p->draining = true;
     for (int i = R.nup - 1; i >= 0; i--) {
         struct upstream *u = R.up[i];
         if (owner && u->owner != owner)
@@ -475,6 +671,8 @@ void bw_router_init(uv_loop_t *loop, size_t max_frame, bw_router_demand_fn deman
     R.max_pending = 100;
     R.demand = demand;
     R.demand_arg = arg;
+    uv_timer_init(loop, &R.hold);
+    uv_unref((uv_handle_t *)&R.hold);
     uv_check_init(loop, &R.flusher);
     uv_check_start(&R.flusher, flush_dirty);
     uv_unref((uv_handle_t *)&R.flusher);

@@ -18,10 +18,12 @@ typedef void (*bw_router_demand_fn)(void *arg);
 void bw_router_init(uv_loop_t *loop, size_t max_frame, bw_router_demand_fn demand, void *arg);
 void bw_router_set_max_pending(int n);
 
-/* Connect n pipelined connections to a replica's private socket; `owner` names it.
- * A connection that ends while the replica serves is reopened (its worker died and
- * was replaced), until bw_router_drain or bw_router_detach. */
-int bw_router_attach(void *owner, const char *unix_path, int n);
+/* Connect to a replica's private socket, served by `workers` worker processes; `owner`
+ * names it. Connections are opened one at a time until each worker is reached (2 per
+ * worker at first, more on demand while some worker is not). A connection that ends
+ * while the replica serves is reopened (its worker died and was replaced), until
+ * bw_router_drain or bw_router_detach. */
+int bw_router_attach(void *owner, const char *unix_path, int workers);
 /* The replica is stopping: send it no new calls and reopen none of its connections;
  * calls in flight are still answered. owner NULL: every replica (shutdown). */
 void bw_router_drain(void *owner);

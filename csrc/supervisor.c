@@ -31,6 +31,7 @@
 #include "json.h"
 #include "log.h"
 #include "mp.h"
+#include "output.h"
 #include "privilege.h"
 #include "replica.h"
 #include "router.h"
@@ -209,7 +210,7 @@ static void retire_idle(double now) {
     for (struct bw_replica *r = F.replicas; r; r = r->next) {
         if (r->phase != BW_R_SERVING || r->pid <= 0)
             continue;
-        if (bw_router_inflight(r) > 0)
+        if (bw_router_inflight(r) > 0 || r->in_call > 0) /* HTTP or msgpack calls running */
             r->last_active = now;
         if (now - r->last_active < F.keep_warm_s * 1000)
             continue;
@@ -269,7 +270,7 @@ void bw_sup_replica_serving(struct bw_replica *r) {
         F.dumper = 0;
     wake_stop();
     if (F.http && r->upstream.fd >= 0)
-        bw_router_attach(r, r->upstream.unix_path, 2 * (r->workers > 0 ? r->workers : 1));
+        bw_router_attach(r, r->upstream.unix_path, r->workers > 0 ? r->workers : 1);
 }
 
 static bool may_dump_now(void) {
@@ -540,7 +541,14 @@ static int setup_http(void) {
         for (size_t i = 0; i < sizeof raw; i++)
             snprintf(F.token + 2 * i, 3, "%02x", raw[i]);
     }
-    struct bw_http_options ho = {o->max_body, F.token[0] ? F.token : NULL};
+    struct bw_http_options ho = {
+        .max_body = o->max_body,
+        .token = F.token[0] ? F.token : NULL,
+        .header_timeout_s = o->header_timeout_s,
+        .body_timeout_s = o->body_timeout_s,
+        .idle_timeout_s = o->idle_timeout_s,
+        .max_conns = o->max_conns,
+    };
     struct bw_http_handlers hh = {on_http_call, on_http_stats, NULL};
     bw_router_init(bw_sup.loop, o->max_frame, on_demand, NULL);
     if (bw_http_start(bw_sup.loop, F.http_l.fd, &ho, &hh) < 0)
@@ -634,6 +642,8 @@ static void cleanup(void) {
         rmdir(F.rundir);
 }
 
+static void log_to_stderr(const char *line, size_t len) { bw_output_write(2, line, len); }
+
 int bw_supervisor_main(const struct bw_options *o, int argc, char **argv) {
     (void)argc;
     (void)argv;
@@ -652,6 +662,8 @@ int bw_supervisor_main(const struct bw_options *o, int argc, char **argv) {
     prctl(PR_SET_CHILD_SUBREAPER, 1);
     find_namespaces();
     bw_sup.loop = uv_default_loop();
+    bw_output_init(bw_sup.loop);
+    bw_log_set_sink(log_to_stderr);
     F.keep_warm_s = o->keep_warm_s < -0.5 ? 180 : o->keep_warm_s;
     F.http = o->http_port >= 0;
     if (open_listeners() < 0 || (F.http && setup_http() < 0)) {
@@ -677,6 +689,8 @@ int bw_supervisor_main(const struct bw_options *o, int argc, char **argv) {
     if (isatty(STDERR_FILENO) && F.http && !o->json_logs)
         fputc('\n', stderr);
     cleanup();
+    bw_log_set_sink(NULL);
+    bw_output_close();
     if (F.exit_code == 0)
         bw_info("stopped");
     return F.exit_code;

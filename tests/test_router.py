@@ -32,19 +32,24 @@ class Served:
     the log: a port picked here could be taken by a parallel run before serve binds it)."""
 
     def __init__(self, workdir: Path, app: str, *args: str, env: Optional[Dict[str, str]] = None,
-                 tag: str = "serve") -> None:
+                 tag: str = "serve", token: Optional[str] = None, stdout=None) -> None:
         self.log_path = workdir / f"{tag}.log"
+        self.token = token
         e = dict(os.environ)
         e.pop("PYTHONUNBUFFERED", None)
         e.pop("BEAM_AUTH_TOKEN", None)
         e.setdefault("BEAM_CHECKPOINT_DIR", str(workdir / "checkpoints"))
         e.setdefault("BEAM_VOLUME_ROOT", str(workdir / "volumes"))
         e.update(env or {})
+        if token:  # auth on, as a user who exports BEAM_AUTH_TOKEN serves
+            e["BEAM_AUTH_TOKEN"] = token
         cmd = [sys.executable, "-m", "beam", "serve", str(APPS / app), "--port", "0",
-               "--no-auth", *args]
+               *([] if token else ["--no-auth"]), *args]
         with open(self.log_path, "wb") as f:
-            self.proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=e,
-                                         cwd=str(workdir), start_new_session=True)
+            # stdout: another destination for the log's stdout half (e.g. a pipe nobody reads)
+            self.proc = subprocess.Popen(cmd, stdout=f if stdout is None else stdout,
+                                         stderr=f, env=e, cwd=str(workdir),
+                                         start_new_session=True)
         m = re.search(r"HTTP on http://127\.0\.0\.1:(\d+)", self.wait_for("ready:"))
         assert m, self.log()
         self.port = int(m.group(1))
@@ -67,8 +72,10 @@ class Served:
         c = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
         try:
             data = json.dumps(body).encode() if body is not None else None
-            c.request(method, path, body=data,
-                      headers={"Content-Type": "application/json"} if data else {})
+            headers = {"Content-Type": "application/json"} if data else {}
+            if self.token:
+                headers["Authorization"] = f"Bearer {self.token}"
+            c.request(method, path, body=data, headers=headers)
             r = c.getresponse()
             return r.status, {k.lower(): v for k, v in r.getheaders()}, r.read()
         finally:

@@ -98,6 +98,13 @@ def _nonneg_float(text: str) -> float:
     return v
 
 
+def _positive_float(text: str) -> float:
+    v = _nonneg_float(text)
+    if not 0 < v < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected seconds > 0, got {v}")
+    return v
+
+
 def _env_name(text: str) -> str:
     if not text or "=" in text or "\0" in text:
         raise argparse.ArgumentTypeError(f"expected a variable name, got {text!r}")
@@ -231,6 +238,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         argv.append("--no-auth")
     if args.max_body is not None:
         argv += ["--max-body", str(args.max_body)]
+    for flag, value in (("--header-timeout", args.header_timeout), ("--body-timeout", args.body_timeout),
+                        ("--idle-timeout", args.idle_timeout)):
+        if value is not None:
+            argv += [flag, f"{value:g}"]
+    if args.max_connections is not None:
+        argv += ["--max-connections", str(args.max_connections)]
     if args.max_replicas is not None:
         argv += ["--max-replicas", str(args.max_replicas)]
     if args.keep_warm is not None:
@@ -723,6 +736,14 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--no-auth", action="store_true",
                    help="no bearer token (default: $BEAM_AUTH_TOKEN, else one is generated and printed)")
     h.add_argument("--max-body", metavar="BYTES", type=_positive_int, help="largest HTTP body (default 64 MiB)")
+    h.add_argument("--header-timeout", metavar="SECONDS", type=_positive_float,
+                   help="close a connection whose request line and headers take longer (default 10)")
+    h.add_argument("--body-timeout", metavar="SECONDS", type=_positive_float,
+                   help="close a connection whose body takes longer after its headers (default 60)")
+    h.add_argument("--idle-timeout", metavar="SECONDS", type=_positive_float,
+                   help="close a keep-alive connection idle this long (default 60)")
+    h.add_argument("--max-connections", metavar="N", type=_positive_int,
+                   help="open HTTP connections; more get 503 and are closed (default 1024)")
     h.add_argument("--max-replicas", metavar="N", type=_positive_int,
                    help="restore up to N replicas when calls queue up (default 1)")
     h.add_argument("--keep-warm", metavar="SECONDS", type=float,

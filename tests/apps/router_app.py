@@ -33,3 +33,15 @@ def crashy(op="echo", **kwargs):
 @beam.endpoint(name="router-ckpt", workers=1, timeout=60, checkpoint_enabled=True)
 def ckpt(op="echo", **kwargs):
     return _run(op, kwargs)
+
+
+@beam.endpoint(name="router-where", workers=1, timeout=60)
+def where(seconds=0.0, out_bytes=0, context=None):
+    """Which replica and worker ran the call (after sleeping ``seconds``); ``out_bytes``
+    of output on stdout first, for a supervisor whose stdout nobody reads."""
+    import sys
+    if out_bytes:
+        sys.stdout.write("o" * int(out_bytes) + "\n")
+        sys.stdout.flush()
+    time.sleep(float(seconds))
+    return {"container": context.container_id, "worker": context.worker, "pid": os.getpid()}

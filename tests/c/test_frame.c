@@ -1,5 +1,5 @@
 /* test_frame.c - unit tests for the byte-level layer: framing (frame.c), the input
- * buffer, msgpack helpers (mp.c) and id generation (util.c).
+ * buffer, msgpack helpers (mp.c), id generation (util.c) and control messages (control.c).
  *
  * These are the pieces that face untrusted bytes from the network, so the error
  * paths (short input, hostile lengths, garbage, deep nesting) matter as much as
@@ -8,9 +8,12 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <errno.h>
+#include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include "control.h"
 #include "frame.h"
 #include "mp.h"
 #include "util.h"
@@ -533,6 +536,36 @@ static void test_id_reseed(void) {
     CHECK(memcmp(a, b, BW_ID_LEN) != 0);
 }
 
+/* ---- bw_ctl_recv --------------------------------------------------------------- */
+
+/* A peer that sends a header and part of the body, then stalls: the timeout bounds the
+ * whole message (the supervisor reads control messages inside its event loop). Run in a
+ * child so that a receive that blocks for good fails the test instead of hanging it. */
+static void test_ctl_recv_timeout_covers_the_body(void) {
+    int sv[2];
+    if (!CHECK(socketpair(AF_UNIX, SOCK_STREAM, 0, sv) == 0))
+        return;
+    char msg[4 + 10] = {0};
+    put_header(msg, 100); /* 100 announced, 10 sent */
+    CHECK(write(sv[1], msg, sizeof msg) == (ssize_t)sizeof msg);
+    pid_t pid = fork();
+    if (pid == 0) {
+        alarm(5);
+        char *body;
+        size_t len;
+        int fds[BW_CTL_MAX_FDS], nfds;
+        double t = bw_now_ms();
+        int rc = bw_ctl_recv(sv[0], &body, &len, fds, &nfds, 200);
+        double took = bw_now_ms() - t;
+        _exit(rc == -1 && errno == ETIMEDOUT && took >= 150 && took < 2000 ? 0 : 1);
+    }
+    int status = 0;
+    waitpid(pid, &status, 0);
+    CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+    close(sv[0]);
+    close(sv[1]);
+}
+
 int main(void) {
     RUN(test_frame_empty_and_partial_header);
     RUN(test_frame_partial_body);
@@ -549,5 +582,6 @@ int main(void) {
     RUN(test_mp_accessors);
     RUN(test_id_format_and_uniqueness);
     RUN(test_id_reseed);
+    RUN(test_ctl_recv_timeout_covers_the_body);
     return TEST_SUMMARY();
 }
