@@ -63,6 +63,8 @@ struct bw_worker_state {
     void *context_factory; /* PyObject*: f(task_id) -> Context, or NULL */
     void *timeout_error;   /* PyObject*: beam.exceptions.TaskTimeout */
     void *describe_exc;    /* PyObject*: beam._runtime.describe_exception */
+    void *driver;          /* PyObject*: beam._aio.Driver for an async endpoint, else NULL */
+    int concurrency;       /* async calls interleaved at most (concurrent_requests) */
     double timeout_s;      /* <= 0: no limit */
     int index;
     bool restored;
