@@ -287,6 +287,10 @@ def cmd_call(args: argparse.Namespace) -> int:
                 result = client.ping()
             elif args.stats:
                 result = client.stats()
+            elif args.stream:
+                for chunk in client.stream(**kwargs):  # one line each, as it arrives
+                    print(json.dumps(_jsonable(chunk, [False]), ensure_ascii=False), flush=True)
+                return 0
             else:
                 result = client.call(**kwargs)
     except RemoteError as exc:
@@ -737,6 +741,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = c.add_mutually_exclusive_group()
     g.add_argument("--ping", action="store_true", help="send a ping instead of a call")
     g.add_argument("--stats", action="store_true", help="print the serving worker's stats")
+    g.add_argument("--stream", action="store_true",
+                   help="ask for a streamed answer: print each chunk as one JSON line as it arrives")
     c.add_argument("--timeout", metavar="SECONDS", type=_nonneg_float, default=30.0,
                    help="give up after this long without an answer (0: wait forever; default 30)")
     c.set_defaults(func=cmd_call)
