@@ -13,13 +13,13 @@ def _mark(path, text):
             f.write(text)
 
 
-@beam.endpoint(name="stream-app", timeout=float(os.environ.get("STREAM_TIMEOUT", "30")),
-               checkpoint_enabled=bool(os.environ.get("STREAM_CHECKPOINT")))
+@beam.endpoint(name="stream-app", timeout=float(os.environ.get("STREAM_TIMEOUT", "30")))
 def handler(op="gen", n=3, size=0, delay=0.0, fail_at=-1, mark="", value=None):
     if op == "echo":
         return value
-    if op == "stats":
-        return {"pid": os.getpid()}
+    if op == "rss":  # KiB, as /proc/self/status says
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
     return _gen(n, size, delay, fail_at, mark)
 
 
