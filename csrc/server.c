@@ -320,12 +320,19 @@ static bool pull_sync(struct conn *c, struct slot *s) {
     return false; /* on_write resumes it */
 }
 
-/* The head still runs: feed it if it is a stream. True once it has finished. */
-static bool feed(struct conn *c, struct slot *s) {
+/* The head still runs: feed it if it is a stream. True once it has finished. A sync
+ * generator is pulled once per conn_run (*pulled): what it gave goes out first. */
+static bool feed(struct conn *c, struct slot *s, bool *pulled) {
     if (!bw_call_is_stream(s->call))
         return false; /* an async call: its event ends it */
-    if (!bw_call_is_async(s->call))
+    if (!bw_call_is_async(s->call)) {
+        if (*pulled) {
+            pump_later(c);
+            return false;
+        }
+        *pulled = true;
         return pull_sync(c, s);
+    }
     if (!s->awaiting && backlog(c) < STREAM_HIGH) {
         s->awaiting = true;
         bw_aio_pull(s->call);
@@ -334,11 +341,11 @@ static bool feed(struct conn *c, struct slot *s) {
 }
 
 /* Move finished answers at the head into this turn's frames. Returns how many. */
-static int advance(struct conn *c) {
+static int advance(struct conn *c, bool *pulled) {
     int n = 0;
     while (c->head && !closing(c)) {
         struct slot *s = c->head;
-        if (s->call && !feed(c, s))
+        if (s->call && !feed(c, s, pulled))
             break;
         if (s->out.size)
             msgpack_sbuffer_write(&c->wbuf, s->out.data, s->out.size);
@@ -409,7 +416,8 @@ static int parse(struct conn *c) {
 
 /* Everything a connection can do now, then send what it produced. */
 static void conn_run(struct conn *c) {
-    while (!closing(c) && parse(c) + advance(c) > 0) {
+    bool pulled = false;
+    while (!closing(c) && parse(c) + advance(c, &pulled) > 0) {
     }
     conn_send(c);
     if (!closing(c)) {

@@ -5,6 +5,7 @@ import argparse
 import base64
 import json
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -173,10 +174,14 @@ def unused_options_note(app: str) -> Optional[str]:
         if path is None:
             return None
         with open(path, encoding="utf-8") as f:
-            written = decorator_options(f.read(), app.rpartition(":")[2])
+            source = f.read()
+        written = decorator_options(source, app.rpartition(":")[2])
     except (OSError, SyntaxError, ValueError):
         return None  # the worker reports a broken app properly; this is only a note
     unused = sorted(set(written) & NOT_USED_LOCALLY)
+    func = app.rpartition(":")[2]
+    if re.search(rf"async\s+def\s+{re.escape(func)}\b", source):  # interleaved on its loop
+        unused = [o for o in unused if o != "concurrent_requests"]
     if not unused:
         return None
     return (f"not used by the local worker: {', '.join(unused)} (accepted for Beam "
