@@ -258,6 +258,140 @@ def run_fastapi(args, workers: int, variant: str, server_cpus, client_cpus) -> D
         stop(proc, "uvicorn")
 
 
+# ---- streaming: time to first chunk and chunks/s ---------------------------------------
+
+STREAM_APP = os.path.join(REPO, "bench", "apps", "stream.py") + ":handler"
+STREAM_FASTAPI = "bench.apps.stream_fastapi:app"
+STREAM_CHUNKS = 1000
+
+
+def stream_msgpack(path: str, n: int) -> tuple:
+    """One streamed call over the unix socket: (seconds to the first chunk frame, to the
+    final frame). Frames are parsed as a client must (length, then msgpack)."""
+    import msgpack
+
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.connect(path)
+        body = msgpack.packb({"id": 1, "kwargs": {"n": n}, "stream": True})
+        t0 = time.perf_counter()
+        s.sendall(len(body).to_bytes(4, "big") + body)
+        buf, first, chunks = b"", None, 0
+        while True:
+            data = s.recv(1 << 20)
+            if not data:
+                raise BenchError("worker closed the connection mid-stream")
+            buf += data
+            while len(buf) >= 4 and len(buf) >= 4 + int.from_bytes(buf[:4], "big"):
+                size = int.from_bytes(buf[:4], "big")
+                m = msgpack.unpackb(buf[4:4 + size])
+                buf = buf[4 + size:]
+                if "chunk" in m:
+                    chunks += 1
+                    first = first or time.perf_counter() - t0
+                elif chunks != n or not m.get("ok"):
+                    raise BenchError(f"stream ended after {chunks} chunks: {m}")
+                else:
+                    return first, time.perf_counter() - t0
+
+
+def stream_sse(port: int, n: int) -> tuple:
+    """One POST with Accept: text/event-stream: (seconds to the first data: event, to the
+    last chunk of the chunked body). The same client for beam and FastAPI."""
+    req = (f"POST / HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: text/event-stream\r\n"
+           f"Content-Type: application/json\r\nContent-Length: {len(str(n)) + 7}\r\n"
+           f"Connection: close\r\n\r\n{{\"n\": {n}}}").encode()
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        t0 = time.perf_counter()
+        s.sendall(req)
+        buf, first = b"", None
+        while True:
+            data = s.recv(1 << 20)
+            if data:
+                buf += data
+                if first is None and b"data: " in buf:
+                    first = time.perf_counter() - t0
+            if not data or buf.endswith(b"0\r\n\r\n"):
+                end = time.perf_counter() - t0
+                if buf.count(b"data: ") != n:
+                    raise BenchError(f"SSE stream had {buf.count(b'data: ')} of {n} events")
+                return first, end
+
+
+def measure_stream(fn, target, runs: int) -> Dict:
+    for _ in range(3):  # warm-up: imports, first connections
+        fn(target, STREAM_CHUNKS)
+    firsts, totals = [], []
+    for _ in range(runs):
+        first, total = fn(target, STREAM_CHUNKS)
+        firsts.append(first)
+        totals.append(total)
+    firsts.sort()
+    totals.sort()
+    return {"first_chunk_ms": firsts[len(firsts) // 2] * 1e3,
+            "chunks_per_s": STREAM_CHUNKS / totals[len(totals) // 2], "runs": runs}
+
+
+def run_stream(args) -> List[Dict]:
+    """The generator of bench/apps/stream.py streamed by beam over msgpack (unix socket)
+    and over its HTTP front as SSE, and by FastAPI's StreamingResponse on uvicorn."""
+    runs = 20 if args.quick else 100
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in [os.path.join(REPO, "python"), env.get("PYTHONPATH", "")] if p)
+    tmp = tempfile.mkdtemp(prefix="beam-bench-")
+    rows = []
+    procs = []
+    try:
+        sock = os.path.join(tmp, "s.sock")
+        procs.append(subprocess.Popen([args.worker, "--python", args.python, "--no-checkpoint",
+                                       "--socket", sock, STREAM_APP], stdin=subprocess.DEVNULL,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env))
+        wait_until(lambda: os.path.exists(sock), procs[-1], "beam-worker (stream)")
+        time.sleep(0.3)
+        rows.append(dict(measure_stream(stream_msgpack, sock, runs), server="beam",
+                         transport="msgpack/unix"))
+        port = free_port()
+        procs.append(subprocess.Popen([args.worker, "--python", args.python, "--no-checkpoint",
+                                       "--port", str(port), "--no-auth", STREAM_APP],
+                                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.DEVNULL, env=env, cwd=tmp))
+        wait_until(lambda: http_ready(port), procs[-1], "beam-worker --port (stream)")
+        rows.append(dict(measure_stream(stream_sse, port, runs), server="beam (HTTP front)",
+                         transport="sse/tcp"))
+        port = free_port()
+        procs.append(subprocess.Popen([args.python, "-m", "uvicorn", STREAM_FASTAPI, "--app-dir", REPO,
+                                       "--host", "127.0.0.1", "--port", str(port), "--log-level",
+                                       "warning", "--no-access-log"], cwd=REPO,
+                                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.DEVNULL))
+        wait_until(lambda: http_ready(port), procs[-1], "uvicorn (stream)")
+        rows.append(dict(measure_stream(stream_sse, port, runs), server="fastapi StreamingResponse",
+                         transport="sse/tcp"))
+    finally:
+        for p in procs:
+            stop(p, "stream server")
+        shutil.rmtree(tmp, ignore_errors=True)
+    return rows
+
+
+def wait_until(ready, proc: subprocess.Popen, what: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise BenchError(f"{what} did not become ready")
+        time.sleep(0.05)
+
+
+def print_stream_rows(rows) -> None:
+    print(f"streaming: a generator of {STREAM_CHUNKS} small chunks, median of "
+          f"{rows[0]['runs'] if rows else 0} runs")
+    print(f"{'server':<28}{'transport':<15}{'first chunk':>13}{'chunks/s':>12}")
+    for r in rows:
+        print(f"{r['server']:<28}{r['transport']:<15}{r['first_chunk_ms']:>10.2f} ms"
+              f"{r['chunks_per_s']:>12,.0f}")
+
+
 # ---- main ------------------------------------------------------------------------------
 
 
@@ -305,6 +439,7 @@ def main(argv=None) -> int:
     ap.add_argument("--no-async", action="store_true",
                     help="skip the FastAPI `async def` variant")
     ap.add_argument("--json", metavar="OUT", help="also write all results to this JSON file")
+    ap.add_argument("--no-stream", action="store_true", help="skip the streaming rows")
     args = ap.parse_args(argv)
     if args.duration is None:
         args.duration = 3.0 if args.quick else 10.0
@@ -341,10 +476,13 @@ def main(argv=None) -> int:
                 rows.append(dict(r, pinning=pin))
             for v in variants:
                 rows.append(dict(run_fastapi(args, w, v, server_cpus, client_cpus), pinning=pin))
+        stream_rows = [] if args.no_stream or failed else run_stream(args)
     except BenchError as e:
         failed = str(e)
+        stream_rows = []
     except subprocess.TimeoutExpired as e:
         failed = f"timed out: {e}"
+        stream_rows = []
 
     print(f"no-op handler; {args.connections} connections x pipeline {args.pipeline}, "
           f"{args.threads} client thread(s), {args.warmup:g}s warm-up + {args.duration:g}s; {impl}")
@@ -367,20 +505,41 @@ def main(argv=None) -> int:
                 ratios[f"workers{w}_{transport}_vs_fastapi_async"] = beam / base_async
     for k, v in ratios.items():
         print(f"{k}={v:.2f}")
+    stream_ratios = {}
+    if stream_rows:
+        print_stream_rows(stream_rows)
+        by = {r["server"]: r for r in stream_rows}
+        fa = by.get("fastapi StreamingResponse")
+        for name, key in (("beam", "msgpack"), ("beam (HTTP front)", "sse")):
+            if fa and name in by:
+                stream_ratios[f"stream_{key}_chunks_vs_fastapi"] = by[name]["chunks_per_s"] / fa["chunks_per_s"]
+                stream_ratios[f"stream_{key}_first_chunk_vs_fastapi"] = (
+                    by[name]["first_chunk_ms"] / fa["first_chunk_ms"])
+        for k, v in stream_ratios.items():
+            print(f"{k}={v:.3f}")
 
     errors = sum(r["errors"] for r in rows)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"config": {k: getattr(args, k) for k in (
                 "connections", "pipeline", "threads", "duration", "warmup", "workers", "python", "pin")},
-                "uvicorn": impl, "runs": rows, "ratios": ratios, "error": failed}, f, indent=2)
+                "uvicorn": impl, "runs": rows, "ratios": ratios, "stream": stream_rows,
+                "stream_ratios": stream_ratios, "error": failed}, f, indent=2)
     if failed:
         print(f"error: {failed}", file=sys.stderr)
     if errors:
         print(f"error: {errors} request(s) failed", file=sys.stderr)
     head = ratios.get(f"workers{worker_counts[0]}_unix_vs_fastapi")
     sys.stdout.flush()
-    print(f"serve_vs_fastapi_rps_ratio={head:.2f}" if head else "serve_vs_fastapi_rps_ratio=nan")
+    # The streaming figures of the last line are the HTTP front's (SSE against SSE): the
+    # same protocol, client and generator on both sides; the msgpack ones are above.
+    chunks = stream_ratios.get("stream_sse_chunks_vs_fastapi")
+    first = stream_ratios.get("stream_sse_first_chunk_vs_fastapi")
+    print(f"serve_vs_fastapi_rps_ratio={head:.2f} " if head else "serve_vs_fastapi_rps_ratio=nan ",
+          end="")
+    print(f"stream_chunks_vs_fastapi={chunks:.2f} " if chunks else "stream_chunks_vs_fastapi=nan ",
+          end="")
+    print(f"stream_first_chunk_vs_fastapi={first:.3f}" if first else "stream_first_chunk_vs_fastapi=nan")
     return 1 if failed or errors or not head else 0
 
 

@@ -329,6 +329,29 @@ void bw_app_worker_exit(void) {
     fflush(NULL);
 }
 
+/* An async endpoint (coroutine or async generator): its calls interleave on a loop this
+ * worker process owns, created here, after fork or restore (beam/_aio.py Driver). */
+static int make_driver(struct bw_worker_state *w) {
+    w->driver = NULL;
+    w->concurrency = 1;
+    PyObject *is_async = PyDict_GetItemString(config, "is_async");
+    if (!is_async || PyObject_IsTrue(is_async) != 1)
+        return 0;
+    PyObject *n = PyDict_GetItemString(config, "concurrent_requests");
+    long c = n ? PyLong_AsLong(n) : 1;
+    if (c < 1 || PyErr_Occurred()) {
+        PyErr_Clear();
+        c = 1;
+    }
+    w->concurrency = c > 1000000 ? 1000000 : (int)c;
+    PyObject *aio = PyImport_ImportModule("beam._aio");
+    PyObject *fn = aio ? PyObject_GetAttrString(endpoint, "__wrapped__") : NULL;
+    w->driver = fn ? PyObject_CallMethod(aio, "make_driver", "Od", fn, w->timeout_s) : NULL;
+    Py_XDECREF(fn);
+    Py_XDECREF(aio);
+    return w->driver ? 0 : -1;
+}
+
 int bw_app_worker_init(int index, const char *container_id, const char *bind_address,
                        bool restored, const char *profile, size_t profile_len) {
     struct bw_worker_state *w = &bw_worker;
@@ -351,6 +374,10 @@ int bw_app_worker_init(int index, const char *container_id, const char *bind_add
         w->context_factory = PyObject_CallMethod(runtime, "make_context_factory", "OOssi",
                                                  endpoint, on_start_value, container_id,
                                                  bind_address, index);
+    if (w->func && make_driver(w) < 0) {
+        capture_error("cannot start the async handler's loop");
+        return -1;
+    }
     if (!w->func || !w->timeout_error || !w->describe_exc ||
         (PyObject_IsTrue(PyDict_GetItemString(config, "wants_context")) == 1 &&
          !w->context_factory)) {

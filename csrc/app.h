@@ -63,6 +63,8 @@ struct bw_worker_state {
     void *context_factory; /* PyObject*: f(task_id) -> Context, or NULL */
     void *timeout_error;   /* PyObject*: beam.exceptions.TaskTimeout */
     void *describe_exc;    /* PyObject*: beam._runtime.describe_exception */
+    void *driver;          /* PyObject*: beam._aio.Driver for an async endpoint, else NULL */
+    int concurrency;       /* async calls interleaved at most (concurrent_requests) */
     double timeout_s;      /* <= 0: no limit */
     int index;
     bool restored;
@@ -71,7 +73,7 @@ struct bw_worker_state {
     size_t profile_len;
     unsigned long long requests;
     unsigned long long *shared_requests; /* this worker's slot in the host's counters */
-    unsigned long long *shared_in_call;  /* 1 while a handler runs, in the same memory */
+    unsigned long long *shared_in_call;  /* calls in progress, in the same memory */
 };
 extern struct bw_worker_state bw_worker;
 

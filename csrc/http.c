@@ -49,6 +49,11 @@ struct bw_http_req {
     size_t resp_len;
     msgpack_sbuffer kwargs;
     double arrival;
+    /* streamed answers */
+    bool sse, streaming, over;  /* over: the caller was told to pause */
+    msgpack_sbuffer sbuf;       /* stream bytes not handed to the connection yet */
+    bw_http_stream_fn stream_cb;
+    void *stream_arg;
 };
 
 struct conn {
@@ -60,6 +65,7 @@ struct conn {
     size_t field_len;
     bool in_auth;
     bool expect_continue;   /* "Expect: 100-continue": the client waits before the body */
+    bool accept_sse;        /* "Accept: text/event-stream": a stream is sent as SSE */
     int nauth;              /* Authorization fields in this request: more than one is refused */
     char auth[MAX_AUTH];
     size_t auth_len;
@@ -119,6 +125,8 @@ static void conn_free_if_done(struct conn *c) {
     }
 }
 
+static void streams_gone(struct conn *c);
+
 static void on_closed(uv_handle_t *h) {
     struct conn *c = h->data;
     if (c->prev)
@@ -129,6 +137,7 @@ static void on_closed(uv_handle_t *h) {
         c->next->prev = c->prev;
     H.nconns--;
     c->closed = true;
+    streams_gone(c);
     conn_free_if_done(c);
 }
 
@@ -139,6 +148,7 @@ static void conn_close(struct conn *c) {
 
 static void req_free(struct bw_http_req *r) {
     free(r->resp);
+    msgpack_sbuffer_destroy(&r->sbuf);
     msgpack_sbuffer_destroy(&r->kwargs);
     free(r);
 }
@@ -162,9 +172,13 @@ static void read_stop(struct conn *c) {
     }
 }
 
+static void stream_drained(struct conn *c);
+
 static void on_write(uv_write_t *w, int status) {
     struct conn *c = w->handle->data;
     c->write_bytes -= bw_stream_written(w);
+    if (status >= 0)
+        stream_drained(c);
     if (status < 0 || ((c->close_after_flush || c->eof) && c->write_bytes == 0 && !c->head))
         conn_close(c);
 }
@@ -176,6 +190,8 @@ static void send_bytes(struct conn *c, char *data, size_t len) {
 }
 
 /* Send every answered request at the head of the FIFO, in one write. */
+static void stream_flush(struct bw_http_req *r);
+
 static void flush(struct conn *c) {
     msgpack_sbuffer out;
     msgpack_sbuffer_init(&out);
@@ -197,6 +213,8 @@ static void flush(struct conn *c) {
         send_bytes(c, out.data, out.size);
     else
         msgpack_sbuffer_destroy(&out);
+    if (c->head && c->head->streaming && !stop) /* its turn: what it gathered goes out */
+        stream_flush(c->head);
     if (c->closed) {
         conn_free_if_done(c);
         return;
@@ -253,6 +271,10 @@ void bw_http_reply(struct bw_http_req *r, int status, const char *json, size_t l
 
 void bw_http_reply_error(struct bw_http_req *r, int status, const char *type,
                          const char *message, const char *task_id, double wait_ms) {
+    if (r->streaming) { /* the status line is sent: the error becomes the last event */
+        bw_http_stream_end(r, type, message);
+        return;
+    }
     msgpack_sbuffer b;
     msgpack_sbuffer_init(&b);
     msgpack_sbuffer_write(&b, "{\"error\":{\"type\":", 17);
@@ -280,7 +302,9 @@ static struct bw_http_req *req_new(struct conn *c, bool keep_alive) {
     r->conn = c;
     r->keep_alive = keep_alive;
     r->arrival = bw_now_ms();
+    r->sse = c->accept_sse;
     msgpack_sbuffer_init(&r->kwargs);
+    msgpack_sbuffer_init(&r->sbuf);
     if (c->tail)
         c->tail->next = r;
     else
@@ -293,7 +317,7 @@ static struct bw_http_req *req_new(struct conn *c, bool keep_alive) {
 static int on_message_begin(http_parser *p) {
     struct conn *c = p->data;
     c->url_len = c->auth_len = c->field_len = 0;
-    c->in_auth = c->expect_continue = false;
+    c->in_auth = c->expect_continue = c->accept_sse = false;
     c->nauth = 0;
     c->body.size = c->body_seen = 0;
     if (c->phase != C_HEADERS) { /* a new connection's clock started at accept */
@@ -332,6 +356,9 @@ static int on_header_value(http_parser *p, const char *at, size_t len) {
     if (!c->in_auth && c->field_len == 6 && strncasecmp(c->field, "expect", 6) == 0 &&
         len >= 12 && strncasecmp(at, "100-continue", 12) == 0)
         c->expect_continue = true;
+    if (!c->in_auth && c->field_len == 6 && strncasecmp(c->field, "accept", 6) == 0 &&
+        memmem(at, len, "text/event-stream", 17))
+        c->accept_sse = true;
     if (c->in_auth) {
         size_t room = MAX_AUTH - c->auth_len;
         memcpy(c->auth + c->auth_len, at, len < room ? len : room);
@@ -694,4 +721,122 @@ void bw_http_stop(void) {
         uv_close((uv_handle_t *)&H.listener, NULL);
         H.listening = false;
     }
+}
+
+/* ---- streamed answers --------------------------------------------------------------- */
+
+bool bw_http_req_streaming(const struct bw_http_req *r) { return r->streaming; }
+
+static bool conn_gone(const struct conn *c) {
+    return c->closed || uv_is_closing((uv_handle_t *)&c->tcp);
+}
+
+/* Only the head of the FIFO writes: a stream behind another answer gathers in sbuf. */
+static void stream_flush(struct bw_http_req *r) {
+    struct conn *c = r->conn;
+    if (c->head != r || r->sbuf.size == 0 || conn_gone(c))
+        return;
+    size_t len = r->sbuf.size;
+    send_bytes(c, msgpack_sbuffer_release(&r->sbuf), len);
+}
+
+void bw_http_stream_flush(struct bw_http_req *r) { stream_flush(r); }
+
+static void chunk_put(struct bw_http_req *r, const char *a, size_t alen, const char *b,
+                      size_t blen, const char *z, size_t zlen) {
+    char size[24];
+    int n = snprintf(size, sizeof size, "%zx\r\n", alen + blen + zlen);
+    msgpack_sbuffer_write(&r->sbuf, size, (size_t)n);
+    msgpack_sbuffer_write(&r->sbuf, a, alen);
+    msgpack_sbuffer_write(&r->sbuf, b, blen);
+    msgpack_sbuffer_write(&r->sbuf, z, zlen);
+    msgpack_sbuffer_write(&r->sbuf, "\r\n", 2);
+}
+
+void bw_http_stream_begin(struct bw_http_req *r, const char *task_id, double wait_ms,
+                          bw_http_stream_fn cb, void *arg) {
+    char head[512];
+    int n = snprintf(head, sizeof head,
+                     "HTTP/1.1 200 OK\r\nContent-Type: %s\r\nTransfer-Encoding: chunked\r\n"
+                     "Cache-Control: no-cache\r\n",
+                     r->sse ? "text/event-stream" : "application/x-ndjson");
+    msgpack_sbuffer_write(&r->sbuf, head, (size_t)n);
+    if (task_id && *task_id) {
+        n = snprintf(head, sizeof head, "X-Task-ID: %s\r\n", task_id);
+        msgpack_sbuffer_write(&r->sbuf, head, (size_t)n);
+    }
+    if (wait_ms >= 0) {
+        n = snprintf(head, sizeof head, "X-Beam-Wait-Ms: %.1f\r\n", wait_ms);
+        msgpack_sbuffer_write(&r->sbuf, head, (size_t)n);
+    }
+    if (!r->keep_alive)
+        msgpack_sbuffer_write(&r->sbuf, "Connection: close\r\n", 19);
+    msgpack_sbuffer_write(&r->sbuf, "\r\n", 2);
+    r->streaming = true;
+    r->stream_cb = cb;
+    r->stream_arg = arg;
+}
+
+long bw_http_stream_chunk(struct bw_http_req *r, const char *json, size_t len) {
+    struct conn *c = r->conn;
+    if (conn_gone(c))
+        return -1;
+    if (r->sse)
+        chunk_put(r, "data: ", 6, json, len, "\n\n", 2);
+    else
+        chunk_put(r, "", 0, json, len, "\n", 1);
+    size_t owed = r->sbuf.size + (c->head == r ? c->write_bytes : 0);
+    r->over = owed > BW_HTTP_STREAM_HIGH;
+    return (long)owed;
+}
+
+void bw_http_stream_end(struct bw_http_req *r, const char *error_type, const char *message) {
+    if (error_type) {
+        msgpack_sbuffer e;
+        msgpack_sbuffer_init(&e);
+        msgpack_sbuffer_write(&e, "{\"error\":{\"type\":", 17);
+        bw_json_append_str(&e, error_type, strlen(error_type));
+        msgpack_sbuffer_write(&e, ",\"message\":", 11);
+        bw_json_append_str(&e, message, strlen(message));
+        msgpack_sbuffer_write(&e, "}}", 2);
+        if (r->sse)
+            chunk_put(r, "event: error\ndata: ", 19, e.data, e.size, "\n\n", 2);
+        else
+            chunk_put(r, "", 0, e.data, e.size, "\n", 1);
+        msgpack_sbuffer_destroy(&e);
+    }
+    msgpack_sbuffer_write(&r->sbuf, "0\r\n\r\n", 5);
+    stream_flush(r);
+    r->streaming = false;
+    r->stream_cb = NULL;
+    msgpack_sbuffer rest = r->sbuf; /* still owed when another answer is ahead of it */
+    msgpack_sbuffer_init(&r->sbuf);
+    finish(r, &rest);
+}
+
+/* The client read down to a quarter of the bound: the paused source may go on. */
+static void stream_drained(struct conn *c) {
+    struct bw_http_req *r = c->head;
+    if (r && r->streaming && r->over && r->stream_cb &&
+        c->write_bytes < BW_HTTP_STREAM_HIGH / 4) {
+        r->over = false;
+        r->stream_cb(r, r->stream_arg, false);
+    }
+}
+
+/* The connection closed under open streams: each owner is told once, and ends its
+ * stream (which may free the request) while the pending count keeps c alive. */
+static void streams_gone(struct conn *c) {
+    c->pending++;
+    for (;;) {
+        struct bw_http_req *r = c->head;
+        while (r && !(r->streaming && r->stream_cb))
+            r = r->next;
+        if (!r)
+            break;
+        bw_http_stream_fn cb = r->stream_cb;
+        r->stream_cb = NULL;
+        cb(r, r->stream_arg, true);
+    }
+    c->pending--;
 }

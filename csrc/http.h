@@ -48,4 +48,23 @@ void bw_http_reply(struct bw_http_req *r, int status, const char *json, size_t l
 void bw_http_reply_error(struct bw_http_req *r, int status, const char *type,
                          const char *message, const char *task_id, double wait_ms);
 
+/* ---- streamed answers (a generator handler; docs/http.md "Streaming") ----------------
+ * Chunked transfer: Server-Sent Events when the request accepted text/event-stream, else
+ * newline-delimited JSON. The caller pauses its source while a chunk call returns more
+ * than BW_HTTP_STREAM_HIGH; cb(gone=false) says the client has read down to a quarter
+ * of it, cb(gone=true) that the connection closed (the stream must still be ended). */
+#define BW_HTTP_STREAM_HIGH (1024u * 1024u)
+typedef void (*bw_http_stream_fn)(struct bw_http_req *r, void *arg, bool gone);
+
+void bw_http_stream_begin(struct bw_http_req *r, const char *task_id, double wait_ms,
+                          bw_http_stream_fn cb, void *arg);
+/* One chunk, a JSON value. Returns the bytes not yet written to the client, or -1 once
+ * it is gone. Chunks are gathered until bw_http_stream_flush. */
+long bw_http_stream_chunk(struct bw_http_req *r, const char *json, size_t len);
+void bw_http_stream_flush(struct bw_http_req *r);
+/* The last chunk; error_type non-NULL: an error event first. The request is freed.
+ * bw_http_reply_error on a streaming request ends it this way. */
+void bw_http_stream_end(struct bw_http_req *r, const char *error_type, const char *message);
+bool bw_http_req_streaming(const struct bw_http_req *r);
+
 #endif

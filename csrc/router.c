@@ -55,6 +55,7 @@ struct call {
     struct bw_http_req *req;
     double dispatched;
     struct call *next;
+    bool streaming; /* chunk frames came: the HTTP answer is a chunked stream */
 };
 
 /* One replica's connections and what each of its workers holds. */
@@ -94,6 +95,7 @@ struct upstream {
     msgpack_sbuffer out; /* gathered, not yet written */
     struct upstream *next_dirty;
     bool dirty;
+    bool paused; /* not reading: the streaming client is behind (BW_HTTP_STREAM_HIGH) */
 };
 
 static struct {
@@ -137,7 +139,9 @@ static void answer(struct call *k, const char *body, size_t len) {
         bw_http_reply_error(k->req, 502, "BadGateway", "replica sent an unreadable answer", NULL, wait);
     } else {
         bw_mp_strdup(bw_mp_get(&m, "task_id"), task, sizeof task);
-        if (bw_mp_true(bw_mp_get(&m, "ok"))) {
+        if (bw_mp_true(bw_mp_get(&m, "ok")) && k->streaming) {
+            bw_http_stream_end(k->req, NULL, NULL);
+        } else if (bw_mp_true(bw_mp_get(&m, "ok"))) {
             msgpack_sbuffer j;
             msgpack_sbuffer_init(&j);
             const msgpack_object *res = bw_mp_get(&m, "result");
@@ -271,6 +275,7 @@ static void up_lost(struct upstream *u, const char *why) {
     up_fail_inflight(u, why);
     up_unbind(u);
     u->connected = false;
+    u->paused = false;
     u->in.start = u->in.len = 0;
     msgpack_sbuffer_clear(&u->out);
     if (u->pipe_open && !uv_is_closing((uv_handle_t *)&u->pipe))
@@ -314,6 +319,68 @@ static void probe_answered(struct upstream *u, const char *body, size_t len) {
     rep_grow(u->rep);
 }
 
+/* ---- streamed answers --------------------------------------------------------------- */
+
+static void up_read(uv_stream_t *s, ssize_t n, const uv_buf_t *buf);
+
+/* Chunk frames are {id, [task_id,] chunk}, every other answer {id, ok, ...}: the key
+ * after the id tells them apart without decoding the value. The id is one of ours, a
+ * non-negative int (send_call), so its length is known from its first byte. */
+static bool is_chunk_frame(const char *body, size_t n) {
+    const unsigned char *p = (const unsigned char *)body;
+    if (n < 8 || (p[0] & 0xf0) != 0x80 || memcmp(p + 1, "\xa2id", 3) != 0)
+        return false;
+    size_t id = p[4] <= 0x7f ? 1 : p[4] == 0xcc ? 2 : p[4] == 0xcd ? 3 : p[4] == 0xce ? 5
+              : p[4] == 0xcf ? 9 : 0;
+    return id && n >= 4 + id + 3 && memcmp(p + 4 + id, "\xa2ok", 3) != 0;
+}
+
+/* The HTTP client of a streaming call read its backlog, or went away. Only closing the
+ * connection tells the worker to close the generator (docs/protocol.md); it is reopened
+ * as after a worker crash. */
+static void on_stream_client(struct bw_http_req *r, void *arg, bool gone) {
+    struct upstream *u = arg;
+    (void)r;
+    if (gone) {
+        up_lost(u, "the client went away during the stream");
+        dispatch();
+    } else if (u->paused && u->pipe_open && !u->dead) {
+        u->paused = false;
+        uv_read_start((uv_stream_t *)&u->pipe, up_alloc, up_read);
+    }
+}
+
+/* One chunk for call k: the first starts the chunked answer. While the client has more
+ * than BW_HTTP_STREAM_HIGH unread, stop reading the replica: its worker then stops
+ * pulling the generator (backpressure end to end). False: not a chunk frame after all. */
+static bool stream_chunk(struct upstream *u, struct call *k, const char *body, size_t len) {
+    msgpack_zone z;
+    msgpack_zone_init(&z, 2048);
+    msgpack_object m;
+    const msgpack_object *v = NULL;
+    bool ok = bw_mp_unpack_exact(body, len, &z, &m) == 0 && (v = bw_mp_get(&m, "chunk"));
+    if (ok && !k->streaming) {
+        char task[64] = "";
+        bw_mp_strdup(bw_mp_get(&m, "task_id"), task, sizeof task);
+        bw_http_stream_begin(k->req, task, k->dispatched - bw_http_req_arrival(k->req),
+                             on_stream_client, u);
+        k->streaming = true;
+    }
+    if (ok) {
+        msgpack_sbuffer j;
+        msgpack_sbuffer_init(&j);
+        bw_json_append_object(&j, v);
+        long owed = bw_http_stream_chunk(k->req, j.data, j.size);
+        msgpack_sbuffer_destroy(&j);
+        if (owed > (long)BW_HTTP_STREAM_HIGH && !u->paused) {
+            uv_read_stop((uv_stream_t *)&u->pipe);
+            u->paused = true;
+        }
+    }
+    msgpack_zone_destroy(&z);
+    return ok;
+}
+
 static void up_read(uv_stream_t *s, ssize_t n, const uv_buf_t *buf) {
     (void)buf;
     struct upstream *u = s->data;
@@ -339,6 +406,14 @@ static void up_read(uv_stream_t *s, ssize_t n, const uv_buf_t *buf) {
             up_lost(u, "the replica sent an unexpected answer");
             break;
         }
+        if (is_chunk_frame(body, blen)) { /* the head call streams on; not its answer */
+            if (!stream_chunk(u, u->head, body, blen)) {
+                up_lost(u, "the replica sent an unexpected answer");
+                break;
+            }
+            bw_buf_consume(&u->in, used);
+            continue;
+        }
         struct call *k = u->head;
         u->head = k->next;
         if (!u->head)
@@ -351,6 +426,8 @@ static void up_read(uv_stream_t *s, ssize_t n, const uv_buf_t *buf) {
         answer(k, body, blen);
         bw_buf_consume(&u->in, used);
     }
+    if (u->head && u->head->streaming) /* this read's chunks go out in one write */
+        bw_http_stream_flush(u->head->req);
     dispatch();
 }
 
@@ -401,8 +478,9 @@ static void send_call(struct upstream *u, struct call *k) {
     msgpack_packer pk;
     msgpack_packer_init(&pk, &u->out, msgpack_sbuffer_write);
     size_t h = bw_frame_begin(&u->out);
-    msgpack_pack_map(&pk, 2);
+    msgpack_pack_map(&pk, 3);
     bw_mp_kv_int(&pk, "id", (long long)++R.seq);
+    bw_mp_kv_bool(&pk, "stream", true); /* a generator handler answers in chunk frames */
     bw_mp_str(&pk, "kwargs");
     msgpack_sbuffer_write(&u->out, kw, kwlen);
     bw_frame_end(&u->out, h);

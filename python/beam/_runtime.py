@@ -100,6 +100,7 @@ def describe(ep: Endpoint) -> Dict[str, Any]:
         "cpu": str(c.cpu),
         "memory": str(c.memory),
         "wants_context": ep.wants_context,
+        "is_async": ep.is_async,
         "has_on_start": c.on_start is not None,
         "unused_options": list(ep.unused_options),
     }
@@ -230,6 +231,10 @@ def reseed() -> None:
 
 
 def _on_alarm(signum: int, frame: Any) -> None:
+    from . import _aio
+
+    if _aio.alarm_in_step():  # interleaved async calls: only an overdue task times out
+        return
     raise TaskTimeout("request exceeded the endpoint's timeout")
 
 

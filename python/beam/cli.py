@@ -5,6 +5,7 @@ import argparse
 import base64
 import json
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -180,10 +181,14 @@ def unused_options_note(app: str) -> Optional[str]:
         if path is None:
             return None
         with open(path, encoding="utf-8") as f:
-            written = decorator_options(f.read(), app.rpartition(":")[2])
+            source = f.read()
+        written = decorator_options(source, app.rpartition(":")[2])
     except (OSError, SyntaxError, ValueError):
         return None  # the worker reports a broken app properly; this is only a note
     unused = sorted(set(written) & NOT_USED_LOCALLY)
+    func = app.rpartition(":")[2]
+    if re.search(rf"async\s+def\s+{re.escape(func)}\b", source):  # interleaved on its loop
+        unused = [o for o in unused if o != "concurrent_requests"]
     if not unused:
         return None
     return (f"not used by the local worker: {', '.join(unused)} (accepted for Beam "
@@ -302,6 +307,10 @@ def cmd_call(args: argparse.Namespace) -> int:
                 result = client.ping()
             elif args.stats:
                 result = client.stats()
+            elif args.stream:
+                for chunk in client.stream(**kwargs):  # one line each, as it arrives
+                    print(json.dumps(_jsonable(chunk, [False]), ensure_ascii=False), flush=True)
+                return 0
             else:
                 result = client.call(**kwargs)
     except RemoteError as exc:
@@ -763,6 +772,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = c.add_mutually_exclusive_group()
     g.add_argument("--ping", action="store_true", help="send a ping instead of a call")
     g.add_argument("--stats", action="store_true", help="print the serving worker's stats")
+    g.add_argument("--stream", action="store_true",
+                   help="ask for a streamed answer: print each chunk as one JSON line as it arrives")
     c.add_argument("--timeout", metavar="SECONDS", type=_nonneg_float, default=30.0,
                    help="give up after this long without an answer (0: wait forever; default 30)")
     c.set_defaults(func=cmd_call)

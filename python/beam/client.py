@@ -4,6 +4,8 @@
         c.call(prompt="hi")                      # the handler's result, or RemoteError
         c.call_with_info(prompt="hi")            # the whole response: ok, task_id, result/error
         c.pipeline([{"x": 1}, {"x": 2}])         # many requests in flight, results in order
+        for chunk in c.stream(prompt="hi"):      # a generator handler's chunks, as they come
+            ...
 
 A ``Client`` owns one connection and is **not thread-safe**: use one per thread. If the
 worker closes the connection (``ConnectionClosed``) or a call times out, the connection is
@@ -16,7 +18,7 @@ import re
 import selectors
 import socket
 import struct
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import msgpack
 
@@ -109,6 +111,36 @@ class Client:
         """Call the endpoint; return the whole response map (``id``, ``ok``, ``task_id``,
         ``result`` or ``error``). Does not raise for an error response."""
         return self._exchange([{"type": "call", "kwargs": kwargs}])[0]
+
+    def stream(self, /, **kwargs: Any) -> Iterator[Any]:
+        """Call the endpoint asking for a streamed answer; yield each chunk as it arrives.
+
+        A generator handler's chunks come one by one; any other handler's result comes
+        as the only chunk. An error (also one raised mid-stream) raises ``RemoteError``
+        after the chunks sent before it. ``timeout`` bounds the wait for each chunk.
+        Leaving the loop early closes the connection, which closes the handler's
+        generator in the worker (its ``finally:`` runs); the next call reconnects."""
+        self._next_id += 1
+        rid = self._next_id
+        payload = _pack({"id": rid, "type": "call", "kwargs": kwargs, "stream": True})
+        sock = self._connect()
+        finished = False
+        try:
+            self._send_all(sock, payload)
+            while True:
+                resp = self._check(self._recv_frame(sock), rid)
+                if "chunk" in resp and "ok" not in resp:
+                    yield resp["chunk"]
+                    continue
+                finished = True
+                if resp.get("ok") is not True:
+                    raise _remote_error(resp)
+                if "chunks" not in resp:  # not a generator: its result is the one chunk
+                    yield resp.get("result")
+                return
+        finally:
+            if not finished:  # abandoned, failed or timed out mid-stream
+                self._drop()
 
     def ping(self) -> Any:
         """``"pong"`` if the worker is serving."""
@@ -260,6 +292,36 @@ class Client:
                         exc.unanswered = unanswered  # type: ignore[attr-defined]
                         raise exc
                     self._buf += chunk
+
+    def _wait(self, sock: socket.socket, events: int, what: str) -> None:
+        with selectors.DefaultSelector() as sel:
+            sel.register(sock, events)
+            if not sel.select(self.timeout):
+                raise BeamTimeoutError(f"no {what} from {self.address} within {self.timeout}s")
+
+    def _send_all(self, sock: socket.socket, payload: bytes) -> None:
+        out = memoryview(payload)
+        while out:
+            try:
+                out = out[sock.send(out[:_CHUNK]):]
+            except (BlockingIOError, InterruptedError):
+                self._wait(sock, selectors.EVENT_WRITE, "progress sending")
+
+    def _recv_frame(self, sock: socket.socket) -> Dict[str, Any]:
+        while True:
+            resp = self._pop_frame()
+            if resp is not None:
+                return resp
+            self._wait(sock, selectors.EVENT_READ, "answer")
+            try:
+                chunk = sock.recv(_CHUNK)
+            except (BlockingIOError, InterruptedError):
+                continue
+            except ConnectionResetError:
+                chunk = b""
+            if not chunk:
+                raise ConnectionClosed(f"{self.address} closed the connection during a streamed answer")
+            self._buf += chunk
 
     def _drain_answers(self, responses: List[Any], ids: List[int]) -> bool:
         """Move every complete answer buffered so far into ``responses`` (checked against

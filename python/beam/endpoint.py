@@ -143,11 +143,18 @@ class Endpoint(Generic[P, R]):
             from . import _aio
 
             self.func = _aio.sync_runner(func)
+        #: ``async def`` (a coroutine or an async generator): the worker runs up to
+        #: ``concurrent_requests`` calls of it interleaved on its loop (beam/_aio.py
+        #: Driver), calling ``func`` as written.
+        self.is_async = inspect.iscoroutinefunction(func) or inspect.isasyncgenfunction(func)
         self.config = config
         if config.name is None:
             config.name = func.__name__
         #: The options the app set that the local worker does not act on (sorted).
-        self.unused_options: List[str] = sorted(set(options_set) & NOT_USED_LOCALLY)
+        unused = set(options_set) & NOT_USED_LOCALLY
+        if self.is_async:  # interleaved calls on the worker's loop
+            unused.discard("concurrent_requests")
+        self.unused_options: List[str] = sorted(unused)
         params = inspect.signature(func).parameters
         #: Beam passes ``context`` only to handlers that declare a parameter so named.
         self.wants_context = "context" in params
