@@ -233,8 +233,22 @@ static void get_state(struct bw_http_req *req) {
 
 /* A ?token= visit: keep the token in an HttpOnly cookie (page scripts cannot read it) and
  * send the browser to the bare URL, so the token leaves the address bar and history. */
+static bool cookie_safe(const char *v) { /* RFC 6265 cookie-octets, and short */
+    size_t n = 0;
+    for (; *v; v++, n++)
+        if (*v < 0x21 || *v > 0x7e || *v == '"' || *v == ',' || *v == ';' || *v == '\\')
+            return false;
+    return n < 300;
+}
+
 static void login(struct bw_http_req *req) {
     char extra[512];
+    if (!cookie_safe(bw_http_token())) { /* would break (or inject into) the header */
+        bw_http_reply_error(req, 400, "BadRequest",
+                            "this token cannot be a cookie (spaces, quotes, ';' or ','): "
+                            "choose a BEAM_AUTH_TOKEN without them", NULL, -1);
+        return;
+    }
     snprintf(extra, sizeof extra,
              "Location: /dashboard\r\nSet-Cookie: beam_token=%s; Path=/; HttpOnly; "
              "SameSite=Strict\r\nCache-Control: no-store\r\n", bw_http_token());

@@ -162,3 +162,24 @@ def test_task_ring_keeps_memory_flat(serve):
     doc = s.get_json("/tasks?limit=100000")
     assert doc["recorded"] == 21000 and len(doc["tasks"]) == 100
     assert after - before < 512, f"supervisor RSS grew {after - before} KiB over 20000 calls"
+
+
+def test_dashboard_cookie_is_read_only(serve):
+    """?token= on /dashboard sets the cookie; the cookie opens read-only GETs, never a
+    call (a cookie rides along on cross-site requests)."""
+    s = serve(APP, "--workers", "1", "--keep-warm", "-1")
+    status, h, _ = s.request("GET", f"/dashboard?token={s.token}", auth=False)
+    assert status == 303 and h["location"] == "/dashboard"
+    cookie = h["set-cookie"]
+    assert cookie.startswith(f"beam_token={s.token};")
+    assert "HttpOnly" in cookie and "SameSite=Strict" in cookie
+    jar = {"Cookie": f"beam_token={s.token}"}
+    status, h, body = s.request("GET", "/dashboard", auth=False, headers=jar)
+    assert status == 200 and h["content-type"].startswith("text/html") and b"<script>" in body
+    for path in ("/tasks", "/metrics", "/dashboard/state", "/stats"):
+        assert s.request("GET", path, auth=False, headers=jar)[0] == 200, path
+    assert s.request("POST", "/", {"op": "echo"}, auth=False, headers=jar)[0] == 401
+    bad = {"Cookie": "beam_token=wrong"}
+    assert s.request("GET", "/tasks", auth=False, headers=bad)[0] == 401
+    assert s.request("GET", "/dashboard?token=wrong", auth=False)[0] == 401
+    assert s.request("GET", f"/tasks?token={s.token}", auth=False)[0] == 401
