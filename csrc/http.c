@@ -29,6 +29,8 @@
 /* Deadlines are checked by one sweep over the connections, not a timer per connection:
  * a connection costs no extra handle, and a deadline is late by at most this much. */
 #define SWEEP_MS 100
+#define MAX_PATH 256 /* kept per request for the access log */
+#define TOKEN_COOKIE "beam_token" /* set by a GET /dashboard?token= visit (observe.c) */
 
 struct conn;
 
@@ -54,6 +56,10 @@ struct bw_http_req {
     msgpack_sbuffer sbuf;       /* stream bytes not handed to the connection yet */
     bw_http_stream_fn stream_cb;
     void *stream_arg;
+    int method;             /* enum http_method; -1 before routing */
+    char path[MAX_PATH];
+    bool token_login;       /* authorized by ?token= on GET /dashboard */
+    struct bw_http_trace trace;
 };
 
 struct conn {
@@ -69,6 +75,9 @@ struct conn {
     int nauth;              /* Authorization fields in this request: more than one is refused */
     char auth[MAX_AUTH];
     size_t auth_len;
+    bool in_cookie;         /* inside a Cookie field's value */
+    char cookie[MAX_AUTH];  /* Cookie fields, "; "-joined; only the token cookie is read */
+    size_t cookie_len;
     msgpack_sbuffer body;
     msgpack_sbuffer unparsed; /* bytes read while parsing was paused (too many pending) */
     int reject;             /* status to answer instead of parsing on (413) */
@@ -100,6 +109,7 @@ static struct {
 static const char *status_text(int status) {
     switch (status) {
     case 200: return "OK";
+    case 303: return "See Other";
     case 400: return "Bad Request";
     case 401: return "Unauthorized";
     case 404: return "Not Found";
@@ -242,12 +252,12 @@ static void finish(struct bw_http_req *r, msgpack_sbuffer *resp) {
     flush(c);
 }
 
-void bw_http_reply(struct bw_http_req *r, int status, const char *json, size_t len,
-                   const char *task_id, double wait_ms) {
+static void reply(struct bw_http_req *r, int status, const char *ctype, const char *extra,
+                  const char *json, size_t len, const char *task_id, double wait_ms) {
     char head[512];
     int n = snprintf(head, sizeof head,
-                     "HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %zu\r\n",
-                     status, status_text(status), len);
+                     "HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %zu\r\n",
+                     status, status_text(status), ctype, len);
     msgpack_sbuffer out;
     msgpack_sbuffer_init(&out);
     msgpack_sbuffer_write(&out, head, (size_t)n);
@@ -261,12 +271,26 @@ void bw_http_reply(struct bw_http_req *r, int status, const char *json, size_t l
     }
     if (status == 401)
         msgpack_sbuffer_write(&out, "WWW-Authenticate: Bearer\r\n", 26);
+    if (extra)
+        msgpack_sbuffer_write(&out, extra, strlen(extra));
     if (!r->keep_alive)
         msgpack_sbuffer_write(&out, "Connection: close\r\n", 19);
     msgpack_sbuffer_write(&out, "\r\n", 2);
     if (!r->head) /* a body after a HEAD answer would be read as the next response */
         msgpack_sbuffer_write(&out, json, len);
+    if (H.h.done) /* before finish: it frees r */
+        H.h.done(r, status, task_id, wait_ms, H.h.arg);
     finish(r, &out);
+}
+
+void bw_http_reply(struct bw_http_req *r, int status, const char *json, size_t len,
+                   const char *task_id, double wait_ms) {
+    reply(r, status, "application/json", NULL, json, len, task_id, wait_ms);
+}
+
+void bw_http_reply_raw(struct bw_http_req *r, int status, const char *content_type,
+                       const char *extra, const char *body, size_t len) {
+    reply(r, status, content_type, extra, body, len, NULL, -1);
 }
 
 void bw_http_reply_error(struct bw_http_req *r, int status, const char *type,
@@ -293,6 +317,16 @@ const char *bw_http_req_kwargs(const struct bw_http_req *r, size_t *len) {
 
 double bw_http_req_arrival(const struct bw_http_req *r) { return r->arrival; }
 
+struct bw_http_trace *bw_http_req_trace(struct bw_http_req *r) { return &r->trace; }
+
+const char *bw_http_req_method(const struct bw_http_req *r) {
+    return r->method < 0 ? "-" : http_method_str((enum http_method)r->method);
+}
+
+const char *bw_http_req_path(const struct bw_http_req *r) { return r->path; }
+
+bool bw_http_req_token_login(const struct bw_http_req *r) { return r->token_login; }
+
 /* ---- parsing ------------------------------------------------------------------------ */
 
 static struct bw_http_req *req_new(struct conn *c, bool keep_alive) {
@@ -303,6 +337,7 @@ static struct bw_http_req *req_new(struct conn *c, bool keep_alive) {
     r->keep_alive = keep_alive;
     r->arrival = bw_now_ms();
     r->sse = c->accept_sse;
+    r->method = -1;
     msgpack_sbuffer_init(&r->kwargs);
     msgpack_sbuffer_init(&r->sbuf);
     if (c->tail)
@@ -317,8 +352,9 @@ static struct bw_http_req *req_new(struct conn *c, bool keep_alive) {
 static int on_message_begin(http_parser *p) {
     struct conn *c = p->data;
     c->url_len = c->auth_len = c->field_len = 0;
-    c->in_auth = c->expect_continue = c->accept_sse = false;
+    c->in_auth = c->expect_continue = c->accept_sse = c->in_cookie = false;
     c->nauth = 0;
+    c->cookie_len = 0;
     c->body.size = c->body_seen = 0;
     if (c->phase != C_HEADERS) { /* a new connection's clock started at accept */
         c->phase = C_HEADERS;
@@ -338,9 +374,9 @@ static int on_url(http_parser *p, const char *at, size_t len) {
 
 static int on_header_field(http_parser *p, const char *at, size_t len) {
     struct conn *c = p->data;
-    if (c->in_auth || c->field_len == sizeof c->field) /* a new field begins */
+    if (c->in_auth || c->in_cookie || c->field_len == sizeof c->field) /* a new field begins */
         c->field_len = 0;
-    c->in_auth = false;
+    c->in_auth = c->in_cookie = false;
     size_t room = sizeof c->field - c->field_len;
     memcpy(c->field + c->field_len, at, len < room ? len : room);
     c->field_len += len < room ? len : room;
@@ -359,6 +395,20 @@ static int on_header_value(http_parser *p, const char *at, size_t len) {
     if (!c->in_auth && c->field_len == 6 && strncasecmp(c->field, "accept", 6) == 0 &&
         memmem(at, len, "text/event-stream", 17))
         c->accept_sse = true;
+    if (!c->in_auth && !c->in_cookie && c->field_len == 6 &&
+        strncasecmp(c->field, "cookie", 6) == 0) {
+        c->in_cookie = true;
+        if (c->cookie_len > 0 && c->cookie_len + 2 < MAX_AUTH) { /* a second Cookie field */
+            memcpy(c->cookie + c->cookie_len, "; ", 2);
+            c->cookie_len += 2;
+        }
+    }
+    if (c->in_cookie) {
+        size_t room = MAX_AUTH - c->cookie_len;
+        memcpy(c->cookie + c->cookie_len, at, len < room ? len : room);
+        c->cookie_len += len < room ? len : room;
+        return 0;
+    }
     if (c->in_auth) {
         size_t room = MAX_AUTH - c->auth_len;
         memcpy(c->auth + c->auth_len, at, len < room ? len : room);
@@ -457,11 +507,96 @@ static enum target target_of(const struct conn *c, char *path) {
     return strcmp(path, "/health") == 0 ? T_HEALTH : T_OTHER;
 }
 
+/* The token as the value of a cookie or query parameter, compared in constant time. */
+static bool token_eq(const char *got, size_t len) {
+    const char *tok = H.opts.token;
+    size_t tlen = strlen(tok);
+    unsigned diff = (unsigned)(len ^ tlen);
+    for (size_t i = 0; i < tlen; i++)
+        diff |= (unsigned char)(tok[i] ^ (i < len ? got[i] : 0));
+    return diff == 0;
+}
+
+/* Cookie: ...; beam_token=<token>; ... */
+static bool cookie_ok(const struct conn *c) {
+    static const char name[] = TOKEN_COOKIE "=";
+    size_t nl = sizeof name - 1;
+    for (size_t i = 0; i + nl <= c->cookie_len; i++) {
+        if ((i > 0 && c->cookie[i - 1] != ' ' && c->cookie[i - 1] != ';') ||
+            memcmp(c->cookie + i, name, nl) != 0)
+            continue;
+        size_t v = i + nl, e = v;
+        while (e < c->cookie_len && c->cookie[e] != ';')
+            e++;
+        return token_eq(c->cookie + v, e - v);
+    }
+    return false;
+}
+
+static int hexval(char ch) {
+    if (ch >= '0' && ch <= '9')
+        return ch - '0';
+    ch = (char)(ch | 0x20);
+    return ch >= 'a' && ch <= 'f' ? ch - 'a' + 10 : -1;
+}
+
+/* token=<percent-encoded token> among the query's parameters. */
+static bool query_token_ok(const char *q) {
+    char v[MAX_AUTH];
+    for (const char *p = q; p && *p; p = strchr(p, '&') ? strchr(p, '&') + 1 : NULL) {
+        if (strncmp(p, "token=", 6) != 0)
+            continue;
+        size_t n = 0;
+        for (p += 6; *p && *p != '&' && n < sizeof v; p++) {
+            int hi, lo;
+            if (*p == '%' && (hi = hexval(p[1])) >= 0 && (lo = hexval(p[2])) >= 0) {
+                v[n++] = (char)(hi * 16 + lo);
+                p += 2;
+            } else {
+                v[n++] = *p == '+' ? ' ' : *p;
+            }
+        }
+        return token_eq(v, n);
+    }
+    return false;
+}
+
+/* The bearer token always works. Read-only GETs (the dashboard, its data, /metrics) also
+ * take the dashboard's cookie; never POST /: a cookie rides along on cross-site requests,
+ * so it must not be able to call the endpoint. */
+static bool authorized(const struct conn *c, struct bw_http_req *r, bool read_only,
+                       const char *path, const char *query) {
+    if (!H.opts.token || token_ok(c))
+        return true;
+    if (!read_only)
+        return false;
+    if (cookie_ok(c))
+        return true;
+    if (strcmp(path, "/dashboard") == 0 && query_token_ok(query))
+        return r->token_login = true;
+    return false;
+}
+
+/* The query (after '?') into query[MAX_URL], "" when there is none. */
+static void query_of(const struct conn *c, char *query) {
+    const char *q = memchr(c->url, '?', c->url_len);
+    size_t n = q ? c->url_len - (size_t)(q - c->url) - 1 : 0;
+    memcpy(query, q ? q + 1 : "", n);
+    query[n] = '\0';
+}
+
 static void route(struct conn *c, struct bw_http_req *r, enum http_method m) {
-    char path[MAX_URL];
+    char path[MAX_URL], query[MAX_URL];
     enum target t = target_of(c, path);
+    query_of(c, query);
     bool is_root = t == T_ROOT, is_stats = t == T_STATS;
+    bool is_get = m == HTTP_GET || m == HTTP_HEAD;
+    bool observe = t == T_OTHER && H.h.owns && H.h.owns(path);
     r->head = m == HTTP_HEAD;
+    r->method = (int)m;
+    size_t pl = strlen(path) < sizeof r->path - 1 ? strlen(path) : sizeof r->path - 1;
+    memcpy(r->path, path, pl); /* truncated: the access log's copy */
+    r->path[pl] = '\0';
     if (H.stopping) {
         /* Keep-alive clients still send here after SIGTERM: tell them plainly, and close
          * so they go elsewhere, rather than queue a call no replica will take. */
@@ -475,13 +610,20 @@ static void route(struct conn *c, struct bw_http_req *r, enum http_method m) {
                       NULL, -1);
         return;
     }
-    if (!is_root && !is_stats) {
+    if (!is_root && !is_stats && !observe) {
         bw_http_reply_error(r, 404, "NotFound", "no such path (POST / calls the endpoint)", NULL, -1);
         return;
     }
-    if (H.opts.token && !token_ok(c)) {
+    if (!authorized(c, r, is_get && !is_root, path, query)) {
         bw_http_reply_error(r, 401, "Unauthorized",
                             "missing or wrong 'Authorization: Bearer <token>'", NULL, -1);
+        return;
+    }
+    if (observe) {
+        if (!is_get)
+            bw_http_reply_error(r, 405, "MethodNotAllowed", "use GET", NULL, -1);
+        else
+            H.h.get(r, path, query, H.h.arg);
         return;
     }
     if (is_stats) {
@@ -714,6 +856,8 @@ int bw_http_start(uv_loop_t *loop, int listen_fd, const struct bw_http_options *
 }
 
 void bw_http_set_token(const char *token) { H.opts.token = token; }
+
+const char *bw_http_token(void) { return H.opts.token; }
 
 void bw_http_stop(void) {
     H.stopping = true;

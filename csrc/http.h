@@ -16,7 +16,24 @@ struct bw_http_req;
 struct bw_http_handlers {
     void (*call)(struct bw_http_req *req, void *arg);  /* POST / */
     void (*stats)(struct bw_http_req *req, void *arg); /* GET /stats */
+    /* Observability (csrc/observe.c), all optional. owns: whether a GET path is served by
+     * get (else 404); get runs once the request is authorized. done: every response, as
+     * it is answered (access log, metrics, the task ring). */
+    bool (*owns)(const char *path);
+    void (*get)(struct bw_http_req *req, const char *path, const char *query, void *arg);
+    void (*done)(struct bw_http_req *req, int status, const char *task_id, double wait_ms,
+                 void *arg);
     void *arg;
+};
+
+/* What the supervisor learns about a call on its way, read by `done`: the router sets
+ * owner when it dispatches the call, the supervisor `started` when its arrival started a
+ * replica. */
+struct bw_http_trace {
+    bool call;        /* handed to the router: an authorized endpoint call */
+    void *owner;      /* replica the call was sent to (router owner), NULL: none */
+    int started;      /* id of the replica this call's arrival started, 0: none */
+    bool from_zero;   /* ... while no replica was running */
 };
 
 struct bw_http_options {
@@ -35,15 +52,24 @@ int bw_http_start(uv_loop_t *loop, int listen_fd, const struct bw_http_options *
 void bw_http_stop(void);
 /* Change the required token (NULL: none), e.g. when the endpoint says authorized=False. */
 void bw_http_set_token(const char *token);
+const char *bw_http_token(void); /* NULL: none */
 
 /* The request's kwargs: a packed msgpack map. */
 const char *bw_http_req_kwargs(const struct bw_http_req *r, size_t *len);
 double bw_http_req_arrival(const struct bw_http_req *r); /* bw_now_ms() at parse time */
+struct bw_http_trace *bw_http_req_trace(struct bw_http_req *r);
+const char *bw_http_req_method(const struct bw_http_req *r); /* "GET", ...; "-" if unparsed */
+const char *bw_http_req_path(const struct bw_http_req *r);   /* without the query; "" */
+/* A GET /dashboard?token=<valid token> visit (observe.c answers it with a cookie). */
+bool bw_http_req_token_login(const struct bw_http_req *r);
 
 /* Answer with a JSON body. task_id (may be NULL) goes into X-Task-ID; wait_ms >= 0 into
  * X-Beam-Wait-Ms (time spent waiting for a replica). The request is freed. */
 void bw_http_reply(struct bw_http_req *r, int status, const char *json, size_t len,
                    const char *task_id, double wait_ms);
+/* Any body: content_type, and extra (NULL or whole "Name: value\r\n" lines). */
+void bw_http_reply_raw(struct bw_http_req *r, int status, const char *content_type,
+                       const char *extra, const char *body, size_t len);
 /* {"error": {"type": ..., "message": ...}} */
 void bw_http_reply_error(struct bw_http_req *r, int status, const char *type,
                          const char *message, const char *task_id, double wait_ms);

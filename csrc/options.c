@@ -15,6 +15,7 @@
 #include "frame.h"
 #include "privilege.h"
 #include "pylib.h"
+#include "tasks.h"
 #include "util.h"
 
 static const char usage[] =
@@ -59,6 +60,9 @@ static const char usage[] =
     "                        one (default: the endpoint's keep_warm_seconds; -1: never)\n"
     "  --max-crashes N       give up (exit 1) after N host crashes within 60 s\n"
     "                        (default 5; 0: never give up; docs/reliability.md)\n"
+    "  --task-history N      recent calls kept for GET /tasks and the dashboard\n"
+    "                        (default 1000; memory is allocated once)\n"
+    "  --access-log          log one line per HTTP response (JSON with --json-logs)\n"
     "\n"
     "Checkpointing (needs root and CRIU; see `python -m beam doctor`):\n"
     "  --checkpoint-dir DIR  image root (default: $BEAM_CHECKPOINT_DIR, else\n"
@@ -92,6 +96,7 @@ enum {
     OPT_PORT, OPT_HTTP_HOST, OPT_NO_AUTH, OPT_MAX_BODY, OPT_MAX_REPLICAS, OPT_KEEP_WARM,
     OPT_ALLOW_CPU, OPT_CUDA_LOCK_TIMEOUT, OPT_MAX_CRASHES, OPT_PASS_ENV, OPT_PRINT_IMAGE_ENV, OPT_CHECK_PRIVILEGES, OPT_RESTORE,
     OPT_HEADER_TIMEOUT, OPT_BODY_TIMEOUT, OPT_IDLE_TIMEOUT, OPT_MAX_CONNS,
+    OPT_TASK_HISTORY, OPT_ACCESS_LOG,
 };
 
 static const struct option long_opts[] = {
@@ -125,6 +130,8 @@ static const struct option long_opts[] = {
     {"max-replicas", required_argument, 0, OPT_MAX_REPLICAS},
     {"keep-warm", required_argument, 0, OPT_KEEP_WARM},
     {"max-crashes", required_argument, 0, OPT_MAX_CRASHES},
+    {"task-history", required_argument, 0, OPT_TASK_HISTORY},
+    {"access-log", no_argument, 0, OPT_ACCESS_LOG},
     {"help", no_argument, 0, 'h'},
     {"version", no_argument, 0, OPT_VERSION},
     {"print-image-env", no_argument, 0, OPT_PRINT_IMAGE_ENV},
@@ -196,6 +203,7 @@ int bw_options_parse(struct bw_options *o, int argc, char **argv) {
     o->max_conns = 1024;
     o->max_replicas = 1;
     o->max_crashes = 5;
+    o->task_history = BW_TASKS_DEFAULT;
     o->keep_warm_s = -1000;
     o->cuda_lock_timeout_s = 10;
     o->python = getenv("BEAM_PYTHON");
@@ -321,6 +329,16 @@ int bw_options_parse(struct bw_options *o, int argc, char **argv) {
             }
             o->max_crashes = (int)d;
             break;
+        case OPT_TASK_HISTORY:
+            if (parse_double("--task-history", optarg, 1, &d) < 0 || d > BW_TASKS_MAX ||
+                d != (int)d) {
+                fprintf(stderr, "beam-worker: --task-history must be an integer from 1 to %d\n",
+                        BW_TASKS_MAX);
+                return -1;
+            }
+            o->task_history = (int)d;
+            break;
+        case OPT_ACCESS_LOG: o->access_log = true; break;
         case OPT_HOST: o->host = true; break;
         case OPT_MAY_CKPT: o->may_checkpoint = true; break;
         case OPT_ALLOW_CPU: o->allow_cpu = true; break;

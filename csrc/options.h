@@ -43,6 +43,8 @@ struct bw_options {
     int max_replicas;
     double keep_warm_s;          /* < -0.5: the endpoint's keep_warm_seconds */
     int max_crashes;             /* host crashes per 60 s before giving up; 0: never */
+    int task_history;            /* calls kept for GET /tasks (observe.c) */
+    bool access_log;             /* one line per HTTP response on stderr */
     /* internal: set when the supervisor re-executes itself as the host */
     bool host;
     bool may_checkpoint;

@@ -29,6 +29,7 @@
 #include "json.h"
 #include "leakscan.h"
 #include "log.h"
+#include "metrics.h"
 #include "mp.h"
 #include "output.h"
 #include "supervisor.h"
@@ -432,6 +433,7 @@ static void checkpoint_failed(const char *what, const char *err) {
     bw_warn("%s failed, serving without %s: %s", what,
             strcmp(what, "checkpoint") == 0 ? "one" : "a checkpoint", err);
     bw_warn("next starts boot cold; pass --retry-checkpoint to try again");
+    bw_metrics_dump(false, 0, 0);
     bw_ckpt_mark_failed(&bw_sup.ck, err);
 }
 
@@ -523,6 +525,7 @@ static void do_checkpoint(struct bw_replica *r, const msgpack_object *prof, msgp
     }
     bw_info("checkpoint written: %s (%.1f MiB in %.0f ms)", bw_sup.ck.dir,
             (double)bytes / 1048576.0, ms);
+    bw_metrics_dump(true, bytes, ms);
     bw_mp_kv_double(pk, "checkpoint_ms", ms);
     bw_mp_kv_int(pk, "image_bytes", (long long)bytes);
     *n += 2;
@@ -720,9 +723,11 @@ static int gpu_compat(const struct bw_ckpt_image *img, struct bw_cuda_gpus *save
     return rc;
 }
 
-static int restore_failed(struct bw_ckpt_image *img, struct host_io *io, const char *what,
-                          const char *err) {
+/* reason: the label of beam_restore_failures_total (metrics.h) */
+static int restore_failed(struct bw_ckpt_image *img, struct host_io *io, const char *reason,
+                          const char *what, const char *err) {
     bw_warn("%s (%s); discarding the checkpoint and booting cold", what, err);
+    bw_metrics_restore_failure(reason);
     if (io)
         io_close_fds(io);
     bw_ckpt_image_free(img);
@@ -797,6 +802,7 @@ int bw_replica_restore(struct bw_replica *r) {
     r->t0 = r->last_active = bw_now_ms();
     if (bw_ckpt_load(&bw_sup.ck, &img, err, sizeof err) < 0) {
         bw_warn("checkpoint unusable (%s); discarding it and booting cold", err);
+        bw_metrics_restore_failure("unusable");
         bw_ckpt_discard(&bw_sup.ck);
         return -1;
     }
@@ -807,7 +813,7 @@ int bw_replica_restore(struct bw_replica *r) {
     int npairs = 0;
     bool gpu = img.gpu != NULL;
     if (gpu && gpu_compat(&img, &saved, &now, &npairs, &gt.bytes, err, sizeof err) < 0)
-        return restore_failed(&img, NULL, "cannot restore the checkpoint's GPU state here", err);
+        return restore_failed(&img, NULL, "gpu_incompatible", "cannot restore the checkpoint's GPU state here", err);
     struct host_io io;
     if (io_open(&io, false) < 0) {
         bw_ckpt_image_free(&img);
@@ -819,7 +825,7 @@ int bw_replica_restore(struct bw_replica *r) {
     r->restored_at = bw_now_ms();
     double restore_ms = r->restored_at - t;
     if (rc < 0)
-        return restore_failed(&img, &io, "restore failed", err);
+        return restore_failed(&img, &io, "criu", "restore failed", err);
     if (gpu) {
         if (npairs)
             bw_info("this machine's GPUs have other UUIDs than the image's: remapping %d GPU(s)",
@@ -831,7 +837,7 @@ int bw_replica_restore(struct bw_replica *r) {
             }
             if (bw_sup.gpu_resume_failed) /* GPU restores keep failing here: stop dumping */
                 bw_ckpt_mark_failed(&bw_sup.ck, err);
-            return restore_failed(&img, &io, "GPU restore failed", err);
+            return restore_failed(&img, &io, "gpu_restore", "GPU restore failed", err);
         }
     }
     msgpack_zone z;

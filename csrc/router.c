@@ -485,6 +485,7 @@ static void send_call(struct upstream *u, struct call *k) {
     msgpack_sbuffer_write(&u->out, kw, kwlen);
     bw_frame_end(&u->out, h);
     k->dispatched = bw_now_ms();
+    bw_http_req_trace(k->req)->owner = u->owner; /* for the task ring (tasks.c) */
     k->next = NULL;
     if (u->tail)
         u->tail->next = k;

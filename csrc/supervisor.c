@@ -30,7 +30,9 @@
 #include "http.h"
 #include "json.h"
 #include "log.h"
+#include "metrics.h"
 #include "mp.h"
+#include "observe.h"
 #include "output.h"
 #include "privilege.h"
 #include "replica.h"
@@ -78,11 +80,15 @@ static struct {
     double last_status;
     unsigned long long last_answered;
     char no_ns_reason[640];   /* why replicas run without a PID namespace, if they do */
+    struct bw_http_req *submitting; /* the HTTP call being queued: a start is its doing */
+    bool fallback;            /* a restore failed: the next cold boot is a fallback */
 } F;
 
 static struct bw_replica *start_replica(const char *why);
 
 /* ---- bookkeeping -------------------------------------------------------------------- */
+
+struct bw_replica *bw_sup_replicas(void) { return F.replicas; }
 
 static int count_alive(void) {
     int n = 0;
@@ -266,6 +272,7 @@ static void on_tick(uv_timer_t *t) {
 void bw_sup_replica_serving(struct bw_replica *r) {
     F.any_served = true;
     r->serving_since = bw_now_ms();
+    bw_obs_replica_serving(r);
     if (F.dumper == r->id)
         F.dumper = 0;
     wake_stop();
@@ -305,16 +312,27 @@ static struct bw_replica *start_replica(const char *why) {
             return NULL;
         }
     }
+    if (F.submitting) { /* the task ring shows which call paid for this start */
+        bw_http_req_trace(F.submitting)->started = r->id;
+        bw_http_req_trace(F.submitting)->from_zero = count_alive() == 0;
+    }
     r->next = F.replicas;
     F.replicas = r;
     if (why)
         bw_info("starting replica %d: %s", r->id, why);
-    if (bw_sup.ckpt_on && bw_ckpt_exists(&bw_sup.ck) && bw_replica_restore(r) == 0)
+    bool tried = bw_sup.ckpt_on && bw_ckpt_exists(&bw_sup.ck);
+    if (tried && bw_replica_restore(r) == 0) {
+        bw_obs_replica_started(r, "restore");
         return r;
+    }
     bool dump = may_dump_now();
     if (dump)
         F.dumper = r->id;
-    if (bw_replica_boot_cold(r, dump) < 0) {
+    int rc = bw_replica_boot_cold(r, dump);
+    if (rc == 0)
+        bw_obs_replica_started(r, tried || F.fallback ? "fallback" : "cold");
+    F.fallback = false;
+    if (rc < 0) {
         unlink_replica(r);
         if (count_alive() == 0) {
             bw_router_fail_queued(503, "Unavailable", "no replica could be started");
@@ -405,6 +423,8 @@ static void replica_exited(struct bw_replica *r, int status) {
         bw_warn("restored replica %s before it was ready; discarding the checkpoint, booting cold",
                 why);
         bw_ckpt_discard(&bw_sup.ck);
+        bw_metrics_restore_failure("exited");
+        F.fallback = true;
         start_replica(NULL);
         return;
     case BW_R_SERVING:
@@ -471,7 +491,10 @@ static void on_signal(uv_signal_t *h, int sig) {
 
 static void on_http_call(struct bw_http_req *req, void *arg) {
     (void)arg;
-    bw_router_submit(req);
+    bw_http_req_trace(req)->call = true;
+    F.submitting = req; /* a replica started while queueing it is its start */
+    bw_router_submit(req); /* may answer, and free, req */
+    F.submitting = NULL;
 }
 
 static void on_http_stats(struct bw_http_req *req, void *arg) {
@@ -549,7 +572,12 @@ static int setup_http(void) {
         .idle_timeout_s = o->idle_timeout_s,
         .max_conns = o->max_conns,
     };
-    struct bw_http_handlers hh = {on_http_call, on_http_stats, NULL};
+    struct bw_http_handlers hh = {on_http_call, on_http_stats, bw_obs_owns, bw_obs_get,
+                                  bw_obs_done, NULL};
+    if (bw_obs_init(o->task_history, o->access_log, o->json_logs) < 0) {
+        bw_error("cannot allocate the task history (--task-history %d)", o->task_history);
+        return -1;
+    }
     bw_router_init(bw_sup.loop, o->max_frame, on_demand, NULL);
     if (bw_http_start(bw_sup.loop, F.http_l.fd, &ho, &hh) < 0)
         return -1;

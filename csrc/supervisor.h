@@ -39,5 +39,7 @@ int bw_supervisor_main(const struct bw_options *o, int argc, char **argv);
 /* Called by replica.c. */
 void bw_sup_set_config(const msgpack_object *config);
 void bw_sup_replica_serving(struct bw_replica *r);
+/* The replica list, for observe.c (read-only; linked by ->next). */
+struct bw_replica *bw_sup_replicas(void);
 
 #endif

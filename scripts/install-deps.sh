@@ -6,7 +6,11 @@
 set -euo pipefail
 
 PKGS=(build-essential cmake pkg-config libuv1-dev libmsgpack-dev libhttp-parser-dev
-      python3-dev python3-venv clang libclang-rt-14-dev curl wrk libcap2-bin)
+      python3-dev python3-venv clang libclang-rt-14-dev curl wrk libcap2-bin
+      chromium chromium-driver prometheus)
+# chromium + chromium-driver: tests/test_dashboard.py drives the page with Selenium
+# (PyPI selenium, requirements-dev.txt) and never downloads a driver; prometheus: its
+# promtool checks GET /metrics (tests/test_observe.py).
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 

@@ -255,6 +255,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         argv += ["--keep-warm", f"{args.keep_warm:g}"]
     if args.max_crashes is not None:
         argv += ["--max-crashes", str(args.max_crashes)]
+    if args.task_history is not None:
+        argv += ["--task-history", str(args.task_history)]
+    if args.access_log:
+        argv.append("--access-log")
     argv.append(_absolute_app(args.app))
     note = unused_options_note(args.app)
     if note:
@@ -758,6 +762,10 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--keep-warm", metavar="SECONDS", type=float,
                    help="stop a replica idle this long; the next call restores one "
                    "(default: the endpoint's keep_warm_seconds; -1: never)")
+    h.add_argument("--task-history", metavar="N", type=_positive_int,
+                   help="recent calls kept for GET /tasks and /dashboard (default 1000)")
+    h.add_argument("--access-log", action="store_true",
+                   help="log one line per HTTP response (JSON with --json-logs)")
     s.add_argument("--max-crashes", metavar="N", type=int,
                    help="give up after N replica crashes within a minute (default 5; 0: never)")
     s.set_defaults(func=cmd_serve)
