@@ -420,6 +420,12 @@ static void conn_run(struct conn *c) {
     while (!closing(c) && parse(c) + advance(c, &pulled) > 0) {
     }
     conn_send(c);
+    /* A stream paused at STREAM_HIGH is resumed by on_write; but when the kernel took
+     * all of it at once no write was queued and no callback will come: go on next turn. */
+    struct slot *h = closing(c) ? NULL : c->head;
+    if (h && h->call && bw_call_is_stream(h->call) && c->write_bytes == 0 &&
+        !(bw_call_is_async(h->call) && h->awaiting)) /* an awaited chunk wakes it itself */
+        pump_later(c);
     if (!closing(c)) {
         maybe_close(c);
         update_reading(c);

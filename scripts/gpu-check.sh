@@ -97,7 +97,7 @@ sock=$work/gpu.sock
 start() { # $1: log name
   rm -f "$sock"
   setsid "$W" --python "$PYBIN" --socket "$sock" --checkpoint-dir "$work/ckpt" \
-    --checkpoint-key gpu-check --criu-timeout 200 --restore-timeout 200 --cuda-lock-timeout 30 \
+    --checkpoint-key gpu-check --pass-env GPU_CHECK_GIB --criu-timeout 200 --restore-timeout 200 --cuda-lock-timeout 30 \
     "$repo/examples/gpu/app.py:predict" >"$work/$1.log" 2>&1 &
   wpid=$!
   local until=$(( $(date +%s) + $(left) - 20 ))
