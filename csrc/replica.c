@@ -735,11 +735,17 @@ static int restore_failed(struct bw_ckpt_image *img, struct host_io *io, const c
     return -1;
 }
 
-/* Lazy where it works and has not failed here; eager otherwise (lazy.c says why). */
-static bool want_lazy(void) {
+/* auto restores lazily from this image size up. Below it, starting the page daemon
+ * costs more than it saves: bench/coldstart.py, docs/performance.md (113 MiB: eager
+ * 80 ms, lazy 92 ms; 520 MiB: eager 240 ms, lazy 80 ms). */
+#define LAZY_MIN_BYTES (256ull << 20)
+
+/* Lazy where it works, pays and has not failed here; eager otherwise (lazy.c). */
+static bool want_lazy(unsigned long long image_bytes) {
     static bool said;
     enum bw_restore_mode m = bw_sup.o->restore_mode;
-    if (m == BW_RESTORE_EAGER || bw_sup.lazy_broken)
+    if (m == BW_RESTORE_EAGER || bw_sup.lazy_broken ||
+        (m == BW_RESTORE_AUTO && image_bytes < LAZY_MIN_BYTES))
         return false;
     if (bw_lazy_supported())
         return true;
@@ -753,7 +759,7 @@ static bool want_lazy(void) {
 /* CRIU restore, lazy or eager; a failed lazy restore is retried eagerly at once. */
 static int criu_restore(struct bw_replica *r, const struct bw_ckpt_image *img,
                         const struct host_io *io, pid_t *pid, char *err, size_t errlen) {
-    if (want_lazy()) {
+    if (want_lazy(img->bytes)) {
         if (bw_lazy_restore(&bw_sup.ck, img, io->host_out, io->host_err, io->host_ctl, pid,
                             &r->lazy, err, errlen) == 0) {
             if (r->lazy.pager == 0) /* every page was in before the restore returned */

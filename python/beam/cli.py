@@ -730,7 +730,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bound on one restore before booting cold (worker default 30)")
     s.add_argument("--restore", choices=("auto", "lazy", "eager"),
                    help="lazy: serve while memory is filled in behind; eager: copy it all first; "
-                        "auto (default): lazy where userfaultfd works (docs/checkpoint.md)")
+                        "auto (default): lazy for images of 256 MiB and more where userfaultfd works "
+                        "(docs/checkpoint.md)")
     s.add_argument("--json-logs", action="store_true", help="log one JSON object per line")
     s.add_argument("--pass-env", metavar="NAME", action="append", type=_env_name,
                    help="also give the app this variable of the environment (repeatable); it "
