@@ -149,8 +149,9 @@ static bool sink_flush(struct sink *s) {
 }
 
 static void on_retry(uv_timer_t *t) {
-    bool idle = sink_flush(&O.s[1]) & sink_flush(&O.s[2]);
-    if (idle) {
+    bool out_idle = sink_flush(&O.s[1]); /* both are flushed, whatever the first says */
+    bool err_idle = sink_flush(&O.s[2]);
+    if (out_idle && err_idle) {
         uv_timer_stop(t);
         O.retrying = false;
     }

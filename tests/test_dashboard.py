@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import os
 import shutil
-from pathlib import Path
-from typing import List
 
 import pytest
 
-from served import Served, wait_until
+from served import Served, serve_fixture, wait_until
 
 pytestmark = pytest.mark.timeout(180)
 APP = "http_app.py:handler"
@@ -39,12 +37,7 @@ def browser(workdir):
     d.quit()
 
 
-@pytest.fixture
-def served(workdir):
-    started: List[Served] = []
-    yield lambda *a, **kw: started.append(Served(workdir, *a, **kw)) or started[-1]
-    for s in started:
-        s.kill()
+served = serve_fixture(Served)
 
 
 def test_dashboard_shows_tasks_and_the_restore_timeline(served, browser, workdir):

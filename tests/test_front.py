@@ -12,29 +12,18 @@ import os
 import socket
 import threading
 import time
-from typing import List
 
 import pytest
 
-from test_router import Served, wait_until
+from test_router import Served
+from usercli import serve_fixture, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
 TOKEN = "front-test-token-0123456789"
 
 
-@pytest.fixture
-def serve(workdir):
-    started: List[Served] = []
-
-    def start(app: str, *args: str, **kw) -> Served:
-        s = Served(workdir, app, *args, **kw)
-        started.append(s)
-        return s
-
-    yield start
-    for s in started:
-        s.kill()
+serve = serve_fixture(Served)
 
 
 def vm_kib(pid: int, field: str) -> int:

@@ -6,30 +6,17 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import time
 from pathlib import Path
-from typing import List
 
 import pytest
 
-from served import Served, sample, wait_until
+from served import Served, sample, serve_fixture, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 APP = "http_app.py:handler"
 
 
-@pytest.fixture
-def serve(workdir):
-    started: List[Served] = []
-
-    def start(app: str, *args: str, **kw) -> Served:
-        s = Served(workdir, app, *args, **kw)
-        started.append(s)
-        return s
-
-    yield start
-    for s in started:
-        s.kill()
+serve = serve_fixture(Served)
 
 
 def promtool_check(text: str) -> None:

@@ -17,69 +17,18 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
-from typing import Dict, List, Optional
+from typing import List
 
 import pytest
 
-from conftest import APPS
+import usercli
+from usercli import APPS, serve_fixture, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
 
-class Served:
-    """One `python -m beam serve ... --port 0 --no-auth`, its log and its port (read from
-    the log: a port picked here could be taken by a parallel run before serve binds it)."""
-
-    def __init__(self, workdir: Path, app: str, *args: str, env: Optional[Dict[str, str]] = None,
-                 tag: str = "serve", token: Optional[str] = None, stdout=None) -> None:
-        self.log_path = workdir / f"{tag}.log"
-        self.token = token
-        e = dict(os.environ)
-        e.pop("PYTHONUNBUFFERED", None)
-        e.pop("BEAM_AUTH_TOKEN", None)
-        e.setdefault("BEAM_CHECKPOINT_DIR", str(workdir / "checkpoints"))
-        e.setdefault("BEAM_VOLUME_ROOT", str(workdir / "volumes"))
-        e.update(env or {})
-        if token:  # auth on, as a user who exports BEAM_AUTH_TOKEN serves
-            e["BEAM_AUTH_TOKEN"] = token
-        cmd = [sys.executable, "-m", "beam", "serve", str(APPS / app), "--port", "0",
-               *([] if token else ["--no-auth"]), *args]
-        with open(self.log_path, "wb") as f:
-            # stdout: another destination for the log's stdout half (e.g. a pipe nobody reads)
-            self.proc = subprocess.Popen(cmd, stdout=f if stdout is None else stdout,
-                                         stderr=f, env=e, cwd=str(workdir),
-                                         start_new_session=True)
-        m = re.search(r"HTTP on http://127\.0\.0\.1:(\d+)", self.wait_for("ready:"))
-        assert m, self.log()
-        self.port = int(m.group(1))
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def wait_for(self, text: str, timeout: float = 90.0, count: int = 1) -> str:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            log = self.log()
-            if log.count(text) >= count:
-                return log
-            if self.proc.poll() is not None:
-                raise AssertionError(f"serve exited ({self.proc.returncode}) before {text!r}:\n{log}")
-            time.sleep(0.02)
-        raise AssertionError(f"timed out waiting for {text!r}:\n{self.log()}")
-
-    def request(self, method: str, path: str = "/", body=None, timeout: float = 20.0):
-        c = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
-        try:
-            data = json.dumps(body).encode() if body is not None else None
-            headers = {"Content-Type": "application/json"} if data else {}
-            if self.token:
-                headers["Authorization"] = f"Bearer {self.token}"
-            c.request(method, path, body=data, headers=headers)
-            r = c.getresponse()
-            return r.status, {k.lower(): v for k, v in r.getheaders()}, r.read()
-        finally:
-            c.close()
+class Served(usercli.Served):
+    """`python -m beam serve ... --port 0`, --no-auth unless a token is given."""
 
     def call(self, timeout: float = 20.0, **kwargs):
         status, _, body = self.request("POST", "/", kwargs, timeout=timeout)
@@ -90,47 +39,8 @@ class Served:
         assert status == 200, body
         return json.loads(body)
 
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
-        return self.proc.returncode
 
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            self.proc.wait(10)
-
-
-@pytest.fixture
-def serve(workdir):
-    started: List[Served] = []
-
-    def start(app: str, *args: str, **kw) -> Served:
-        s = Served(workdir, app, *args, **kw)
-        started.append(s)
-        return s
-
-    yield start
-    for s in started:
-        s.kill()
-
-
-def wait_until(pred, timeout: float, what: str, every: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(every)
-    raise AssertionError(f"timed out waiting for {what}")
+serve = serve_fixture(Served)
 
 
 # ---- capacity after a worker crash or an oversized result -------------------------------
@@ -316,7 +226,7 @@ def test_non_finite_seconds_are_refused(workdir, value):
 def test_listeners_beyond_what_start_can_carry_are_refused(start_worker, workdir):
     """Eight fds travel in "start"; 4 --socket + 4 --tcp + --port is nine, and used to
     give every host a listener list longer than its fds. Eight in all still serve."""
-    from conftest import Worker, worker_binary
+    from conftest import worker_binary
     socks = [f"--socket={workdir / f's{i}.sock'}" for i in range(4)]
     tcps = ["--tcp=127.0.0.1:0"] * 4
     p = subprocess.run([worker_binary(), "--python", sys.executable, "--no-checkpoint", *socks,

@@ -12,7 +12,7 @@
  *   - the bytes received are a sequence of "HTTP/1.1 NNN ..." responses, each with a
  *     Content-Length matching its body, and that body is JSON;
  *   - a call's kwargs, wrapped in a request as the router does, decode in the worker;
- *   - every request handed to a handler is answered, no connection handle or fd
+ *   - every request handed to a handler is answered, no connection handle or socket
  *     outlives the input, and the client always sees the connection end. */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -21,6 +21,7 @@
 #include <fcntl.h>
 #include <netinet/in.h>
 #include <signal.h>
+#include <stdbool.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -128,13 +129,27 @@ static int open_conns(void) {
     return n;
 }
 
-static int count_fds(void) {
+/* Sockets this process holds: a connection the server failed to let go of shows up
+ * here. Only sockets: libFuzzer itself opens pipes mid-run (to llvm-symbolizer, when it
+ * first prints a new function), which are not ours to count. */
+static int count_sockets(bool list) {
     DIR *d = opendir("/proc/self/fd");
     if (!d)
         return -1;
     int n = 0;
-    while (readdir(d))
-        n++;
+    struct dirent *e;
+    char path[300], target[256];
+    while ((e = readdir(d)) != NULL) {
+        snprintf(path, sizeof path, "/proc/self/fd/%s", e->d_name);
+        ssize_t len = readlink(path, target, sizeof target - 1);
+        if (len <= 0)
+            continue;
+        target[len] = '\0';
+        if (strncmp(target, "socket:", 7) == 0)
+            n++;
+        if (list)
+            fprintf(stderr, "  fd %s -> %s\n", e->d_name, target);
+    }
     closedir(d);
     return n;
 }
@@ -160,7 +175,7 @@ int LLVMFuzzerInitialize(int *argc, char ***argv) {
     static const struct bw_http_handlers handlers = {.call = on_call, .stats = on_stats};
     if (bw_http_start(&loop, listen_fd, &opts, &handlers) < 0)
         FAIL("bw_http_start");
-    base_fds = count_fds();
+    base_fds = count_sockets(false);
     return 0;
 }
 
@@ -308,8 +323,10 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     }
     if (handed != answered)
         FAIL("%lu requests handed to handlers, %lu answered", handed, answered);
-    int fds = count_fds();
-    if (fds != base_fds)
-        FAIL("%d fds open after the input, %d before the first", fds, base_fds);
+    int fds = count_sockets(false);
+    if (fds != base_fds) {
+        count_sockets(true);
+        FAIL("%d sockets open after the input, %d before the first", fds, base_fds);
+    }
     return 0;
 }
