@@ -636,7 +636,7 @@ static void find_namespaces(void) {
                  "docs/checkpoint.md, \"In a container\")", why, missing);
     else
         snprintf(F.no_ns_reason, sizeof F.no_ns_reason, "%s", why);
-    bw_info("%s: serving without a PID namespace", why);
+    bw_debug("%s: serving without a PID namespace", why);
 }
 
 static void setup_checkpointing(void) {
