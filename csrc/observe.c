@@ -13,12 +13,12 @@
 #include <time.h>
 
 #include "accesslog.h"
+#include "fleet.h"
 #include "json.h"
-#include "mp.h"
 #include "metrics.h"
+#include "mp.h"
 #include "replica.h"
 #include "router.h"
-#include "supervisor.h"
 #include "tasks.h"
 #include "util.h"
 
@@ -42,7 +42,7 @@ int bw_obs_init(int task_history, bool access_log, bool json_logs) {
 /* ---- hooks ------------------------------------------------------------------------------ */
 
 static int replica_id_of(const void *owner) {
-    for (struct bw_replica *r = bw_sup_replicas(); r && owner; r = r->next)
+    for (struct bw_replica *r = bw_sup.owner->replicas(); r && owner; r = r->next)
         if (r == owner) /* compared, never dereferenced unless still in the list */
             return r->id;
     return 0;
@@ -96,7 +96,7 @@ static void write_gauges(msgpack_sbuffer *b) {
     bw_metrics_family(b, "beam_replicas", "gauge", "Replicas by state.");
     for (size_t i = 0; i < sizeof phases / sizeof *phases; i++) {
         int n = 0;
-        for (struct bw_replica *r = bw_sup_replicas(); r; r = r->next)
+        for (struct bw_replica *r = bw_sup.owner->replicas(); r; r = r->next)
             n += r->pid > 0 && r->phase == phases[i];
         bw_metrics_put(b, "beam_replicas{state=\"%s\"} %d\n", bw_replica_phase_name(phases[i]), n);
     }
@@ -182,7 +182,7 @@ static void replicas_json(msgpack_sbuffer *b) {
     bool first = true;
     double now = bw_now_ms();
     bw_metrics_put(b, "\"replicas\":[");
-    for (struct bw_replica *r = bw_sup_replicas(); r; r = r->next) {
+    for (struct bw_replica *r = bw_sup.owner->replicas(); r; r = r->next) {
         if (r->pid <= 0)
             continue;
         int budget = MAX_PIDS;

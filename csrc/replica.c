@@ -26,13 +26,13 @@
 #include "control.h"
 #include "cuda_ckpt.h"
 #include "environ.h"
+#include "fleet.h"
 #include "json.h"
 #include "leakscan.h"
 #include "log.h"
 #include "metrics.h"
 #include "mp.h"
 #include "output.h"
-#include "supervisor.h"
 #include "util.h"
 
 struct host_io {
@@ -567,7 +567,7 @@ static void report_dropped_env(const msgpack_object *cfg) {
 static void handle_ready(struct bw_replica *r, const msgpack_object *m) {
     const msgpack_object *cfg = bw_mp_get(m, "config"), *prof = bw_mp_get(m, "profile");
     if (cfg) {
-        bw_sup_set_config(cfg);
+        bw_sup.owner->set_config(cfg);
         report_dropped_env(cfg);
     }
 
@@ -653,7 +653,7 @@ static void handle_serving(struct bw_replica *r, const msgpack_object *m) {
     keep_profile(r, p);
     bw_info("ready: %d worker(s) serving %s", r->workers,
             r->restored ? "(restored from checkpoint)" : "(cold boot)");
-    bw_sup_replica_serving(r);
+    bw_sup.owner->serving(r);
 }
 
 static void on_ctl(uv_poll_t *p, int status, int events) {
@@ -850,7 +850,7 @@ int bw_replica_restore(struct bw_replica *r) {
     msgpack_zone_init(&z, 1024);
     msgpack_object cfg;
     if (bw_mp_unpack_exact(img.config, img.config_len, &z, &cfg) == 0)
-        bw_sup_set_config(&cfg);
+        bw_sup.owner->set_config(&cfg);
     msgpack_zone_destroy(&z);
     unsigned long long image_bytes = img.bytes;
     bw_ckpt_image_free(&img);

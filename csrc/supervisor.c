@@ -51,7 +51,6 @@
 #define BACKOFF_MAX_MS 8000.0
 #define IMAGE_BAD_AFTER 3
 
-struct bw_sup bw_sup;
 
 static struct {
     struct bw_replica *replicas;
@@ -88,7 +87,7 @@ static struct bw_replica *start_replica(const char *why);
 
 /* ---- bookkeeping -------------------------------------------------------------------- */
 
-struct bw_replica *bw_sup_replicas(void) { return F.replicas; }
+static struct bw_replica *replicas(void) { return F.replicas; }
 
 static int count_alive(void) {
     int n = 0;
@@ -144,7 +143,7 @@ static void shutdown_loop(int code) {
 
 /* ---- configuration ------------------------------------------------------------------ */
 
-void bw_sup_set_config(const msgpack_object *cfg) {
+static void set_config(const msgpack_object *cfg) {
     msgpack_sbuffer sb;
     msgpack_sbuffer_init(&sb);
     msgpack_packer pk;
@@ -269,7 +268,7 @@ static void on_tick(uv_timer_t *t) {
 
 /* ---- replicas --------------------------------------------------------------------------- */
 
-void bw_sup_replica_serving(struct bw_replica *r) {
+static void replica_serving(struct bw_replica *r) {
     F.any_served = true;
     r->serving_since = bw_now_ms();
     bw_obs_replica_serving(r);
@@ -675,7 +674,9 @@ static void log_to_stderr(const char *line, size_t len) { bw_output_write(2, lin
 int bw_supervisor_main(const struct bw_options *o, int argc, char **argv) {
     (void)argc;
     (void)argv;
+    static const struct bw_fleet_owner owner = {set_config, replica_serving, replicas};
     bw_sup.o = o;
+    bw_sup.owner = &owner;
     bw_log_init("beam", o->json_logs);
     bw_env_pass(o->pass_env, o->npass_env);
     signal(SIGPIPE, SIG_IGN);
