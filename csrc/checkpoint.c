@@ -154,9 +154,9 @@ static void remove_stale_dumps(const char *root) {
 
 /* ---- bounded CRIU calls ------------------------------------------------------------
  * libcriu forks `criu swrk` from the calling thread and blocks on its socket. A stuck
- * criu (the notes record dumps hanging forever) must become an error: a watchdog
- * thread kills the calling thread's `criu` children once the time is up. The calling
- * thread is the supervisor's loop, so its children are also every replica: the ones
+ * criu (dumps have hung forever on these VMs; docs/criu-provisioning.md) must become an
+ * error: a watchdog thread kills the calling thread's `criu` children once the time is
+ * up. The calling thread is the supervisor's loop, so its children are also every replica: the ones
  * that existed before the call are snapshotted and never touched. */
 
 #define MAX_KIDS 256
@@ -259,7 +259,8 @@ static bool watchdog_stop(struct watchdog *w) {
 
 /* CRIU's own error lines are the best explanation a user can get: quote the first that
  * says something (the root cause, e.g. "No space left on device"), not the closing
- * "Dumping FAILED." nor the harmless RLIMIT_NOFILE line (the notes); else the last.
+ * "Dumping FAILED." nor the RLIMIT_NOFILE line CRIU logs, harmlessly, without
+ * CAP_SYS_RESOURCE (docs/checkpoint.md); else the last.
  * shown: where the log will be for the user to read. */
 static void criu_log_reason(const char *log, const char *shown, char *err, size_t errlen,
                             const char *what, int rc) {
@@ -304,7 +305,7 @@ static int criu_opts_new(const struct bw_ckpt *c, criu_opts **o, int img_fd, int
     criu_local_set_log_file(*o, log_name);
     const char *lvl = getenv("BEAM_CRIU_LOG_LEVEL");
     criu_local_set_log_level(*o, lvl ? atoi(lvl) : 2);
-    /* The notes: hardware breakpoints never fire in these VMs and dumps hang without
+    /* Hardware breakpoints never fire in these VMs and dumps hang without
      * CRIU's FI_NO_BREAKPOINTS fault mode. The criu child inherits our environment. */
     const char *fault = getenv("BEAM_CRIU_FAULT");
     setenv("CRIU_FAULT", fault ? fault : "130", 1);

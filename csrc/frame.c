@@ -8,20 +8,15 @@
 #include "util.h"
 
 enum bw_frame_status bw_frame_next(const char *buf, size_t len, size_t max_body,
-                                   const char **body, size_t *body_len, size_t *consumed,
-                                   size_t *need) {
-    if (len < BW_FRAME_HEADER) {
-        *need = BW_FRAME_HEADER;
+                                   const char **body, size_t *body_len, size_t *consumed) {
+    if (len < BW_FRAME_HEADER)
         return BW_FRAME_NEED_MORE;
-    }
     uint32_t n = bw_load_be32((const unsigned char *)buf);
     /* Checked before any of the body is buffered: a hostile length costs nothing. */
     if ((size_t)n > max_body)
         return BW_FRAME_TOO_LARGE;
-    if (len - BW_FRAME_HEADER < (size_t)n) {
-        *need = BW_FRAME_HEADER + (size_t)n;
+    if (len - BW_FRAME_HEADER < (size_t)n)
         return BW_FRAME_NEED_MORE;
-    }
     *body = buf + BW_FRAME_HEADER;
     *body_len = n;
     *consumed = BW_FRAME_HEADER + (size_t)n;

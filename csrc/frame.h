@@ -14,14 +14,13 @@
 #define BW_FRAME_RESPONSE_SLACK 4096u
 
 enum bw_frame_status {
-    BW_FRAME_NEED_MORE, /* not a whole frame yet; need = bytes wanted in total */
+    BW_FRAME_NEED_MORE, /* not a whole frame yet */
     BW_FRAME_OK,        /* body, body_len: the frame body; consumed: its full size */
     BW_FRAME_TOO_LARGE, /* announced length above max: the stream cannot be resynced */
 };
 
 enum bw_frame_status bw_frame_next(const char *buf, size_t len, size_t max_body,
-                                   const char **body, size_t *body_len, size_t *consumed,
-                                   size_t *need);
+                                   const char **body, size_t *body_len, size_t *consumed);
 
 /* A growable byte buffer with a read offset: bytes are appended at the end and
  * consumed from the front without moving memory until compaction is worth it. */

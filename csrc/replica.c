@@ -258,7 +258,7 @@ int bw_replica_boot_cold(struct bw_replica *r, bool may_dump) {
     struct child_args a = {argv, envp, &io};
     size_t stack_size = 256 * 1024;
     char *stack = malloc(stack_size);
-    /* A PID namespace of its own (notes, section 4): every restored replica gets a
+    /* A PID namespace of its own (docs/checkpoint.md): every restored replica gets a
      * fresh one, so many can run from one image at the same time. */
     int flags = SIGCHLD | (bw_sup.use_ns ? CLONE_NEWPID : 0);
     pid_t pid = stack ? clone(host_child, stack + stack_size, flags, &a) : -1;
@@ -429,7 +429,7 @@ static int gpu_checkpoint(pid_t pid, struct bw_cuda_times *t, msgpack_sbuffer *m
 }
 
 static void checkpoint_failed(const char *what, const char *err) {
-    /* The seed's rule: a failed checkpoint never costs the user a serving worker. */
+    /* A failed checkpoint never costs the user a serving worker (docs/checkpoint.md). */
     bw_warn("%s failed, serving without %s: %s", what,
             strcmp(what, "checkpoint") == 0 ? "one" : "a checkpoint", err);
     bw_warn("next starts boot cold; pass --retry-checkpoint to try again");

@@ -392,9 +392,9 @@ static void up_read(uv_stream_t *s, ssize_t n, const uv_buf_t *buf) {
     u->in.len += (size_t)n;
     for (;;) {
         const char *body;
-        size_t blen, used, need;
+        size_t blen, used;
         enum bw_frame_status st = bw_frame_next(bw_buf_head(&u->in), u->in.len, R.max_frame + BW_FRAME_RESPONSE_SLACK,
-                                                &body, &blen, &used, &need);
+                                                &body, &blen, &used);
         if (st == BW_FRAME_NEED_MORE)
             break;
         if (st == BW_FRAME_OK && u->probing) {
@@ -560,11 +560,6 @@ static struct upstream *pick(void) {
     if (!uv_is_active((uv_handle_t *)&R.hold))
         uv_timer_start(&R.hold, on_hold, (uint64_t)(PROBE_WAIT_MS - waited) + 1, 0);
     return NULL;
-}
-
-bool bw_router_has_capacity(void) {
-    int load = 0;
-    return least_loaded(&load) != NULL;
 }
 
 static void dispatch(void) {

@@ -37,6 +37,5 @@ void bw_router_fail_queued(int status, const char *type, const char *message);
 size_t bw_router_queued(void);
 size_t bw_router_inflight(void *owner); /* owner NULL: all replicas */
 unsigned long long bw_router_answered(void *owner);
-bool bw_router_has_capacity(void);      /* some attached connection can take a call now */
 
 #endif

@@ -390,9 +390,9 @@ static int parse(struct conn *c) {
     int n = 0;
     while (!c->close_after_write && !closing(c)) {
         const char *body;
-        size_t body_len, consumed, need;
+        size_t body_len, consumed;
         enum bw_frame_status st = bw_frame_next(bw_buf_head(&c->in), c->in.len, srv.max_frame,
-                                                &body, &body_len, &consumed, &need);
+                                                &body, &body_len, &consumed);
         c->blocked = st != BW_FRAME_NEED_MORE && !can_start(c);
         if (st == BW_FRAME_NEED_MORE || c->blocked)
             break;

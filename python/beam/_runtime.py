@@ -14,7 +14,6 @@ import os
 import random
 import signal
 import sys
-import threading
 import time
 import traceback
 from pathlib import Path
@@ -286,7 +285,3 @@ def describe_exception(exc: BaseException) -> Tuple[str, str, str]:
     except BaseException:  # noqa: B036
         tb = f"{type(exc).__name__}: {message}\n"
     return _clean(type(exc).__name__), _clean(message), _clean(tb)
-
-
-def thread_count() -> int:
-    return threading.active_count()
