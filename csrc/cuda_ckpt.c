@@ -16,6 +16,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "log.h"
@@ -76,6 +77,7 @@ CUresult cuCheckpointProcessLock(int pid, CUcheckpointLockArgs *args);
 CUresult cuCheckpointProcessCheckpoint(int pid, CUcheckpointCheckpointArgs *args);
 CUresult cuCheckpointProcessRestore(int pid, CUcheckpointRestoreArgs *args);
 CUresult cuCheckpointProcessUnlock(int pid, CUcheckpointUnlockArgs *args);
+CUresult cuCheckpointProcessGetRestoreThreadId(int pid, int *tid);
 #endif
 
 _Static_assert(sizeof(CUcheckpointLockArgs) == 64, "CUcheckpointLockArgs layout");
@@ -105,6 +107,7 @@ static struct {
     __typeof__(cuCheckpointProcessCheckpoint) *checkpoint;
     __typeof__(cuCheckpointProcessRestore) *restore;
     __typeof__(cuCheckpointProcessUnlock) *unlock;
+    __typeof__(cuCheckpointProcessGetRestoreThreadId) *restore_tid; /* optional */
 } D;
 
 /* "CUDA_ERROR_NOT_READY (600)" */
@@ -236,6 +239,7 @@ int bw_cuda_load(char *why, size_t cap) {
                              D.path, D.version / 1000, D.version % 1000 / 10, need[i].name);
                     D.ckpt_ok = false;
                 }
+            D.restore_tid = (__typeof__(D.restore_tid))sym("cuCheckpointProcessGetRestoreThreadId");
         }
     }
     if (!D.ckpt_ok) {
@@ -507,7 +511,58 @@ int bw_cuda_checkpoint(pid_t pid, double lock_timeout_s, struct bw_cuda_times *t
     return 0;
 }
 
-static int restore_unlock(pid_t pid, CUcheckpointGpuPair *pairs, int npairs,
+/* "; the process is left in CUDA state CHECKPOINTED": after a failed step, so the log says
+ * what the caller is about to kill. */
+static void note_state(pid_t pid, char *why, size_t cap) {
+    CUprocessState st;
+    char e[256];
+    if (get_state(pid, &st, e, sizeof e) < 0)
+        append(why, cap, "; its GPU state is unknown (%s)", e);
+    else
+        append(why, cap, "; the process is left in CUDA state %s", state_name(st));
+}
+
+static void sleep_ms(double ms) {
+    struct timespec ts = {.tv_sec = (time_t)(ms / 1000),
+                          .tv_nsec = (long)((ms - (double)(time_t)(ms / 1000) * 1000) * 1e6)};
+    while (nanosleep(&ts, &ts) < 0 && errno == EINTR) {
+    }
+}
+
+/* Poll GetState until pid is in `want`, for at most timeout_s. A state that lags or never
+ * comes must not hand over a process whose first CUDA call would hang. The delay doubles
+ * from 1 ms to 100 ms: a quick transition costs about a millisecond, a stuck one a few
+ * dozen driver calls. *polls: how many GetState calls it took. */
+#define STATE_POLL_FIRST_MS 1.0
+#define STATE_POLL_MAX_MS 100.0
+static int wait_state(pid_t pid, CUprocessState want, double timeout_s, int *polls, char *why,
+                      size_t cap) {
+    double deadline = bw_now_ms() + timeout_s * 1000.0, delay = STATE_POLL_FIRST_MS;
+    CUprocessState st;
+    for (*polls = 1;; ++*polls) {
+        if (get_state(pid, &st, why, cap) < 0)
+            return -1;
+        if (st == want)
+            return 0;
+        double left = deadline - bw_now_ms();
+        if (left <= 0) {
+            snprintf(why, cap, "the CUDA state of pid %d is still %s after %gs (%d polls), "
+                     "expected %s", (int)pid, state_name(st), timeout_s, *polls, state_name(want));
+            return -1;
+        }
+        sleep_ms(delay < left ? delay : left);
+        delay = delay * 2 < STATE_POLL_MAX_MS ? delay * 2 : STATE_POLL_MAX_MS;
+    }
+}
+
+static void restore_thread(pid_t pid, struct bw_cuda_times *t) {
+    int tid = 0;
+    t->restore_tid = D.restore_tid && D.restore_tid((int)pid, &tid) == CUDA_SUCCESS ? tid : 0;
+}
+
+/* Restore -> Unlock -> wait for RUNNING (bounded by timeout_s). On failure why names the
+ * step and the state the process is left in; the caller kills it. */
+static int restore_unlock(pid_t pid, CUcheckpointGpuPair *pairs, int npairs, double timeout_s,
                           struct bw_cuda_times *t, char *why, size_t cap) {
     CUcheckpointRestoreArgs ra;
     memset(&ra, 0, sizeof ra);
@@ -519,24 +574,35 @@ static int restore_unlock(pid_t pid, CUcheckpointGpuPair *pairs, int npairs,
     if (r != CUDA_SUCCESS) {
         snprintf(why, cap, "cuCheckpointProcessRestore(pid %d%s) failed: %s", (int)pid,
                  npairs ? ", GPU UUIDs remapped" : "", err_str(r));
+        note_state(pid, why, cap);
         return -1;
     }
+    restore_thread(pid, t);
     CUcheckpointUnlockArgs ua;
     memset(&ua, 0, sizeof ua);
     t0 = bw_now_ms();
     r = D.unlock((int)pid, &ua);
-    t->unlock_ms = bw_now_ms() - t0;
     if (r != CUDA_SUCCESS) {
+        t->unlock_ms = bw_now_ms() - t0;
         snprintf(why, cap, "cuCheckpointProcessUnlock(pid %d) failed: %s", (int)pid, err_str(r));
+        note_state(pid, why, cap);
+        return -1;
+    }
+    char e[512];
+    int rc = wait_state(pid, CU_PROCESS_STATE_RUNNING, timeout_s, &t->unlock_polls, e, sizeof e);
+    t->unlock_ms = bw_now_ms() - t0;
+    if (rc < 0) {
+        snprintf(why, cap, "cuCheckpointProcessUnlock(pid %d) returned, but %s", (int)pid, e);
         return -1;
     }
     return 0;
 }
 
-int bw_cuda_resume(pid_t pid, struct bw_cuda_times *t, char *why, size_t cap) {
+int bw_cuda_resume(pid_t pid, double timeout_s, struct bw_cuda_times *t, char *why,
+                   size_t cap) {
     if (bw_cuda_load(why, cap) < 0)
         return -1;
-    return restore_unlock(pid, NULL, 0, t, why, cap);
+    return restore_unlock(pid, NULL, 0, timeout_s, t, why, cap);
 }
 
 int bw_cuda_check_compat(const struct bw_cuda_gpus *saved, struct bw_cuda_gpus *now,
@@ -567,8 +633,8 @@ int bw_cuda_check_compat(const struct bw_cuda_gpus *saved, struct bw_cuda_gpus *
 }
 
 int bw_cuda_restore_replica(pid_t pid, const struct bw_cuda_gpus *saved,
-                            const struct bw_cuda_gpus *now, bool remap, struct bw_cuda_times *t,
-                            char *why, size_t cap) {
+                            const struct bw_cuda_gpus *now, bool remap, double timeout_s,
+                            struct bw_cuda_times *t, char *why, size_t cap) {
     if (bw_cuda_load(why, cap) < 0)
         return -1;
     CUprocessState st;
@@ -585,7 +651,7 @@ int bw_cuda_restore_replica(pid_t pid, const struct bw_cuda_gpus *saved,
         memcpy(pairs[i].oldUuid.bytes, saved->gpu[i].uuid, 16);
         memcpy(pairs[i].newUuid.bytes, now->gpu[i].uuid, 16);
     }
-    return restore_unlock(pid, pairs, n, t, why, cap);
+    return restore_unlock(pid, pairs, n, timeout_s, t, why, cap);
 }
 
 /* ---- probe ------------------------------------------------------------------------- */

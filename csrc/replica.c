@@ -503,7 +503,8 @@ static void do_checkpoint(struct bw_replica *r, const msgpack_object *prof, msgp
     free(pj);
     msgpack_sbuffer_destroy(&gmeta);
     char gerr[1024];
-    if (gpu && bw_cuda_resume(r->pid, &gt, gerr, sizeof gerr) < 0) {
+    /* The lock's bound also bounds waiting for RUNNING after the unlock. */
+    if (gpu && bw_cuda_resume(r->pid, bw_sup.o->cuda_lock_timeout_s, &gt, gerr, sizeof gerr) < 0) {
         /* It cannot use its GPU state again: a replica takes its place (from the image
          * just written, else cold). */
         bw_error("the host cannot get its GPU state back after the checkpoint: %s; replacing it",
@@ -535,7 +536,8 @@ static void do_checkpoint(struct bw_replica *r, const msgpack_object *prof, msgp
         bw_mp_kv_double(pk, "gpu_restore_ms", gt.restore_ms);
         bw_mp_kv_double(pk, "gpu_unlock_ms", gt.unlock_ms);
         bw_mp_kv_int(pk, "gpu_bytes", gt.bytes);
-        *n += 5;
+        bw_mp_kv_int(pk, "gpu_restore_tid", gt.restore_tid);
+        *n += 6;
     }
 }
 
@@ -836,8 +838,11 @@ int bw_replica_restore(struct bw_replica *r) {
         if (npairs)
             bw_info("this machine's GPUs have other UUIDs than the image's: remapping %d GPU(s)",
                     npairs);
-        if (bw_cuda_restore_replica(pid, &saved, &now, npairs > 0, &gt, err, sizeof err) < 0) {
-            /* As Modal does: a replica whose GPU state cannot come back boots cold. */
+        if (bw_cuda_restore_replica(pid, &saved, &now, npairs > 0, bw_sup.o->cuda_lock_timeout_s,
+                                    &gt, err, sizeof err) < 0) {
+            /* As Modal does: a replica whose GPU state cannot come back boots cold. Left
+             * CHECKPOINTED (a restore that failed on OOM stays so for good) or LOCKED,
+             * its first CUDA call would hang: it never gets a request. */
             kill(pid, SIGKILL);
             while (waitpid(pid, NULL, 0) < 0 && errno == EINTR) {
             }
@@ -845,6 +850,9 @@ int bw_replica_restore(struct bw_replica *r) {
                 bw_ckpt_mark_failed(&bw_sup.ck, err);
             return restore_failed(&img, &io, "gpu_restore", "GPU restore failed", err);
         }
+        bw_info("GPU state restored on pid %d: restore %.0f ms, unlock %.0f ms (%d state "
+                "poll(s)), driver restore thread %d", (int)pid, gt.restore_ms, gt.unlock_ms,
+                gt.unlock_polls, gt.restore_tid);
     }
     msgpack_zone z;
     msgpack_zone_init(&z, 1024);
@@ -862,7 +870,7 @@ int bw_replica_restore(struct bw_replica *r) {
     msgpack_sbuffer_clear(&r->start_profile);
     msgpack_packer pk;
     msgpack_packer_init(&pk, &r->start_profile, msgpack_sbuffer_write);
-    msgpack_pack_map(&pk, gpu ? 7 : 4);
+    msgpack_pack_map(&pk, gpu ? 8 : 4);
     bw_mp_kv_str(&pk, "mode", "restore");
     bw_mp_kv_str(&pk, "restore", rc == 1 ? "lazy" : "eager");
     bw_mp_kv_double(&pk, "criu_restore_ms", restore_ms);
@@ -871,6 +879,7 @@ int bw_replica_restore(struct bw_replica *r) {
         bw_mp_kv_double(&pk, "gpu_restore_ms", gt.restore_ms);
         bw_mp_kv_double(&pk, "gpu_unlock_ms", gt.unlock_ms);
         bw_mp_kv_int(&pk, "gpu_bytes", gt.bytes);
+        bw_mp_kv_int(&pk, "gpu_restore_tid", gt.restore_tid);
     }
     send_start(r);
     uv_timer_start(r->timer, on_restore_timeout, (uint64_t)(bw_sup.o->restore_timeout_s * 1000), 0);
