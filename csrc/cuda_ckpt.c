@@ -252,6 +252,54 @@ int bw_cuda_load(char *why, size_t cap) {
 int bw_cuda_driver_version(void) { return D.version; }
 const char *bw_cuda_library_path(void) { return D.path; }
 
+/* NVML's answer: the library the driver ships next to libcuda. */
+static bool nvml_release(char *out, size_t cap) {
+    void *h = dlopen("libnvidia-ml.so.1", RTLD_NOW | RTLD_LOCAL);
+    if (!h)
+        return false;
+    int (*init)(void) = (int (*)(void))dlsym(h, "nvmlInit_v2");
+    int (*version)(char *, unsigned int) =
+        (int (*)(char *, unsigned int))dlsym(h, "nvmlSystemGetDriverVersion");
+    int (*shutdown)(void) = (int (*)(void))dlsym(h, "nvmlShutdown");
+    bool ok = init && version && init() == 0;
+    if (ok) {
+        ok = version(out, (unsigned int)cap) == 0 && out[0];
+        if (shutdown)
+            shutdown();
+    }
+    dlclose(h);
+    return ok;
+}
+
+/* The kernel module's: "NVRM version: NVIDIA UNIX x86_64 Kernel Module  570.86.15  ..." */
+static bool proc_release(char *out, size_t cap) {
+    FILE *f = fopen("/proc/driver/nvidia/version", "re");
+    char line[512];
+    bool ok = false;
+    if (!f)
+        return false;
+    if (fgets(line, sizeof line, f)) {
+        const char *p = strstr(line, "Kernel Module");
+        char v[64];
+        ok = p && sscanf(p + strlen("Kernel Module"), " %63s", v) == 1;
+        if (ok)
+            snprintf(out, cap, "%s", v);
+    }
+    fclose(f);
+    return ok;
+}
+
+const char *bw_cuda_driver_release(void) {
+    static bool tried;
+    static char rel[96];
+    if (!tried) {
+        tried = true;
+        if (!nvml_release(rel, sizeof rel) && !proc_release(rel, sizeof rel))
+            rel[0] = '\0';
+    }
+    return rel;
+}
+
 /* ---- /proc ------------------------------------------------------------------------ */
 
 /* pid 0: this process (inside a PID namespace /proc still shows the outer pids). */
@@ -605,8 +653,30 @@ int bw_cuda_resume(pid_t pid, double timeout_s, struct bw_cuda_times *t, char *w
     return restore_unlock(pid, NULL, 0, timeout_s, t, why, cap);
 }
 
-int bw_cuda_check_compat(const struct bw_cuda_gpus *saved, struct bw_cuda_gpus *now,
-                         int *npairs, char *why, size_t cap) {
+/* "driver 570.86.15 (CUDA 12.8)", or "CUDA 12.8" when the release is unknown. */
+static void driver_str(int version, const char *release, char *out, size_t cap) {
+    snprintf(out, cap, "%s%s%sCUDA %d.%d%s", release[0] ? "driver " : "", release,
+             release[0] ? " (" : "", version / 1000, version % 1000 / 10, release[0] ? ")" : "");
+}
+
+/* The driver's checkpoint format is its own: users report restores failing across driver
+ * versions, patch levels included. The release is compared only when both sides know it
+ * (older images lack it). */
+static int driver_compat(int saved_version, const char *saved_release, char *why, size_t cap) {
+    const char *rel = bw_cuda_driver_release();
+    if (saved_version == D.version && (!saved_release[0] || !rel[0] ||
+                                       strcmp(saved_release, rel) == 0))
+        return 0;
+    char a[160], b[160];
+    driver_str(saved_version, saved_release, a, sizeof a);
+    driver_str(D.version, rel, b, sizeof b);
+    snprintf(why, cap, "NVIDIA driver differs: image taken with %s, this machine has %s", a, b);
+    return -1;
+}
+
+int bw_cuda_check_compat(const struct bw_cuda_gpus *saved, int saved_version,
+                         const char *saved_release, struct bw_cuda_gpus *now, int *npairs,
+                         char *why, size_t cap) {
     char e[768];
     *npairs = 0;
     if (bw_cuda_load(e, sizeof e) < 0) {
@@ -626,6 +696,8 @@ int bw_cuda_check_compat(const struct bw_cuda_gpus *saved, struct bw_cuda_gpus *
         snprintf(why, cap, "GPU type/count differs: image has %s, this machine has %s", a, b);
         return -1;
     }
+    if (driver_compat(saved_version, saved_release, why, cap) < 0)
+        return -1;
     for (int i = 0; i < saved->n; i++)
         if (memcmp(now->gpu[i].uuid, saved->gpu[i].uuid, 16) != 0)
             *npairs = saved->n; /* the pairs must name every checkpointed GPU */

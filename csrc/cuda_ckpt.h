@@ -47,6 +47,9 @@ struct bw_cuda_times {
  * return the first result. 0, or -1 with the reason in why. */
 int bw_cuda_load(char *why, size_t cap);
 int bw_cuda_driver_version(void);
+/* The driver's release ("570.86.15") from NVML, else /proc/driver/nvidia/version; "" when
+ * neither says. Cached. */
+const char *bw_cuda_driver_release(void);
 /* Path of the loaded libcuda.so.1 ("" before a successful load). */
 const char *bw_cuda_library_path(void);
 
@@ -70,10 +73,12 @@ int bw_cuda_checkpoint(pid_t pid, double lock_timeout_s, struct bw_cuda_times *t
  * most timeout_s, polling with backoff) until the driver reports it RUNNING. No retry: on
  * failure (why names the state it is left in) the caller kills and replaces it. */
 int bw_cuda_resume(pid_t pid, double timeout_s, struct bw_cuda_times *t, char *why, size_t cap);
-/* Before a CRIU restore: does this machine have the image's GPUs? Fills the UUID pairs
- * to remap (npairs 0 when the UUIDs are the same). */
-int bw_cuda_check_compat(const struct bw_cuda_gpus *saved, struct bw_cuda_gpus *now,
-                         int *npairs, char *why, size_t cap);
+/* Before a CRIU restore: does this machine have the image's GPUs (model and count) and
+ * its driver (CUDA version of cuDriverGetVersion and, where both are known, the release)?
+ * Fills the UUID pairs to remap (npairs 0 when the UUIDs are the same). */
+int bw_cuda_check_compat(const struct bw_cuda_gpus *saved, int saved_version,
+                         const char *saved_release, struct bw_cuda_gpus *now, int *npairs,
+                         char *why, size_t cap);
 /* After a CRIU restore: restore the replica's GPU state (onto `now` when remap), unlock
  * it and wait for RUNNING, as bw_cuda_resume. On failure the caller kills the replica:
  * one left CHECKPOINTED or LOCKED would hang on its first CUDA call. */

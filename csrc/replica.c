@@ -416,11 +416,12 @@ static int gpu_checkpoint(pid_t pid, struct bw_cuda_times *t, msgpack_sbuffer *m
         return -1;
     msgpack_packer pk;
     msgpack_packer_init(&pk, meta, msgpack_sbuffer_write);
-    msgpack_pack_map(&pk, 3);
+    msgpack_pack_map(&pk, 4);
     bw_mp_str(&pk, "gpus");
     bw_cuda_pack_gpus(&pk, &g);
     bw_mp_kv_int(&pk, "bytes", t->bytes);
     bw_mp_kv_int(&pk, "driver_version", bw_cuda_driver_version());
+    bw_mp_kv_str(&pk, "driver", bw_cuda_driver_release()); /* a restore needs the same */
     char d[512];
     bw_cuda_describe(&g, d, sizeof d);
     bw_info("GPU state checkpointed (%s): ~%.1f MiB; lock %.0f ms, checkpoint %.0f ms", d,
@@ -719,7 +720,11 @@ static int gpu_compat(const struct bw_ckpt_image *img, struct bw_cuda_gpus *save
         snprintf(err, cap, "the image's GPU metadata is corrupt");
     } else {
         *bytes = (long long)bw_mp_num(bw_mp_get(&m, "bytes"), 0);
-        rc = bw_cuda_check_compat(saved, now, npairs, err, cap);
+        char rel[96];
+        if (!bw_mp_strdup(bw_mp_get(&m, "driver"), rel, sizeof rel))
+            rel[0] = '\0'; /* an image from before the release was recorded */
+        rc = bw_cuda_check_compat(saved, (int)bw_mp_num(bw_mp_get(&m, "driver_version"), 0),
+                                  rel, now, npairs, err, cap);
     }
     msgpack_zone_destroy(&z);
     return rc;

@@ -46,6 +46,7 @@ def double():
         lib = d / "libcuda.so.1"
         subprocess.run([cc, "-shared", "-fPIC", "-O1", "-Wall", "-Wextra", "-Werror", *flags,
                         "-o", str(lib), str(DOUBLE_SRC), "-ldl"], check=True)
+        (d / "libnvidia-ml.so.1").symlink_to(lib.name)  # the double answers NVML too
         out[key + "dir"], out[key + "lib"] = str(d), str(lib)
     yield out
     shutil.rmtree(root, ignore_errors=True)
@@ -455,4 +456,26 @@ def test_lagging_unlock_is_waited_for_and_restore_thread_reported(start_worker, 
     prof = w.client().stats()["profile"]
     assert prof["gpu_restore_tid"] == int(host)
     assert cuda_state(double, host) == 0
+    served_ok(w)
+
+
+@pytest.mark.parametrize("env, here", [
+    ({"CUDA_DOUBLE_DRIVER": "575.51.03"}, "driver 575.51.03 (CUDA 12.8)"),
+    ({"CUDA_DOUBLE_VERSION": "12090"}, "driver 570.86.15 (CUDA 12.9)"),
+])
+def test_other_driver_version_boots_cold_with_the_reason(start_worker, workdir, double, env,
+                                                         here):
+    start_gpu(start_worker, workdir, Run(workdir, double, "a"), "a").stop()
+    meta = json.loads((ckpt_dir(workdir) / "manifest.json").read_text())["gpu"]
+    assert meta["driver"] == "570.86.15" and meta["driver_version"] == 12080
+    assert [g["name"] for g in meta["gpus"]] == [GPU_NAME]    # model and count
+    run = Run(workdir, double, "b", **env)
+    w = start_gpu(start_worker, workdir, run, "b")
+    log = w.log()
+    assert ("NVIDIA driver differs: image taken with driver 570.86.15 (CUDA 12.8), this "
+            f"machine has {here}") in log, log
+    assert "booting cold" in log and "mode=cold" in log and "checkpoint written" in log
+    # Refused before CRIU restored anything: only the new cold host's dump touched the GPU.
+    assert run.calls()[0]["fn"] == "GetState" and run.calls()[1]["fn"] == "Lock"
+    assert on_start_runs(workdir) == 2
     served_ok(w)

@@ -22,6 +22,10 @@
  * - lags on request: CUDA_DOUBLE_UNLOCK_LAG=N: after Unlock the process stays LOCKED for
  *   the next N GetState calls (of the caller), then turns RUNNING;
  * - CUDA_DOUBLE_VERSION: what cuDriverGetVersion reports (default 12080);
+ * - the few NVML calls beam uses (the tests link this file as libnvidia-ml.so.1 too):
+ *   CUDA_DOUBLE_DRIVER, the driver release (default "570.86.15"), and
+ *   CUDA_DOUBLE_PERSISTENCE=0|1|unknown, each GPU's persistence mode (default 1;
+ *   unknown: NVML_ERROR_NOT_SUPPORTED);
  *   `no_symbols` is a separate build (-DCUDA_DOUBLE_NO_CKPT) without the cuCheckpoint*
  *   entry points;
  * - devices: CUDA_DOUBLE_DEVICES (count, default 1), CUDA_DOUBLE_GPU_NAME (default
@@ -181,6 +185,43 @@ CUresult cuGetErrorName(CUresult e, const char **s) {
     default: *s = NULL; return E_INVALID_VALUE;
     }
     return OK;
+}
+
+/* ---- NVML ---- */
+enum { NVML_OK = 0, NVML_E_INVALID = 2, NVML_E_NOT_SUPPORTED = 3, NVML_E_SIZE = 7 };
+
+int nvmlInit_v2(void) { return NVML_OK; }
+int nvmlShutdown(void) { return NVML_OK; }
+
+int nvmlSystemGetDriverVersion(char *out, unsigned int len) {
+    const char *v = getenv("CUDA_DOUBLE_DRIVER");
+    v = v && *v ? v : "570.86.15";
+    if (strlen(v) + 1 > len)
+        return NVML_E_SIZE;
+    snprintf(out, len, "%s", v);
+    logf_("nvmlSystemGetDriverVersion", -1, NVML_OK, "version=%s", v);
+    return NVML_OK;
+}
+
+int nvmlDeviceGetCount_v2(unsigned int *n) {
+    *n = (unsigned int)ndevices();
+    return NVML_OK;
+}
+
+int nvmlDeviceGetHandleByIndex_v2(unsigned int i, void **h) {
+    if ((int)i >= ndevices())
+        return NVML_E_INVALID;
+    *h = (void *)(uintptr_t)(i + 1);
+    return NVML_OK;
+}
+
+int nvmlDeviceGetPersistenceMode(void *h, int *mode) {
+    const char *v = getenv("CUDA_DOUBLE_PERSISTENCE");
+    (void)h;
+    if (v && strcmp(v, "unknown") == 0)
+        return NVML_E_NOT_SUPPORTED;
+    *mode = v && *v ? atoi(v) : 1;
+    return NVML_OK;
 }
 
 #ifndef CUDA_DOUBLE_NO_CKPT
