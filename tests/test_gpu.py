@@ -479,3 +479,31 @@ def test_other_driver_version_boots_cold_with_the_reason(start_worker, workdir, 
     assert run.calls()[0]["fn"] == "GetState" and run.calls()[1]["fn"] == "Lock"
     assert on_start_runs(workdir) == 2
     served_ok(w)
+
+
+def _doctor_gpu_line(lib_dir: str, **env: str) -> str:
+    e = dict(os.environ, LD_LIBRARY_PATH=lib_dir, **env)
+    e.pop("CUDA_DOUBLE_LOG", None)
+    p = subprocess.run([sys.executable, "-m", "beam", "doctor"], capture_output=True,
+                       text=True, env=e, timeout=120)
+    lines = [ln for ln in p.stdout.splitlines() if " gpu: " in ln]
+    assert len(lines) == 1, p.stdout + p.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("lib, env, want", [
+    ("dir", {}, "OK    gpu: driver 570.86.15 (CUDA 12.8), checkpoint API present, "
+                "persistence mode on, 1 GPU(s): GPU checkpoint can work here"),
+    ("dir", {"CUDA_DOUBLE_PERSISTENCE": "0", "CUDA_DOUBLE_DEVICES": "2"},
+     "OK    gpu: driver 570.86.15 (CUDA 12.8), checkpoint API present, persistence mode "
+     "off, 2 GPU(s): GPU checkpoint can work here (restores are slower: nvidia-smi -pm 1)"),
+    ("dir", {"CUDA_DOUBLE_PERSISTENCE": "unknown", "CUDA_DOUBLE_DEVICES": "0"},
+     "INFO  gpu: driver 570.86.15 (CUDA 12.8), checkpoint API present, persistence mode "
+     "unknown: GPU checkpoint cannot work here: the driver reports no usable GPU"),
+    ("nockpt_dir", {"CUDA_DOUBLE_DRIVER": "550.54.15", "CUDA_DOUBLE_FAIL": "version_old"},
+     "INFO  gpu: driver 550.54.15 (CUDA 12.4), no checkpoint API (no "
+     "cuCheckpointProcessGetState), persistence mode on: GPU checkpoint cannot work here: "
+     "the driver is older than r570"),
+])
+def test_doctor_reports_driver_api_persistence_and_verdict(double, lib, env, want):
+    assert _doctor_gpu_line(double[lib], **env).startswith(want)
