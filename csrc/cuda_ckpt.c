@@ -16,6 +16,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "log.h"
@@ -76,6 +77,7 @@ CUresult cuCheckpointProcessLock(int pid, CUcheckpointLockArgs *args);
 CUresult cuCheckpointProcessCheckpoint(int pid, CUcheckpointCheckpointArgs *args);
 CUresult cuCheckpointProcessRestore(int pid, CUcheckpointRestoreArgs *args);
 CUresult cuCheckpointProcessUnlock(int pid, CUcheckpointUnlockArgs *args);
+CUresult cuCheckpointProcessGetRestoreThreadId(int pid, int *tid);
 #endif
 
 _Static_assert(sizeof(CUcheckpointLockArgs) == 64, "CUcheckpointLockArgs layout");
@@ -105,6 +107,7 @@ static struct {
     __typeof__(cuCheckpointProcessCheckpoint) *checkpoint;
     __typeof__(cuCheckpointProcessRestore) *restore;
     __typeof__(cuCheckpointProcessUnlock) *unlock;
+    __typeof__(cuCheckpointProcessGetRestoreThreadId) *restore_tid; /* optional */
 } D;
 
 /* "CUDA_ERROR_NOT_READY (600)" */
@@ -236,6 +239,7 @@ int bw_cuda_load(char *why, size_t cap) {
                              D.path, D.version / 1000, D.version % 1000 / 10, need[i].name);
                     D.ckpt_ok = false;
                 }
+            D.restore_tid = (__typeof__(D.restore_tid))sym("cuCheckpointProcessGetRestoreThreadId");
         }
     }
     if (!D.ckpt_ok) {
@@ -247,6 +251,54 @@ int bw_cuda_load(char *why, size_t cap) {
 
 int bw_cuda_driver_version(void) { return D.version; }
 const char *bw_cuda_library_path(void) { return D.path; }
+
+/* NVML's answer: the library the driver ships next to libcuda. */
+static bool nvml_release(char *out, size_t cap) {
+    void *h = dlopen("libnvidia-ml.so.1", RTLD_NOW | RTLD_LOCAL);
+    if (!h)
+        return false;
+    int (*init)(void) = (int (*)(void))dlsym(h, "nvmlInit_v2");
+    int (*version)(char *, unsigned int) =
+        (int (*)(char *, unsigned int))dlsym(h, "nvmlSystemGetDriverVersion");
+    int (*shutdown)(void) = (int (*)(void))dlsym(h, "nvmlShutdown");
+    bool ok = init && version && init() == 0;
+    if (ok) {
+        ok = version(out, (unsigned int)cap) == 0 && out[0];
+        if (shutdown)
+            shutdown();
+    }
+    dlclose(h);
+    return ok;
+}
+
+/* The kernel module's: "NVRM version: NVIDIA UNIX x86_64 Kernel Module  570.86.15  ..." */
+static bool proc_release(char *out, size_t cap) {
+    FILE *f = fopen("/proc/driver/nvidia/version", "re");
+    char line[512];
+    bool ok = false;
+    if (!f)
+        return false;
+    if (fgets(line, sizeof line, f)) {
+        const char *p = strstr(line, "Kernel Module");
+        char v[64];
+        ok = p && sscanf(p + strlen("Kernel Module"), " %63s", v) == 1;
+        if (ok)
+            snprintf(out, cap, "%s", v);
+    }
+    fclose(f);
+    return ok;
+}
+
+const char *bw_cuda_driver_release(void) {
+    static bool tried;
+    static char rel[96];
+    if (!tried) {
+        tried = true;
+        if (!nvml_release(rel, sizeof rel) && !proc_release(rel, sizeof rel))
+            rel[0] = '\0';
+    }
+    return rel;
+}
 
 /* ---- /proc ------------------------------------------------------------------------ */
 
@@ -507,7 +559,58 @@ int bw_cuda_checkpoint(pid_t pid, double lock_timeout_s, struct bw_cuda_times *t
     return 0;
 }
 
-static int restore_unlock(pid_t pid, CUcheckpointGpuPair *pairs, int npairs,
+/* "; the process is left in CUDA state CHECKPOINTED": after a failed step, so the log says
+ * what the caller is about to kill. */
+static void note_state(pid_t pid, char *why, size_t cap) {
+    CUprocessState st;
+    char e[256];
+    if (get_state(pid, &st, e, sizeof e) < 0)
+        append(why, cap, "; its GPU state is unknown (%s)", e);
+    else
+        append(why, cap, "; the process is left in CUDA state %s", state_name(st));
+}
+
+static void sleep_ms(double ms) {
+    struct timespec ts = {.tv_sec = (time_t)(ms / 1000),
+                          .tv_nsec = (long)((ms - (double)(time_t)(ms / 1000) * 1000) * 1e6)};
+    while (nanosleep(&ts, &ts) < 0 && errno == EINTR) {
+    }
+}
+
+/* Poll GetState until pid is in `want`, for at most timeout_s. A state that lags or never
+ * comes must not hand over a process whose first CUDA call would hang. The delay doubles
+ * from 1 ms to 100 ms: a quick transition costs about a millisecond, a stuck one a few
+ * dozen driver calls. *polls: how many GetState calls it took. */
+#define STATE_POLL_FIRST_MS 1.0
+#define STATE_POLL_MAX_MS 100.0
+static int wait_state(pid_t pid, CUprocessState want, double timeout_s, int *polls, char *why,
+                      size_t cap) {
+    double deadline = bw_now_ms() + timeout_s * 1000.0, delay = STATE_POLL_FIRST_MS;
+    CUprocessState st;
+    for (*polls = 1;; ++*polls) {
+        if (get_state(pid, &st, why, cap) < 0)
+            return -1;
+        if (st == want)
+            return 0;
+        double left = deadline - bw_now_ms();
+        if (left <= 0) {
+            snprintf(why, cap, "the CUDA state of pid %d is still %s after %gs (%d polls), "
+                     "expected %s", (int)pid, state_name(st), timeout_s, *polls, state_name(want));
+            return -1;
+        }
+        sleep_ms(delay < left ? delay : left);
+        delay = delay * 2 < STATE_POLL_MAX_MS ? delay * 2 : STATE_POLL_MAX_MS;
+    }
+}
+
+static void restore_thread(pid_t pid, struct bw_cuda_times *t) {
+    int tid = 0;
+    t->restore_tid = D.restore_tid && D.restore_tid((int)pid, &tid) == CUDA_SUCCESS ? tid : 0;
+}
+
+/* Restore -> Unlock -> wait for RUNNING (bounded by timeout_s). On failure why names the
+ * step and the state the process is left in; the caller kills it. */
+static int restore_unlock(pid_t pid, CUcheckpointGpuPair *pairs, int npairs, double timeout_s,
                           struct bw_cuda_times *t, char *why, size_t cap) {
     CUcheckpointRestoreArgs ra;
     memset(&ra, 0, sizeof ra);
@@ -519,28 +622,61 @@ static int restore_unlock(pid_t pid, CUcheckpointGpuPair *pairs, int npairs,
     if (r != CUDA_SUCCESS) {
         snprintf(why, cap, "cuCheckpointProcessRestore(pid %d%s) failed: %s", (int)pid,
                  npairs ? ", GPU UUIDs remapped" : "", err_str(r));
+        note_state(pid, why, cap);
         return -1;
     }
+    restore_thread(pid, t);
     CUcheckpointUnlockArgs ua;
     memset(&ua, 0, sizeof ua);
     t0 = bw_now_ms();
     r = D.unlock((int)pid, &ua);
-    t->unlock_ms = bw_now_ms() - t0;
     if (r != CUDA_SUCCESS) {
+        t->unlock_ms = bw_now_ms() - t0;
         snprintf(why, cap, "cuCheckpointProcessUnlock(pid %d) failed: %s", (int)pid, err_str(r));
+        note_state(pid, why, cap);
+        return -1;
+    }
+    char e[512];
+    int rc = wait_state(pid, CU_PROCESS_STATE_RUNNING, timeout_s, &t->unlock_polls, e, sizeof e);
+    t->unlock_ms = bw_now_ms() - t0;
+    if (rc < 0) {
+        snprintf(why, cap, "cuCheckpointProcessUnlock(pid %d) returned, but %s", (int)pid, e);
         return -1;
     }
     return 0;
 }
 
-int bw_cuda_resume(pid_t pid, struct bw_cuda_times *t, char *why, size_t cap) {
+int bw_cuda_resume(pid_t pid, double timeout_s, struct bw_cuda_times *t, char *why,
+                   size_t cap) {
     if (bw_cuda_load(why, cap) < 0)
         return -1;
-    return restore_unlock(pid, NULL, 0, t, why, cap);
+    return restore_unlock(pid, NULL, 0, timeout_s, t, why, cap);
 }
 
-int bw_cuda_check_compat(const struct bw_cuda_gpus *saved, struct bw_cuda_gpus *now,
-                         int *npairs, char *why, size_t cap) {
+/* "driver 570.86.15 (CUDA 12.8)", or "CUDA 12.8" when the release is unknown. */
+static void driver_str(int version, const char *release, char *out, size_t cap) {
+    snprintf(out, cap, "%s%s%sCUDA %d.%d%s", release[0] ? "driver " : "", release,
+             release[0] ? " (" : "", version / 1000, version % 1000 / 10, release[0] ? ")" : "");
+}
+
+/* The driver's checkpoint format is its own: users report restores failing across driver
+ * versions, patch levels included. The release is compared only when both sides know it
+ * (older images lack it). */
+static int driver_compat(int saved_version, const char *saved_release, char *why, size_t cap) {
+    const char *rel = bw_cuda_driver_release();
+    if (saved_version == D.version && (!saved_release[0] || !rel[0] ||
+                                       strcmp(saved_release, rel) == 0))
+        return 0;
+    char a[160], b[160];
+    driver_str(saved_version, saved_release, a, sizeof a);
+    driver_str(D.version, rel, b, sizeof b);
+    snprintf(why, cap, "NVIDIA driver differs: image taken with %s, this machine has %s", a, b);
+    return -1;
+}
+
+int bw_cuda_check_compat(const struct bw_cuda_gpus *saved, int saved_version,
+                         const char *saved_release, struct bw_cuda_gpus *now, int *npairs,
+                         char *why, size_t cap) {
     char e[768];
     *npairs = 0;
     if (bw_cuda_load(e, sizeof e) < 0) {
@@ -560,6 +696,8 @@ int bw_cuda_check_compat(const struct bw_cuda_gpus *saved, struct bw_cuda_gpus *
         snprintf(why, cap, "GPU type/count differs: image has %s, this machine has %s", a, b);
         return -1;
     }
+    if (driver_compat(saved_version, saved_release, why, cap) < 0)
+        return -1;
     for (int i = 0; i < saved->n; i++)
         if (memcmp(now->gpu[i].uuid, saved->gpu[i].uuid, 16) != 0)
             *npairs = saved->n; /* the pairs must name every checkpointed GPU */
@@ -567,8 +705,8 @@ int bw_cuda_check_compat(const struct bw_cuda_gpus *saved, struct bw_cuda_gpus *
 }
 
 int bw_cuda_restore_replica(pid_t pid, const struct bw_cuda_gpus *saved,
-                            const struct bw_cuda_gpus *now, bool remap, struct bw_cuda_times *t,
-                            char *why, size_t cap) {
+                            const struct bw_cuda_gpus *now, bool remap, double timeout_s,
+                            struct bw_cuda_times *t, char *why, size_t cap) {
     if (bw_cuda_load(why, cap) < 0)
         return -1;
     CUprocessState st;
@@ -585,7 +723,7 @@ int bw_cuda_restore_replica(pid_t pid, const struct bw_cuda_gpus *saved,
         memcpy(pairs[i].oldUuid.bytes, saved->gpu[i].uuid, 16);
         memcpy(pairs[i].newUuid.bytes, now->gpu[i].uuid, 16);
     }
-    return restore_unlock(pid, pairs, n, t, why, cap);
+    return restore_unlock(pid, pairs, n, timeout_s, t, why, cap);
 }
 
 /* ---- probe ------------------------------------------------------------------------- */

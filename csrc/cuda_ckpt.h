@@ -33,16 +33,23 @@ struct bw_cuda_gpus {
 };
 
 /* GPU phases of one start, for the cold-start profile. bytes: estimated GPU state copied
- * into host memory (growth of the process's VmRSS across cuCheckpointProcessCheckpoint). */
+ * into host memory (growth of the process's VmRSS across cuCheckpointProcessCheckpoint).
+ * restore_tid: the driver's restore thread in the target
+ * (cuCheckpointProcessGetRestoreThreadId; 0 when the driver does not say). unlock_polls:
+ * GetState calls until the unlocked process was RUNNING. unlock_ms includes them. */
 struct bw_cuda_times {
     double lock_ms, checkpoint_ms, restore_ms, unlock_ms;
     long long bytes;
+    int restore_tid, unlock_polls;
 };
 
 /* Load the driver, resolve the symbols, cuInit, check the version. Cached: later calls
  * return the first result. 0, or -1 with the reason in why. */
 int bw_cuda_load(char *why, size_t cap);
 int bw_cuda_driver_version(void);
+/* The driver's release ("570.86.15") from NVML, else /proc/driver/nvidia/version; "" when
+ * neither says. Cached. */
+const char *bw_cuda_driver_release(void);
 /* Path of the loaded libcuda.so.1 ("" before a successful load). */
 const char *bw_cuda_library_path(void);
 
@@ -62,18 +69,22 @@ void bw_cuda_describe(const struct bw_cuda_gpus *g, char *out, size_t cap);
  * when the driver knows no CUDA state for pid at all (GetState failed). */
 int bw_cuda_checkpoint(pid_t pid, double lock_timeout_s, struct bw_cuda_times *t, char *why,
                        size_t cap);
-/* The original process after the dump: restore its GPU state and unlock it. No retry:
- * on failure the caller replaces the process. */
-int bw_cuda_resume(pid_t pid, struct bw_cuda_times *t, char *why, size_t cap);
-/* Before a CRIU restore: does this machine have the image's GPUs? Fills the UUID pairs
- * to remap (npairs 0 when the UUIDs are the same). */
-int bw_cuda_check_compat(const struct bw_cuda_gpus *saved, struct bw_cuda_gpus *now,
-                         int *npairs, char *why, size_t cap);
-/* After a CRIU restore: restore the replica's GPU state (onto `now` when remap) and
- * unlock it. */
+/* The original process after the dump: restore its GPU state, unlock it and wait (at
+ * most timeout_s, polling with backoff) until the driver reports it RUNNING. No retry: on
+ * failure (why names the state it is left in) the caller kills and replaces it. */
+int bw_cuda_resume(pid_t pid, double timeout_s, struct bw_cuda_times *t, char *why, size_t cap);
+/* Before a CRIU restore: does this machine have the image's GPUs (model and count) and
+ * its driver (CUDA version of cuDriverGetVersion and, where both are known, the release)?
+ * Fills the UUID pairs to remap (npairs 0 when the UUIDs are the same). */
+int bw_cuda_check_compat(const struct bw_cuda_gpus *saved, int saved_version,
+                         const char *saved_release, struct bw_cuda_gpus *now, int *npairs,
+                         char *why, size_t cap);
+/* After a CRIU restore: restore the replica's GPU state (onto `now` when remap), unlock
+ * it and wait for RUNNING, as bw_cuda_resume. On failure the caller kills the replica:
+ * one left CHECKPOINTED or LOCKED would hang on its first CUDA call. */
 int bw_cuda_restore_replica(pid_t pid, const struct bw_cuda_gpus *saved,
-                            const struct bw_cuda_gpus *now, bool remap, struct bw_cuda_times *t,
-                            char *why, size_t cap);
+                            const struct bw_cuda_gpus *now, bool remap, double timeout_s,
+                            struct bw_cuda_times *t, char *why, size_t cap);
 
 /* How many GPUs a fresh process could use, asked in a forked child so that the caller
  * never maps the driver itself: >= 1, or 0 with the reason in why. names gets the

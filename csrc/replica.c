@@ -416,11 +416,12 @@ static int gpu_checkpoint(pid_t pid, struct bw_cuda_times *t, msgpack_sbuffer *m
         return -1;
     msgpack_packer pk;
     msgpack_packer_init(&pk, meta, msgpack_sbuffer_write);
-    msgpack_pack_map(&pk, 3);
+    msgpack_pack_map(&pk, 4);
     bw_mp_str(&pk, "gpus");
     bw_cuda_pack_gpus(&pk, &g);
     bw_mp_kv_int(&pk, "bytes", t->bytes);
     bw_mp_kv_int(&pk, "driver_version", bw_cuda_driver_version());
+    bw_mp_kv_str(&pk, "driver", bw_cuda_driver_release()); /* a restore needs the same */
     char d[512];
     bw_cuda_describe(&g, d, sizeof d);
     bw_info("GPU state checkpointed (%s): ~%.1f MiB; lock %.0f ms, checkpoint %.0f ms", d,
@@ -503,7 +504,8 @@ static void do_checkpoint(struct bw_replica *r, const msgpack_object *prof, msgp
     free(pj);
     msgpack_sbuffer_destroy(&gmeta);
     char gerr[1024];
-    if (gpu && bw_cuda_resume(r->pid, &gt, gerr, sizeof gerr) < 0) {
+    /* The lock's bound also bounds waiting for RUNNING after the unlock. */
+    if (gpu && bw_cuda_resume(r->pid, bw_sup.o->cuda_lock_timeout_s, &gt, gerr, sizeof gerr) < 0) {
         /* It cannot use its GPU state again: a replica takes its place (from the image
          * just written, else cold). */
         bw_error("the host cannot get its GPU state back after the checkpoint: %s; replacing it",
@@ -535,7 +537,8 @@ static void do_checkpoint(struct bw_replica *r, const msgpack_object *prof, msgp
         bw_mp_kv_double(pk, "gpu_restore_ms", gt.restore_ms);
         bw_mp_kv_double(pk, "gpu_unlock_ms", gt.unlock_ms);
         bw_mp_kv_int(pk, "gpu_bytes", gt.bytes);
-        *n += 5;
+        bw_mp_kv_int(pk, "gpu_restore_tid", gt.restore_tid);
+        *n += 6;
     }
 }
 
@@ -717,7 +720,11 @@ static int gpu_compat(const struct bw_ckpt_image *img, struct bw_cuda_gpus *save
         snprintf(err, cap, "the image's GPU metadata is corrupt");
     } else {
         *bytes = (long long)bw_mp_num(bw_mp_get(&m, "bytes"), 0);
-        rc = bw_cuda_check_compat(saved, now, npairs, err, cap);
+        char rel[96];
+        if (!bw_mp_strdup(bw_mp_get(&m, "driver"), rel, sizeof rel))
+            rel[0] = '\0'; /* an image from before the release was recorded */
+        rc = bw_cuda_check_compat(saved, (int)bw_mp_num(bw_mp_get(&m, "driver_version"), 0),
+                                  rel, now, npairs, err, cap);
     }
     msgpack_zone_destroy(&z);
     return rc;
@@ -836,8 +843,11 @@ int bw_replica_restore(struct bw_replica *r) {
         if (npairs)
             bw_info("this machine's GPUs have other UUIDs than the image's: remapping %d GPU(s)",
                     npairs);
-        if (bw_cuda_restore_replica(pid, &saved, &now, npairs > 0, &gt, err, sizeof err) < 0) {
-            /* As Modal does: a replica whose GPU state cannot come back boots cold. */
+        if (bw_cuda_restore_replica(pid, &saved, &now, npairs > 0, bw_sup.o->cuda_lock_timeout_s,
+                                    &gt, err, sizeof err) < 0) {
+            /* As Modal does: a replica whose GPU state cannot come back boots cold. Left
+             * CHECKPOINTED (a restore that failed on OOM stays so for good) or LOCKED,
+             * its first CUDA call would hang: it never gets a request. */
             kill(pid, SIGKILL);
             while (waitpid(pid, NULL, 0) < 0 && errno == EINTR) {
             }
@@ -845,6 +855,9 @@ int bw_replica_restore(struct bw_replica *r) {
                 bw_ckpt_mark_failed(&bw_sup.ck, err);
             return restore_failed(&img, &io, "gpu_restore", "GPU restore failed", err);
         }
+        bw_info("GPU state restored on pid %d: restore %.0f ms, unlock %.0f ms (%d state "
+                "poll(s)), driver restore thread %d", (int)pid, gt.restore_ms, gt.unlock_ms,
+                gt.unlock_polls, gt.restore_tid);
     }
     msgpack_zone z;
     msgpack_zone_init(&z, 1024);
@@ -862,7 +875,7 @@ int bw_replica_restore(struct bw_replica *r) {
     msgpack_sbuffer_clear(&r->start_profile);
     msgpack_packer pk;
     msgpack_packer_init(&pk, &r->start_profile, msgpack_sbuffer_write);
-    msgpack_pack_map(&pk, gpu ? 7 : 4);
+    msgpack_pack_map(&pk, gpu ? 8 : 4);
     bw_mp_kv_str(&pk, "mode", "restore");
     bw_mp_kv_str(&pk, "restore", rc == 1 ? "lazy" : "eager");
     bw_mp_kv_double(&pk, "criu_restore_ms", restore_ms);
@@ -871,6 +884,7 @@ int bw_replica_restore(struct bw_replica *r) {
         bw_mp_kv_double(&pk, "gpu_restore_ms", gt.restore_ms);
         bw_mp_kv_double(&pk, "gpu_unlock_ms", gt.unlock_ms);
         bw_mp_kv_int(&pk, "gpu_bytes", gt.bytes);
+        bw_mp_kv_int(&pk, "gpu_restore_tid", gt.restore_tid);
     }
     send_start(r);
     uv_timer_start(r->timer, on_restore_timeout, (uint64_t)(bw_sup.o->restore_timeout_s * 1000), 0);

@@ -46,6 +46,7 @@ def double():
         lib = d / "libcuda.so.1"
         subprocess.run([cc, "-shared", "-fPIC", "-O1", "-Wall", "-Wextra", "-Werror", *flags,
                         "-o", str(lib), str(DOUBLE_SRC), "-ldl"], check=True)
+        (d / "libnvidia-ml.so.1").symlink_to(lib.name)  # the double answers NVML too
         out[key + "dir"], out[key + "lib"] = str(d), str(lib)
     yield out
     shutil.rmtree(root, ignore_errors=True)
@@ -116,8 +117,11 @@ def test_dump_drives_gpu_around_the_real_criu_dump(start_worker, workdir, double
     host = host_pid(w)
     assert "TEST DOUBLE" in log and "checkpoint written" in log and "GPU state checkpointed" in log
     calls = run.calls()
-    assert [c["fn"] for c in calls] == ["GetState", "Lock", "Checkpoint", "Restore", "Unlock"]
+    # The last GetState confirms RUNNING after the unlock.
+    assert [c["fn"] for c in calls] == ["GetState", "Lock", "Checkpoint", "Restore", "Unlock",
+                                        "GetState"]
     assert all(c["pid"] == host and c["rc"] == 0 for c in calls), calls
+    assert calls[5]["args"]["state"] == "RUNNING"
     assert calls[1]["args"]["timeoutMs"] == "10000"
     # The CRIU dump happened between Checkpoint and Restore: every file of the image was
     # written in that window (file times are jiffy-coarse: 20 ms of slack).
@@ -148,7 +152,7 @@ def test_restore_drives_gpu_on_the_restored_pid_only(start_worker, workdir, doub
     calls = run.calls()
     # Nothing but GetState (CHECKPOINTED, as the image was taken) -> Restore -> Unlock, all
     # on the replica CRIU just restored: no GPU call can precede the CRIU restore.
-    assert [c["fn"] for c in calls] == ["GetState", "Restore", "Unlock"]
+    assert [c["fn"] for c in calls] == ["GetState", "Restore", "Unlock", "GetState"]
     assert all(c["pid"] == host and c["rc"] == 0 for c in calls), calls
     assert calls[0]["args"]["state"] == "CHECKPOINTED"
     assert calls[1]["args"]["pairs"] == "0"
@@ -186,7 +190,7 @@ def test_gpu_type_or_count_mismatch_boots_cold(start_worker, workdir, double, en
     assert "booting cold" in log and "mode=cold" in log and "checkpoint written" in log
     # CRIU never restored anything: the calls are those of the new cold host's dump.
     assert [c["fn"] for c in run.calls()] == ["GetState", "Lock", "Checkpoint", "Restore",
-                                              "Unlock"]
+                                              "Unlock", "GetState"]
     assert on_start_runs(workdir) == 2
     served_ok(w)
 
@@ -246,11 +250,15 @@ def test_gpu_restore_error_on_a_replica_boots_cold(start_worker, workdir, double
     host = host_pid(w)
     calls = run.calls()
     fns = [c["fn"] for c in calls]
-    assert fns == ["GetState", "Restore", "GetState", "Lock", "Checkpoint", "Restore", "Unlock"]
+    # The replica's: GetState, the failed Restore, GetState (the state it is left in).
+    assert fns == ["GetState", "Restore", "GetState", "GetState", "Lock", "Checkpoint",
+                   "Restore", "Unlock", "GetState"]
     replica = calls[0]["pid"]
     assert replica != host and calls[1]["pid"] == replica and calls[1]["rc"] == 999
+    assert calls[2]["pid"] == replica and calls[2]["args"]["state"] == "CHECKPOINTED"
+    assert "the process is left in CUDA state CHECKPOINTED" in log
     assert not Path(f"/proc/{replica}").exists(), "the failed replica was not killed"
-    assert all(c["pid"] == host and c["rc"] == 0 for c in calls[2:])
+    assert all(c["pid"] == host and c["rc"] == 0 for c in calls[3:])
     assert on_start_runs(workdir) == 2
     served_ok(w)
     w.stop()
@@ -269,8 +277,8 @@ def test_failed_resume_after_dump_hands_over_to_a_replica(start_worker, workdir,
     fns = [c["fn"] for c in calls]
     assert fns[:4] == ["GetState", "Lock", "Checkpoint", "Restore"] and calls[3]["rc"] == 999
     host = host_pid(w)
-    assert fns[-3:] == ["GetState", "Restore", "Unlock"]
-    assert all(c["pid"] == host and c["rc"] == 0 for c in calls[-3:])
+    assert fns[-4:] == ["GetState", "Restore", "Unlock", "GetState"]
+    assert all(c["pid"] == host and c["rc"] == 0 for c in calls[-4:])
     assert on_start_runs(workdir) == 1
     served_ok(w)
 
@@ -284,7 +292,7 @@ def test_gpu_restores_that_keep_failing_stop_checkpointing(start_worker, workdir
     assert "cannot get its GPU state back" in log and "GPU restore failed" in log
     assert "failed before, booting cold without one" in log
     assert [c["fn"] for c in run.calls()] == ["GetState", "Lock", "Checkpoint", "Restore",
-                                              "GetState", "Restore"]
+                                              "GetState", "GetState", "Restore", "GetState"]
     assert on_start_runs(workdir) == 2
     assert not ckpt_dir(workdir).exists() and (workdir / "checkpoints" / "k1.failed").exists()
     served_ok(w)
@@ -374,3 +382,128 @@ def test_gpu_endpoint_without_gpu_serves_on_cpu_with_allow_cpu(start_worker, wor
     finally:
         p.terminate()
         p.wait(30)
+
+
+# ---- issue 15: no replica left CHECKPOINTED or LOCKED; bounded state waits -------------
+
+@pytest.mark.parametrize("fail, step, left", [
+    ("restore_oom:1", "cuCheckpointProcessRestore", "CHECKPOINTED"),
+    ("unlock:1", "cuCheckpointProcessUnlock", "LOCKED"),
+])
+def test_replica_left_checkpointed_or_locked_is_killed_and_cold_boot_serves(
+        start_worker, workdir, double, fail, step, left):
+    start_gpu(start_worker, workdir, Run(workdir, double, "a"), "a").stop()
+    run = Run(workdir, double, "b", CUDA_DOUBLE_FAIL=fail)
+    t0 = time.monotonic()
+    w = start_gpu(start_worker, workdir, run, "b")
+    log = w.log()
+    assert f"{step}(pid" in log and f"the process is left in CUDA state {left}" in log, log
+    assert "GPU restore failed" in log and "booting cold" in log and "mode=cold" in log
+    calls = run.calls()
+    replica = calls[0]["pid"]
+    assert any(c["fn"] == "GetState" and c["pid"] == replica and c["args"]["state"] == left
+               for c in calls), calls
+    assert not Path(f"/proc/{replica}").exists(), "the stuck replica was not killed"
+    assert host_pid(w) != replica and on_start_runs(workdir) == 2
+    served_ok(w)
+    assert time.monotonic() - t0 < 60
+
+
+def test_replica_stuck_locked_after_unlock_is_killed_within_the_bound(start_worker, workdir,
+                                                                       double):
+    """Unlock returns success but the process stays LOCKED: its first CUDA call would hang.
+    The supervisor polls GetState with backoff for --cuda-lock-timeout, then kills it."""
+    start_gpu(start_worker, workdir, Run(workdir, double, "a"), "a").stop()
+    run = Run(workdir, double, "b", CUDA_DOUBLE_FAIL="unlock_stuck:1")
+    w = start_gpu(start_worker, workdir, run, "b", "--cuda-lock-timeout", "1")
+    log = w.log()
+    assert "cuCheckpointProcessUnlock(pid" in log and "returned, but" in log
+    assert "is still LOCKED after 1s" in log and "booting cold" in log and "mode=cold" in log
+    calls = run.calls()
+    replica = calls[0]["pid"]
+    polls = [c for c in calls if c["pid"] == replica and c["fn"] == "GetState"][1:]
+    assert polls and all(c["args"]["state"] == "LOCKED" for c in polls)
+    span = polls[-1]["t"] - polls[0]["t"]
+    assert 0.8 <= span <= 1.5, span          # bounded by the timeout
+    assert len(polls) < 30, len(polls)        # backed off, not a busy loop
+    gaps = [b["t"] - a["t"] for a, b in zip(polls, polls[1:])]
+    assert gaps[-1] > 4 * gaps[0] and max(gaps) < 0.2, gaps   # exponential, capped
+    assert not Path(f"/proc/{replica}").exists()
+    served_ok(w)
+
+
+def test_lagging_unlock_is_waited_for_and_restore_thread_reported(start_worker, workdir,
+                                                                  double):
+    first = Run(workdir, double, "a")
+    w = start_gpu(start_worker, workdir, first, "a")
+    # Every driver call comes from the long-lived supervisor itself: no cuda-checkpoint
+    # process is exec'd per step.
+    assert {c["args"]["caller"] for c in first.calls()} == {str(w.proc.pid)}
+    w.stop()
+    run = Run(workdir, double, "b", CUDA_DOUBLE_UNLOCK_LAG="3")
+    w = start_gpu(start_worker, workdir, run, "b")
+    log = w.log()
+    assert "restored from checkpoint" in log
+    host = host_pid(w)
+    calls = run.calls(only_ckpt=False)
+    fns = [c["fn"] for c in calls if c["pid"] == host]
+    assert fns == ["GetState", "Restore", "GetRestoreThreadId", "Unlock", "GetState",
+                   "GetState", "GetState"], fns
+    assert [c["args"]["state"] for c in calls if c["fn"] == "GetState"][-3:] == [
+        "LOCKED", "LOCKED", "RUNNING"]
+    assert {c["args"]["caller"] for c in calls} == {str(w.proc.pid)}
+    assert f"driver restore thread {host}" in log and "(3 state poll(s))" in log
+    prof = w.client().stats()["profile"]
+    assert prof["gpu_restore_tid"] == int(host)
+    assert cuda_state(double, host) == 0
+    served_ok(w)
+
+
+@pytest.mark.parametrize("env, here", [
+    ({"CUDA_DOUBLE_DRIVER": "575.51.03"}, "driver 575.51.03 (CUDA 12.8)"),
+    ({"CUDA_DOUBLE_VERSION": "12090"}, "driver 570.86.15 (CUDA 12.9)"),
+])
+def test_other_driver_version_boots_cold_with_the_reason(start_worker, workdir, double, env,
+                                                         here):
+    start_gpu(start_worker, workdir, Run(workdir, double, "a"), "a").stop()
+    meta = json.loads((ckpt_dir(workdir) / "manifest.json").read_text())["gpu"]
+    assert meta["driver"] == "570.86.15" and meta["driver_version"] == 12080
+    assert [g["name"] for g in meta["gpus"]] == [GPU_NAME]    # model and count
+    run = Run(workdir, double, "b", **env)
+    w = start_gpu(start_worker, workdir, run, "b")
+    log = w.log()
+    assert ("NVIDIA driver differs: image taken with driver 570.86.15 (CUDA 12.8), this "
+            f"machine has {here}") in log, log
+    assert "booting cold" in log and "mode=cold" in log and "checkpoint written" in log
+    # Refused before CRIU restored anything: only the new cold host's dump touched the GPU.
+    assert run.calls()[0]["fn"] == "GetState" and run.calls()[1]["fn"] == "Lock"
+    assert on_start_runs(workdir) == 2
+    served_ok(w)
+
+
+def _doctor_gpu_line(lib_dir: str, **env: str) -> str:
+    e = dict(os.environ, LD_LIBRARY_PATH=lib_dir, **env)
+    e.pop("CUDA_DOUBLE_LOG", None)
+    p = subprocess.run([sys.executable, "-m", "beam", "doctor"], capture_output=True,
+                       text=True, env=e, timeout=120)
+    lines = [ln for ln in p.stdout.splitlines() if " gpu: " in ln]
+    assert len(lines) == 1, p.stdout + p.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("lib, env, want", [
+    ("dir", {}, "OK    gpu: driver 570.86.15 (CUDA 12.8), checkpoint API present, "
+                "persistence mode on, 1 GPU(s): GPU checkpoint can work here"),
+    ("dir", {"CUDA_DOUBLE_PERSISTENCE": "0", "CUDA_DOUBLE_DEVICES": "2"},
+     "OK    gpu: driver 570.86.15 (CUDA 12.8), checkpoint API present, persistence mode "
+     "off, 2 GPU(s): GPU checkpoint can work here (restores are slower: nvidia-smi -pm 1)"),
+    ("dir", {"CUDA_DOUBLE_PERSISTENCE": "unknown", "CUDA_DOUBLE_DEVICES": "0"},
+     "INFO  gpu: driver 570.86.15 (CUDA 12.8), checkpoint API present, persistence mode "
+     "unknown: GPU checkpoint cannot work here: the driver reports no usable GPU"),
+    ("nockpt_dir", {"CUDA_DOUBLE_DRIVER": "550.54.15", "CUDA_DOUBLE_FAIL": "version_old"},
+     "INFO  gpu: driver 550.54.15 (CUDA 12.4), no checkpoint API (no "
+     "cuCheckpointProcessGetState), persistence mode on: GPU checkpoint cannot work here: "
+     "the driver is older than r570"),
+])
+def test_doctor_reports_driver_api_persistence_and_verdict(double, lib, env, want):
+    assert _doctor_gpu_line(double[lib], **env).startswith(want)

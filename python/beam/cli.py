@@ -562,17 +562,76 @@ def _check_dir(path: str) -> tuple:
     return False, f"{path} cannot be created: {parent} is not writable"
 
 
+_CKPT_API = ("cuCheckpointProcessGetState", "cuCheckpointProcessLock",
+             "cuCheckpointProcessCheckpoint", "cuCheckpointProcessRestore",
+             "cuCheckpointProcessUnlock")
+
+
+def _driver_release(ctypes) -> str:
+    """The driver release ("570.86.15"): NVML, else the kernel module's version file."""
+    try:
+        nvml = ctypes.CDLL("libnvidia-ml.so.1")
+        buf = ctypes.create_string_buffer(96)
+        if nvml.nvmlInit_v2() == 0 and nvml.nvmlSystemGetDriverVersion(buf, 96) == 0:
+            return buf.value.decode(errors="replace")
+    except (OSError, AttributeError):
+        pass
+    try:
+        with open("/proc/driver/nvidia/version") as f:
+            return f.readline().split("Kernel Module")[1].split()[0]
+    except (OSError, IndexError):
+        return "unknown"
+
+
+def _persistence(ctypes) -> str:
+    """"on", "off", "on for 1 of 2 GPUs" or "unknown" (NVML missing or not telling)."""
+    try:
+        nvml = ctypes.CDLL("libnvidia-ml.so.1")
+        n = ctypes.c_uint(0)
+        if nvml.nvmlInit_v2() != 0 or nvml.nvmlDeviceGetCount_v2(ctypes.byref(n)) != 0:
+            return "unknown"
+        on = 0
+        for i in range(n.value):
+            h, mode = ctypes.c_void_p(), ctypes.c_int(0)
+            if (nvml.nvmlDeviceGetHandleByIndex_v2(i, ctypes.byref(h)) != 0 or
+                    nvml.nvmlDeviceGetPersistenceMode(h, ctypes.byref(mode)) != 0):
+                return "unknown"
+            on += mode.value == 1
+    except (OSError, AttributeError):
+        return "unknown"
+    if n.value == 0:
+        return "unknown"
+    return "on" if on == n.value else "off" if on == 0 else f"on for {on} of {n.value} GPUs"
+
+
 def _check_gpu() -> tuple:
+    """Driver version, checkpoint API, persistence mode, and whether a GPU checkpoint can
+    work here (and why not): the checks beam-worker makes before it drives the driver."""
     import ctypes
 
     try:
         lib = ctypes.CDLL("libcuda.so.1")
     except OSError as exc:
         return False, f"libcuda.so.1 not loadable ({exc}); CPU-only checkpoints"
-    has_api = hasattr(lib, "cuCheckpointProcessLock")
-    return True, ("libcuda.so.1 loaded; driver has cuCheckpoint* API: GPU checkpoint possible"
-                  if has_api else "libcuda.so.1 loaded, but no cuCheckpoint* API (driver < r570): "
-                  "GPU processes cannot be checkpointed")
+    v = ctypes.c_int(0)
+    if lib.cuDriverGetVersion(ctypes.byref(v)) != 0:
+        return False, "libcuda.so.1 loaded, but cuDriverGetVersion failed: GPU checkpoint cannot work here"
+    cuda = f"CUDA {v.value // 1000}.{v.value % 1000 // 10}"
+    missing = [s for s in _CKPT_API if not hasattr(lib, s)]
+    api = "checkpoint API present" if not missing else f"no checkpoint API (no {missing[0]})"
+    pm = _persistence(ctypes)
+    facts = f"driver {_driver_release(ctypes)} ({cuda}), {api}, persistence mode {pm}"
+    n = ctypes.c_int(0)
+    if v.value < 12080 or missing:
+        why = "the driver is older than r570 (CUDA 12.8), the first with cuCheckpointProcess*"
+    elif lib.cuInit(0) != 0 or lib.cuDeviceGetCount(ctypes.byref(n)) != 0 or n.value == 0:
+        why = "the driver reports no usable GPU (cuInit / cuDeviceGetCount)"
+    else:
+        # The worker calls cuInit itself, so persistence mode is not required; without it
+        # each restore pays the driver's start-up.
+        note = "" if pm != "off" else " (restores are slower: nvidia-smi -pm 1)"
+        return True, f"{facts}, {n.value} GPU(s): GPU checkpoint can work here{note}"
+    return False, f"{facts}: GPU checkpoint cannot work here: {why}"
 
 
 def _same_dir(a: str, b: Optional[str]) -> bool:

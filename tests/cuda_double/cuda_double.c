@@ -14,8 +14,18 @@
  *   the target mapped (the test app loads it), read and written through /proc/PID/mem. So a
  *   process CRIU restores from an image taken while CHECKPOINTED is CHECKPOINTED, a fresh
  *   one is RUNNING, and calls in the wrong state fail with CUDA_ERROR_ILLEGAL_STATE;
- * - fails on request: CUDA_DOUBLE_FAIL=lock_timeout|lock|checkpoint|restore|unlock|
- *   version_old, optionally `:N` (only the N-th call of that function in this process);
+ * - fails on request: CUDA_DOUBLE_FAIL=lock_timeout|lock|checkpoint|restore|restore_oom|
+ *   unlock|unlock_stuck|version_old, optionally `:N` (only the N-th call of that function
+ *   in this process). A failed Restore leaves the process CHECKPOINTED (restore_oom: with
+ *   CUDA_ERROR_OUT_OF_MEMORY, as a GPU without room for the state does), a failed Unlock
+ *   leaves it LOCKED; unlock_stuck returns CUDA_SUCCESS yet leaves it LOCKED for good;
+ * - lags on request: CUDA_DOUBLE_UNLOCK_LAG=N: after Unlock the process stays LOCKED for
+ *   the next N GetState calls (of the caller), then turns RUNNING;
+ * - CUDA_DOUBLE_VERSION: what cuDriverGetVersion reports (default 12080);
+ * - the few NVML calls beam uses (the tests link this file as libnvidia-ml.so.1 too):
+ *   CUDA_DOUBLE_DRIVER, the driver release (default "570.86.15"), and
+ *   CUDA_DOUBLE_PERSISTENCE=0|1|unknown, each GPU's persistence mode (default 1;
+ *   unknown: NVML_ERROR_NOT_SUPPORTED);
  *   `no_symbols` is a separate build (-DCUDA_DOUBLE_NO_CKPT) without the cuCheckpoint*
  *   entry points;
  * - devices: CUDA_DOUBLE_DEVICES (count, default 1), CUDA_DOUBLE_GPU_NAME (default
@@ -130,7 +140,8 @@ CUresult cuInit(unsigned int flags) {
 
 CUresult cuDriverGetVersion(int *v) {
     const char *f = getenv("CUDA_DOUBLE_FAIL");
-    *v = f && strcmp(f, "version_old") == 0 ? 12040 : 12080;
+    const char *want = getenv("CUDA_DOUBLE_VERSION");
+    *v = f && strcmp(f, "version_old") == 0 ? 12040 : want && *want ? atoi(want) : 12080;
     logf_("cuDriverGetVersion", -1, OK, "version=%d", *v);
     return OK;
 }
@@ -174,6 +185,43 @@ CUresult cuGetErrorName(CUresult e, const char **s) {
     default: *s = NULL; return E_INVALID_VALUE;
     }
     return OK;
+}
+
+/* ---- NVML ---- */
+enum { NVML_OK = 0, NVML_E_INVALID = 2, NVML_E_NOT_SUPPORTED = 3, NVML_E_SIZE = 7 };
+
+int nvmlInit_v2(void) { return NVML_OK; }
+int nvmlShutdown(void) { return NVML_OK; }
+
+int nvmlSystemGetDriverVersion(char *out, unsigned int len) {
+    const char *v = getenv("CUDA_DOUBLE_DRIVER");
+    v = v && *v ? v : "570.86.15";
+    if (strlen(v) + 1 > len)
+        return NVML_E_SIZE;
+    snprintf(out, len, "%s", v);
+    logf_("nvmlSystemGetDriverVersion", -1, NVML_OK, "version=%s", v);
+    return NVML_OK;
+}
+
+int nvmlDeviceGetCount_v2(unsigned int *n) {
+    *n = (unsigned int)ndevices();
+    return NVML_OK;
+}
+
+int nvmlDeviceGetHandleByIndex_v2(unsigned int i, void **h) {
+    if ((int)i >= ndevices())
+        return NVML_E_INVALID;
+    *h = (void *)(uintptr_t)(i + 1);
+    return NVML_OK;
+}
+
+int nvmlDeviceGetPersistenceMode(void *h, int *mode) {
+    const char *v = getenv("CUDA_DOUBLE_PERSISTENCE");
+    (void)h;
+    if (v && strcmp(v, "unknown") == 0)
+        return NVML_E_NOT_SUPPORTED;
+    *mode = v && *v ? atoi(v) : 1;
+    return NVML_OK;
 }
 
 #ifndef CUDA_DOUBLE_NO_CKPT
@@ -220,9 +268,16 @@ static int get(int pid, int *s) { return mem_io(pid, s, 0); }
 static void set(int pid, int s) { mem_io(pid, &s, 1); }
 
 static int c_lock, c_ckpt, c_restore, c_unlock; /* calls so far, for CUDA_DOUBLE_FAIL=x:N */
+/* An unlock still in progress (CUDA_DOUBLE_UNLOCK_LAG, unlock_stuck): lag_pid turns RUNNING
+ * after lag_left more GetState calls; -1: never. */
+static int lag_pid, lag_left;
 
 CUresult cuCheckpointProcessGetState(int pid, int *state) {
     int s = -1;
+    if (pid == lag_pid && lag_left > 0 && --lag_left == 0) {
+        set(pid, RUNNING);
+        lag_pid = 0;
+    }
     CUresult rc = get(pid, &s) < 0 ? E_INVALID_VALUE : OK;
     if (rc == OK)
         *state = s;
@@ -288,7 +343,9 @@ CUresult cuCheckpointProcessRestore(int pid, CUcheckpointRestoreArgs *args) {
         rc = E_INVALID_VALUE;
     else if (s != CHECKPOINTED)
         rc = E_ILLEGAL_STATE;
-    else if (should_fail("restore", ++c_restore))
+    else if (should_fail("restore_oom", ++c_restore))
+        rc = E_OUT_OF_MEMORY;
+    else if (should_fail("restore", c_restore))
         rc = E_UNKNOWN;
     else
         set(pid, LOCKED);
@@ -304,11 +361,25 @@ CUresult cuCheckpointProcessUnlock(int pid, CUcheckpointUnlockArgs *args) {
         rc = E_INVALID_VALUE;
     else if (s != LOCKED)
         rc = E_ILLEGAL_STATE;
-    else if (should_fail("unlock", ++c_unlock))
+    else if (should_fail("unlock_stuck", ++c_unlock))
+        lag_pid = pid, lag_left = -1;
+    else if (should_fail("unlock", c_unlock))
         rc = E_UNKNOWN;
+    else if (getenv("CUDA_DOUBLE_UNLOCK_LAG") && atoi(getenv("CUDA_DOUBLE_UNLOCK_LAG")) > 0)
+        lag_pid = pid, lag_left = atoi(getenv("CUDA_DOUBLE_UNLOCK_LAG"));
     else
         set(pid, RUNNING);
     logf_("cuCheckpointProcessUnlock", pid, rc, "%s", "");
+    return rc;
+}
+
+/* The driver's restore thread lives in the target; the double has none: its main thread. */
+CUresult cuCheckpointProcessGetRestoreThreadId(int pid, int *tid) {
+    int s;
+    CUresult rc = get(pid, &s) < 0 ? E_INVALID_VALUE : OK;
+    if (rc == OK)
+        *tid = pid;
+    logf_("cuCheckpointProcessGetRestoreThreadId", pid, rc, "tid=%d", rc == OK ? *tid : -1);
     return rc;
 }
 #endif
