@@ -250,7 +250,6 @@ int bw_cuda_load(char *why, size_t cap) {
 }
 
 int bw_cuda_driver_version(void) { return D.version; }
-const char *bw_cuda_library_path(void) { return D.path; }
 
 /* NVML's answer: the library the driver ships next to libcuda. */
 static bool nvml_release(char *out, size_t cap) {

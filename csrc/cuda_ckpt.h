@@ -50,8 +50,6 @@ int bw_cuda_driver_version(void);
 /* The driver's release ("570.86.15") from NVML, else /proc/driver/nvidia/version; "" when
  * neither says. Cached. */
 const char *bw_cuda_driver_release(void);
-/* Path of the loaded libcuda.so.1 ("" before a successful load). */
-const char *bw_cuda_library_path(void);
 
 /* Does the process use CUDA? Cheap, no driver call: a mapping of libcuda or of a
  * /dev/nvidia* device in /proc/PID/maps. pid 0: the calling process. */
