@@ -98,12 +98,7 @@ static int send_ready(bool checkpoint, const char *skipped, const struct bw_boot
 static void pack_profile(msgpack_sbuffer *sb, const msgpack_object *sup, double hooks_ms) {
     msgpack_packer pk;
     msgpack_packer_init(&pk, sb, msgpack_sbuffer_write);
-    uint32_t n = sup && sup->type == MSGPACK_OBJECT_MAP ? sup->via.map.size : 0;
-    msgpack_pack_map(&pk, n + 1);
-    for (uint32_t i = 0; i < n; i++) {
-        msgpack_pack_object(&pk, sup->via.map.ptr[i].key);
-        msgpack_pack_object(&pk, sup->via.map.ptr[i].val);
-    }
+    bw_mp_pack_map_plus(&pk, sup, 1);
     bw_mp_kv_double(&pk, "after_start_ms", hooks_ms);
 }
 
@@ -266,17 +261,9 @@ static int alive(const struct workers *w) {
 
 /* A worker that crashes is replaced from the host's pristine post-on_start memory,
  * unless it keeps crashing: more than RESPAWN_MAX in RESPAWN_WINDOW_MS stops the host. */
-static int respawn_allowed(struct workers *w) {
-    double now = bw_now_ms();
-    int keep = 0;
-    for (int i = 0; i < w->nrespawns; i++)
-        if (now - w->respawns[i] < RESPAWN_WINDOW_MS)
-            w->respawns[keep++] = w->respawns[i];
-    w->nrespawns = keep;
-    if (keep >= RESPAWN_MAX)
-        return 0;
-    w->respawns[w->nrespawns++] = now;
-    return 1;
+static bool respawn_allowed(struct workers *w) {
+    return bw_window_admit(w->respawns, &w->nrespawns, RESPAWN_MAX, RESPAWN_WINDOW_MS,
+                           bw_now_ms());
 }
 
 static int reap(struct workers *w, bool stopping, const struct bw_options *o,

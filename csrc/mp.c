@@ -142,3 +142,18 @@ int bw_mp_unpack_exact(const char *buf, size_t len, msgpack_zone *zone, msgpack_
     msgpack_unpack_return r = msgpack_unpack(buf, len, &off, zone, out);
     return (r == MSGPACK_UNPACK_SUCCESS && off == len) ? 0 : -1;
 }
+
+uint32_t bw_mp_pack_entries(msgpack_packer *pk, const msgpack_object *map) {
+    uint32_t n = map && map->type == MSGPACK_OBJECT_MAP ? map->via.map.size : 0;
+    for (uint32_t i = 0; i < n; i++) {
+        msgpack_pack_object(pk, map->via.map.ptr[i].key);
+        msgpack_pack_object(pk, map->via.map.ptr[i].val);
+    }
+    return n;
+}
+
+void bw_mp_pack_map_plus(msgpack_packer *pk, const msgpack_object *map, uint32_t extra) {
+    uint32_t n = map && map->type == MSGPACK_OBJECT_MAP ? map->via.map.size : 0;
+    msgpack_pack_map(pk, n + extra);
+    bw_mp_pack_entries(pk, map);
+}

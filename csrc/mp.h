@@ -13,6 +13,12 @@ void bw_mp_kv_double(msgpack_packer *pk, const char *k, double v);
 void bw_mp_kv_int(msgpack_packer *pk, const char *k, long long v);
 void bw_mp_kv_bool(msgpack_packer *pk, const char *k, bool v);
 
+/* Pack the entries of `map` (nothing if it is NULL or not a map); returns their count. */
+uint32_t bw_mp_pack_entries(msgpack_packer *pk, const msgpack_object *map);
+/* Pack a map header for map's entries plus `extra`, then the entries: the caller packs
+ * the extra key/value pairs next. */
+void bw_mp_pack_map_plus(msgpack_packer *pk, const msgpack_object *map, uint32_t extra);
+
 /* Value of `key` in a msgpack map (NULL if absent or `map` is not a map). */
 const msgpack_object *bw_mp_get(const msgpack_object *map, const char *key);
 bool bw_mp_is_str(const msgpack_object *o, const char *s);

@@ -581,11 +581,7 @@ static void handle_ready(struct bw_replica *r, const msgpack_object *m) {
     msgpack_packer_init(&bp, &body, msgpack_sbuffer_write);
     int n = 1;
     bw_mp_kv_str(&bp, "mode", "cold");
-    if (prof && prof->type == MSGPACK_OBJECT_MAP)
-        for (uint32_t i = 0; i < prof->via.map.size; i++, n++) {
-            msgpack_pack_object(&bp, prof->via.map.ptr[i].key);
-            msgpack_pack_object(&bp, prof->via.map.ptr[i].val);
-        }
+    n += (int)bw_mp_pack_entries(&bp, prof);
     const msgpack_object *skipped = bw_mp_get(m, "checkpoint_error");
     if (skipped && skipped->type == MSGPACK_OBJECT_STR && r->may_dump) {
         char why[2048];
@@ -637,12 +633,7 @@ static void keep_profile(struct bw_replica *r, const msgpack_object *p) {
     msgpack_sbuffer_clear(&r->profile);
     msgpack_packer pk;
     msgpack_packer_init(&pk, &r->profile, msgpack_sbuffer_write);
-    uint32_t n = p && p->type == MSGPACK_OBJECT_MAP ? p->via.map.size : 0;
-    msgpack_pack_map(&pk, n + 1);
-    for (uint32_t i = 0; i < n; i++) {
-        msgpack_pack_object(&pk, p->via.map.ptr[i].key);
-        msgpack_pack_object(&pk, p->via.map.ptr[i].val);
-    }
+    bw_mp_pack_map_plus(&pk, p, 1);
     bw_mp_kv_double(&pk, "ready_ms", bw_now_ms() - r->t0);
 }
 

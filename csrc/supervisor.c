@@ -118,16 +118,7 @@ static bool crash_budget_left(void) {
     int max = bw_sup.o->max_crashes;
     if (max <= 0 || !F.crashes) /* --max-crashes 0: never give up */
         return true;
-    double now = bw_now_ms();
-    int keep = 0;
-    for (int i = 0; i < F.ncrashes; i++)
-        if (now - F.crashes[i] < CRASH_WINDOW_MS)
-            F.crashes[keep++] = F.crashes[i];
-    F.ncrashes = keep;
-    if (keep >= max)
-        return false;
-    F.crashes[F.ncrashes++] = now;
-    return true;
+    return bw_window_admit(F.crashes, &F.ncrashes, max, CRASH_WINDOW_MS, bw_now_ms());
 }
 
 static void shutdown_loop(int code) {

@@ -100,3 +100,15 @@ void bw_describe_status(int status, char *buf, size_t cap) {
     else
         snprintf(buf, cap, "exited with status %d", WEXITSTATUS(status));
 }
+
+bool bw_window_admit(double *times, int *n, int max, double window_ms, double now) {
+    int keep = 0;
+    for (int i = 0; i < *n; i++)
+        if (now - times[i] < window_ms)
+            times[keep++] = times[i];
+    *n = keep;
+    if (keep >= max)
+        return false;
+    times[(*n)++] = now;
+    return true;
+}

@@ -2,6 +2,7 @@
 #ifndef BW_UTIL_H
 #define BW_UTIL_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -20,6 +21,10 @@ void bw_id_new(char out[BW_ID_LEN]);
 /* Read/write exactly n bytes, retrying on EINTR and short transfers. 0 or -1 (errno). */
 int bw_read_full(int fd, void *buf, size_t n);
 int bw_write_full(int fd, const void *buf, size_t n);
+
+/* A sliding-window event budget: times[] holds the last *n events (at most max). Records
+ * an event at now and returns true unless max events already fell within window_ms. */
+bool bw_window_admit(double *times, int *n, int max, double window_ms, double now);
 
 /* "exited with status N" or "was killed by signal N (NAME)" for a wait status. */
 void bw_describe_status(int status, char *buf, size_t cap);
