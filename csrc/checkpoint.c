@@ -22,6 +22,7 @@
 #include "json.h"
 #include "log.h"
 #include "mp.h"
+#include "progress.h"
 #include "util.h"
 
 #define PROVISIONED_CRIU "/usr/local/lib/beam/criu"
@@ -170,6 +171,8 @@ struct watchdog {
     pid_t before[MAX_KIDS]; /* the caller's children when the call began: replicas */
     int nbefore;
     double timeout_s;
+    struct bw_progress progress;
+    const char *pages_dir; /* a dump: where page files grow; NULL for a restore */
 };
 
 /* Read the pids listed in /proc/<pid>/task/<tid>/children. */
@@ -218,25 +221,84 @@ static void kill_criu_children(const struct watchdog *w) {
             kill_tree(kids[i], 0);
 }
 
+/* Bytes of page files written so far into a dump's image directory. */
+static unsigned long long pages_written(const char *dir) {
+    DIR *d = opendir(dir);
+    unsigned long long n = 0;
+    struct dirent *e;
+    struct stat st;
+    while (d && (e = readdir(d)) != NULL)
+        if (strncmp(e->d_name, "pages-", 6) == 0 && fstatat(dirfd(d), e->d_name, &st, 0) == 0)
+            n += (unsigned long long)st.st_size;
+    if (d)
+        closedir(d);
+    return n;
+}
+
+/* Bytes read so far by a process and what it forked: during a restore the process
+ * being restored reads its own pages from the image. */
+static unsigned long long tree_read(pid_t pid, int depth) {
+    char path[64], line[128];
+    unsigned long long n = 0, v;
+    snprintf(path, sizeof path, "/proc/%d/io", (int)pid);
+    FILE *f = fopen(path, "r");
+    while (f && fgets(line, sizeof line, f))
+        if (sscanf(line, "rchar: %llu", &v) == 1)
+            n += v;
+    if (f)
+        fclose(f);
+    pid_t kids[MAX_KIDS];
+    int k = depth < 8 ? children_of(pid, pid, kids, MAX_KIDS) : 0;
+    for (int i = 0; i < k; i++)
+        n += tree_read(kids[i], depth + 1);
+    return n;
+}
+
+static unsigned long long bytes_done(const struct watchdog *w) {
+    if (w->pages_dir)
+        return pages_written(w->pages_dir);
+    pid_t kids[MAX_KIDS];
+    unsigned long long n = 0;
+    int k = children_of(getpid(), w->caller_tid, kids, MAX_KIDS);
+    for (int i = 0; i < k; i++)
+        if (!listed(w->before, w->nbefore, kids[i]))
+            n += tree_read(kids[i], 0);
+    return n < w->progress.total ? n : w->progress.total;
+}
+
+/* Wakes every PROGRESS_MS to report progress; at the deadline, kills criu. */
+#define PROGRESS_MS 250
+
 static void *watchdog_main(void *arg) {
     struct watchdog *w = arg;
-    struct timespec until;
-    clock_gettime(CLOCK_REALTIME, &until);
-    until.tv_sec += (time_t)w->timeout_s;
+    double deadline = bw_now_ms() + w->timeout_s * 1000;
     pthread_mutex_lock(&w->mu);
     while (!w->done) {
-        if (pthread_cond_timedwait(&w->cv, &w->mu, &until) == ETIMEDOUT && !w->done) {
+        struct timespec until;
+        clock_gettime(CLOCK_REALTIME, &until);
+        long long ns = until.tv_nsec + PROGRESS_MS * 1000000LL;
+        until.tv_sec += (time_t)(ns / 1000000000LL);
+        until.tv_nsec = (long)(ns % 1000000000LL);
+        if (pthread_cond_timedwait(&w->cv, &w->mu, &until) != ETIMEDOUT || w->done)
+            continue;
+        if (bw_now_ms() > deadline) {
             w->fired = true;
             kill_criu_children(w);
             break;
         }
+        bw_progress_update(&w->progress, bytes_done(w));
     }
     pthread_mutex_unlock(&w->mu);
+    bw_progress_end(&w->progress);
     return NULL;
 }
 
-static void watchdog_start(struct watchdog *w, double timeout_s, pid_t spare) {
+/* pages_dir: a dump's image directory (NULL for a restore); total: bytes expected. */
+static void watchdog_start(struct watchdog *w, double timeout_s, pid_t spare,
+                           const char *pages_dir, unsigned long long total) {
     memset(w, 0, sizeof *w);
+    w->pages_dir = pages_dir;
+    bw_progress_begin(&w->progress, pages_dir ? "checkpointing" : "restoring", total);
     pthread_mutex_init(&w->mu, NULL);
     pthread_cond_init(&w->cv, NULL);
     w->caller_tid = gettid();
@@ -428,6 +490,20 @@ static void write_manifest(const char *path, const struct bw_ckpt *c, const char
     fclose(f);
 }
 
+/* What a dump will write, about: the process's resident memory. */
+static unsigned long long resident_bytes(pid_t pid) {
+    char path[64], line[128];
+    unsigned long long kib = 0;
+    snprintf(path, sizeof path, "/proc/%d/status", (int)pid);
+    FILE *f = fopen(path, "r");
+    while (f && fgets(line, sizeof line, f))
+        if (sscanf(line, "VmRSS: %llu", &kib) == 1)
+            break;
+    if (f)
+        fclose(f);
+    return kib * 1024;
+}
+
 int bw_ckpt_dump(const struct bw_ckpt *c, pid_t pid, const struct bw_ckpt_ids *ids,
                  const char *config, size_t config_len, const char *app, const char *profile_json,
                  const char *gpu, size_t gpu_len, double *ms, unsigned long long *bytes,
@@ -469,7 +545,7 @@ int bw_ckpt_dump(const struct bw_ckpt *c, pid_t pid, const struct bw_ckpt_ids *i
 
     double t0 = bw_now_ms();
     struct watchdog w;
-    watchdog_start(&w, c->timeout_s, pid);
+    watchdog_start(&w, c->timeout_s, pid, img, resident_bytes(pid));
     mode_t old_umask = umask(077); /* criu inherits it: every file it writes is 0600 */
     int r = criu_local_dump(o);
     umask(old_umask);
@@ -661,7 +737,7 @@ int bw_ckpt_restore(const struct bw_ckpt *c, const struct bw_ckpt_image *img, in
     criu_local_add_inherit_fd(o, ctl_fd, key);
 
     struct watchdog w;
-    watchdog_start(&w, c->timeout_s, 0);
+    watchdog_start(&w, c->timeout_s, 0, NULL, img->bytes);
     mode_t old_umask = umask(077);
     int r = criu_local_restore_child(o);
     umask(old_umask);

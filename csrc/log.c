@@ -4,6 +4,7 @@
 #include "log.h"
 
 #include <stdarg.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -16,6 +17,8 @@ static int log_min = BW_LOG_INFO;
 static void (*log_sink)(const char *line, size_t len);
 
 void bw_log_set_sink(void (*sink)(const char *line, size_t len)) { log_sink = sink; }
+
+bool bw_log_json(void) { return log_json != 0; }
 
 void bw_log_init(const char *who, int json) {
     log_who = who;

@@ -2,11 +2,14 @@
 #ifndef BW_LOG_H
 #define BW_LOG_H
 
+#include <stdbool.h>
 #include <stddef.h>
 
 enum bw_log_level { BW_LOG_DEBUG, BW_LOG_INFO, BW_LOG_WARN, BW_LOG_ERROR };
 
 void bw_log_init(const char *who, int json);
+/* Whether lines are JSON (--json-logs). */
+bool bw_log_json(void);
 /* Where whole lines go instead of write(2) on stderr (NULL: back to that). The
  * supervisor sends them through output.c, which never blocks. */
 void bw_log_set_sink(void (*sink)(const char *line, size_t len));
