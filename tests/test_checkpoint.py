@@ -161,13 +161,25 @@ def _delete_images(d: Path):
         p.unlink()
 
 
-@pytest.mark.parametrize("damage", [_corrupt_metadata, _truncate_pages, _delete_images])
-def test_damaged_image_boots_cold_and_rechecks(start_worker, workdir, ckpt_env, damage):
+def _flip_page_byte(d: Path):
+    """One byte of page data, same size: only the XXH3 of the file can tell."""
+    with open(d / "img" / "pages-1.img", "r+b") as f:
+        f.seek(f.seek(0, os.SEEK_END) // 2)
+        b = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([b[0] ^ 0x01]))
+
+
+@pytest.mark.parametrize("damage,named", [(_corrupt_metadata, "core-"), (_truncate_pages, "pages-"),
+                                          (_delete_images, "image file"),
+                                          (_flip_page_byte, "pages-1.img")])
+def test_damaged_image_boots_cold_and_rechecks(start_worker, workdir, ckpt_env, damage, named):
     start_ckpt(start_worker, workdir, ckpt_env, "a").stop()
     damage(ckpt_dir(workdir))
     w = start_ckpt(start_worker, workdir, ckpt_env, "b")
     log = w.log()
-    assert "checkpoint unusable" in log and "booting cold" in log
+    unusable = next((l for l in log.splitlines() if "checkpoint unusable" in l), "")
+    assert named in unusable and "booting cold" in unusable, log
     assert "mode=cold" in log and "checkpoint written" in log
     assert w.client().call()["digest"]
     assert on_start_runs(workdir) == 2
