@@ -159,6 +159,7 @@ def bench_app(name: str, binary: str, repeat: int, tmp: Path, env: dict) -> dict
             r = Run(binary, app, kwargs, tmp, base + ["--checkpoint-key", key, "--restore", mode],
                     env)
             if not r.says(f"restore={mode}"):
+                r.stop()  # else it outlives the benchmark
                 raise RuntimeError(f"{name}: expected a {mode} restore:\n{r.text()}")
             times.append(r.seconds)
             r.stop()
