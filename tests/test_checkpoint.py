@@ -4,6 +4,7 @@ Each test boots an app cold (CRIU dumps it after on_start), then starts again an
 checks what the restored replica does. The checkpoint root is per test (conftest)."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import socket
@@ -16,6 +17,8 @@ from pathlib import Path
 import pytest
 
 from conftest import APPS
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -158,13 +161,25 @@ def _delete_images(d: Path):
         p.unlink()
 
 
-@pytest.mark.parametrize("damage", [_corrupt_metadata, _truncate_pages, _delete_images])
-def test_damaged_image_boots_cold_and_rechecks(start_worker, workdir, ckpt_env, damage):
+def _flip_page_byte(d: Path):
+    """One byte of page data, same size: only the XXH3 of the file can tell."""
+    with open(d / "img" / "pages-1.img", "r+b") as f:
+        f.seek(f.seek(0, os.SEEK_END) // 2)
+        b = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([b[0] ^ 0x01]))
+
+
+@pytest.mark.parametrize("damage,named", [(_corrupt_metadata, "core-"), (_truncate_pages, "pages-"),
+                                          (_delete_images, "image file"),
+                                          (_flip_page_byte, "pages-1.img")])
+def test_damaged_image_boots_cold_and_rechecks(start_worker, workdir, ckpt_env, damage, named):
     start_ckpt(start_worker, workdir, ckpt_env, "a").stop()
     damage(ckpt_dir(workdir))
     w = start_ckpt(start_worker, workdir, ckpt_env, "b")
     log = w.log()
-    assert "checkpoint unusable" in log and "booting cold" in log
+    unusable = next((l for l in log.splitlines() if "checkpoint unusable" in l), "")
+    assert named in unusable and "booting cold" in unusable, log
     assert "mode=cold" in log and "checkpoint written" in log
     assert w.client().call()["digest"]
     assert on_start_runs(workdir) == 2
@@ -274,3 +289,28 @@ def test_failing_before_checkpoint_hook_serves_without_image(start_worker, workd
     assert w.client().call() == 42
     assert (workdir / "checkpoints" / "k1.failed").exists()
     assert not ckpt_dir(workdir).exists()
+
+
+def test_mmapped_weights_stay_out_of_the_image(serve_cli, workdir):
+    """examples/weights_mmap: 256 MiB mapped read-only from a Volume file are clean
+    file-backed pages, which CRIU does not copy: the image stays small, and the restored
+    replica reads the same bytes through its restored mapping without running on_start."""
+    import numpy as np
+    app = EXAMPLES / "weights_mmap" / "app.py"
+    env = {"WEIGHTS_MB": "256"}
+    s = serve_cli(app, env, "--pass-env", "WEIGHTS_MB")
+    assert "checkpoint written" in s.log()
+    first = s.call(index=12345, full=True)
+    assert s.stop() == 0
+    (man,) = (workdir / "checkpoints").glob("*/manifest.json")
+    image_bytes = json.loads(man.read_text())["image_bytes"]
+    assert image_bytes < 64 << 20, f"image holds the mapped weights: {image_bytes} bytes"
+
+    s = serve_cli(app, env, "--pass-env", "WEIGHTS_MB")
+    assert "restored from checkpoint" in s.log()
+    again = s.call(index=12345, full=True)
+    assert again == first  # "loaded" is on_start's random token: it did not run again
+    (npy,) = (workdir / "volumes").rglob("weights-256mb.npy")
+    w = np.load(npy, mmap_mode="r")
+    assert w.size == 256 << 18 and again["value"] == float(w[12345])
+    assert again["full_sha256"] == hashlib.sha256(memoryview(w).cast("B")).hexdigest()
