@@ -254,15 +254,18 @@ static unsigned long long tree_read(pid_t pid, int depth) {
     return n;
 }
 
+/* Clamped to the total: both the total and the bytes read are estimates. */
 static unsigned long long bytes_done(const struct watchdog *w) {
-    if (w->pages_dir)
-        return pages_written(w->pages_dir);
-    pid_t kids[MAX_KIDS];
     unsigned long long n = 0;
-    int k = children_of(getpid(), w->caller_tid, kids, MAX_KIDS);
-    for (int i = 0; i < k; i++)
-        if (!listed(w->before, w->nbefore, kids[i]))
-            n += tree_read(kids[i], 0);
+    if (w->pages_dir) {
+        n = pages_written(w->pages_dir);
+    } else {
+        pid_t kids[MAX_KIDS];
+        int k = children_of(getpid(), w->caller_tid, kids, MAX_KIDS);
+        for (int i = 0; i < k; i++)
+            if (!listed(w->before, w->nbefore, kids[i]))
+                n += tree_read(kids[i], 0);
+    }
     return n < w->progress.total ? n : w->progress.total;
 }
 

@@ -7,6 +7,7 @@ takes the replica with it (pages it never delivered would read as zeros) and lat
 restores are eager; where lazy restore cannot work, restore is eager."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -124,3 +125,29 @@ def test_without_a_working_page_daemon_restore_is_eager(serve_cli, app, workdir)
     log = s.log()
     assert "lazy restore failed" in log and "restore=eager" in log
     assert s.call(full=True) is True and s.call(i=12345) == first
+
+
+def test_slow_dump_and_restore_report_progress_as_json_events(serve_cli, app, workdir):
+    """A CRIU call that takes over a second shows progress: JSON events with --json-logs
+    (on a terminal, a line redrawn in place). This criu starts 1.5 s late."""
+    slow = workdir / "slow-criu"
+    slow.write_text(f"#!/bin/bash\nsleep 1.5\nexec {find_criu()} \"$@\"\n")
+    slow.chmod(0o755)
+    env = {"MEMORY_APP_MB": "64"}
+    flags = ("--pass-env", "MEMORY_APP_MB", "--json-logs", "--criu", str(slow), "--restore",
+             "eager")
+    s = serve_cli(app, env, *flags)
+    s.stop()
+    s = serve_cli(app, env, *flags)
+    assert s.call(full=True) is True
+    events = [json.loads(line) for line in (serve_log_lines(workdir))
+              if '"event":"progress"' in line]
+    kinds = {e["what"] for e in events}
+    assert {"checkpointing", "restoring"} <= kinds, events
+    for e in events:
+        assert 0 <= e["done_bytes"] <= e["total_bytes"] and e["elapsed_s"] >= 1.0, e
+
+
+def serve_log_lines(workdir: Path):
+    for log in sorted(workdir.glob("serve-*.log")):
+        yield from log.read_text(errors="replace").splitlines()
