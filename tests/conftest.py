@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import os
 import re
-import signal
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Dict, List, Optional
+
+from usercli import ServeProcess
 
 import pytest
 
@@ -28,36 +28,23 @@ def worker_binary() -> str:
         return str(ROOT / "build" / "beam-worker")
 
 
-class Worker:
+class Worker(ServeProcess):
     """One running beam-worker (supervisor + host), its log and its addresses."""
 
     def __init__(self, app: str, args: List[str], env: Dict[str, str], tmp: Path,
                  wait_ready: bool = True, timeout: float = 90.0) -> None:
         self.tmp = tmp
-        self.log_path = tmp / f"worker-{time.monotonic_ns()}.log"
-        self._log = open(self.log_path, "wb")
-        cmd = [worker_binary(), "--python", sys.executable, *args, app]
-        self.cmd = cmd
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env,
-                                     cwd=str(tmp), start_new_session=True)
+        self.cmd = [worker_binary(), "--python", sys.executable, *args, app]
         self.addresses: List[str] = []
+        super().__init__(self.cmd, env, tmp, tmp / f"worker-{time.monotonic_ns()}.log")
         if wait_ready:
             self.wait_for("ready:", timeout)
 
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
     def wait_for(self, text: str, timeout: float = 60.0, count: int = 1) -> str:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            log = self.log()
-            self.addresses = re.findall(r"listening on (\S+)", log)
-            if log.count(text) >= count:
-                return log
-            if self.proc.poll() is not None:
-                raise AssertionError(f"worker exited ({self.proc.returncode}) before {text!r}:\n{log}")
-            time.sleep(0.02)
-        raise AssertionError(f"timed out waiting for {text!r}:\n{self.log()}")
+        try:
+            return super().wait_for(text, timeout, count)
+        finally:
+            self.addresses = re.findall(r"listening on (\S+)", self.log())
 
     @property
     def unix(self) -> str:
@@ -70,25 +57,6 @@ class Worker:
     def client(self, address: Optional[str] = None, timeout: float = 30.0):
         from beam.client import Client
         return Client(address or self.addresses[0], timeout=timeout)
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
-        self._log.close()
-        return self.proc.returncode
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            self.proc.wait(10)
 
 
 @pytest.fixture

@@ -266,7 +266,7 @@ def test_serve_cli_keys_on_source(workdir, ckpt_env):
             p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env,
                                  start_new_session=True)
         w = Worker.__new__(Worker)
-        w.proc, w.log_path, w._log, w.addresses = p, log, open(os.devnull, "wb"), []
+        w.proc, w.log_path, w.addresses = p, log, []
         w.wait_for("ready:", 90)
         text = w.log()
         w.stop()

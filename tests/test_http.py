@@ -15,10 +15,11 @@ import socket
 import threading
 import time
 import uuid
-from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import pytest
+
+from usercli import wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -145,16 +146,6 @@ def error_of(body: bytes) -> dict:
     doc = json.loads(body)
     assert set(doc) == {"error"} and set(doc["error"]) >= {"type", "message"}, doc
     return doc["error"]
-
-
-def wait_until(pred, timeout: float, what: str, every: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 # ---- basics ----------------------------------------------------------------------------

@@ -60,9 +60,9 @@ class ServeProcess:
             time.sleep(0.02)
         raise AssertionError(f"timed out waiting for {text!r}:\n{self.log()}")
 
-    def stop(self, timeout: float = 30) -> int:
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+            self.proc.send_signal(sig)
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
