@@ -16,10 +16,13 @@ time to answer a call from zero replicas (checkpoint restore) against a cold boo
    Medians of --runs runs. Needs root (CRIU); without it that part is skipped.
 
 The last line is
-``http_vs_fastapi_rps_ratio=<beam / fastapi (def) req/s> scale_from_zero_vs_cold=<zero / cold>``
-(below 1 means the restore from zero answers sooner than a cold boot).
+``http_vs_fastapi_rps_ratio=<beam / fastapi (def) req/s>
+http_vs_fastapi_async_ratio=<beam / fastapi (async def) req/s>
+scale_from_zero_vs_cold=<zero / cold>`` on one line (nan where a part was skipped; below
+1 the restore from zero answers sooner than a cold boot). Both servers speak HTTP/1.1 to
+the same client; each ratio compares beam's HTTP front with one FastAPI flavour.
 
-    PYTHONPATH=$PWD/python /tmp/bvh/bin/python bench/http.py --quick     # ~60 s
+    PYTHONPATH=$PWD/python .venv/bin/python bench/http.py --quick     # ~60 s
 
 Exit status: 0 when every run completed without errors, 1 when a run saw errors or a
 server failed, 2 on a setup problem (missing binary or package).
@@ -205,7 +208,8 @@ def cold_boot(args) -> Dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(
         description="beam-worker's HTTP front vs uvicorn+FastAPI, and scale from zero vs cold.",
-        epilog="The last line is http_vs_fastapi_rps_ratio=<float> scale_from_zero_vs_cold=<float>.")
+        epilog="The last line is http_vs_fastapi_rps_ratio=<float> "
+               "http_vs_fastapi_async_ratio=<float> scale_from_zero_vs_cold=<float>.")
     ap.add_argument("--quick", action="store_true",
                     help="3 s runs after 0.5 s warm-up, 3 starts each; about a minute")
     S.add_client_options(ap)
@@ -306,8 +310,7 @@ def main(argv=None) -> int:
     beam, base = rps("beam (HTTP front)"), rps("fastapi (def)")
     ratio = beam / base if beam and base else float("nan")
     base_async = rps("fastapi (async def)")
-    if beam and base_async:
-        print(f"http_vs_fastapi_async_rps_ratio={beam / base_async:.2f}")
+    ratio_async = beam / base_async if beam and base_async else float("nan")
     zc = med["zero"] / med["cold"] if "zero" in med and "cold" in med else float("nan")
     errors = sum(r["errors"] for r in rows)
     if args.json:
@@ -316,14 +319,18 @@ def main(argv=None) -> int:
                 "connections", "pipeline", "threads", "duration", "warmup", "workers", "runs",
                 "python", "fastapi_python", "pin")},
                 "uvicorn": impl, "runs": rows, "scale": scale,
-                "ratios": {"http_vs_fastapi_rps_ratio": ratio, "scale_from_zero_vs_cold": zc},
+                "ratios": {"http_vs_fastapi_rps_ratio": ratio,
+                           "http_vs_fastapi_async_ratio": ratio_async,
+                           "scale_from_zero_vs_cold": zc},
                 "error": failed}, f, indent=2)
     if failed:
         print(f"error: {failed}", file=sys.stderr)
     if errors:
         print(f"error: {errors} request(s) failed", file=sys.stderr)
     sys.stdout.flush()
-    print(f"http_vs_fastapi_rps_ratio={ratio:.2f} scale_from_zero_vs_cold={zc:.3f}")
+    # One line, so a script can take all three with a single `tail -1`.
+    print(f"http_vs_fastapi_rps_ratio={ratio:.2f} http_vs_fastapi_async_ratio={ratio_async:.2f} "
+          f"scale_from_zero_vs_cold={zc:.3f}")
     return 1 if failed or errors else 0
 
 

@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """Soak test: many concurrent clients on the msgpack socket and the HTTP front of one
-beam-worker while a killer thread crashes its replica's host every few seconds; then
-the RSS of one worker process across many requests.
+beam-worker while a killer thread crashes its replica's host every few seconds, another
+kills one of that host's worker processes every few seconds, and slowloris clients hold
+HTTP connections open sending a header byte at a time; then the RSS of one worker
+process across many requests.
 
     PYTHONPATH=$PWD/python python bench/soak.py --seconds 60          # the documented run
     PYTHONPATH=$PWD/python python bench/soak.py --seconds 20 --rss-requests 0   # CI
@@ -17,7 +19,13 @@ never makes it give up. Every request ends in exactly one of:
   lost       anything else: no answer and no error within --timeout, a wrong answer, an
              HTTP connection closed without a response. Must be 0.
 
-Exit status 0 when nothing was lost, the server survived and (with --rss-requests) the
+A worker kill (SIGKILL of one process the host forked) ends the calls in flight on it:
+HTTP ones with 502 ReplicaLost, msgpack ones with ConnectionClosed. The slowloris
+connections are not calls: each must be cut by the server's --header-timeout (408), and
+meanwhile the other clients keep being answered.
+
+Exit status 0 when nothing was lost, every kill was recovered from, every slowloris
+connection that outlived the header timeout was cut, the server survived and (with --rss-requests) the
 RSS growth is under --rss-limit-mib; 1 otherwise; 2 on a setup problem. --json FILE
 writes the figures (docs/reliability.md quotes them).
 
@@ -372,6 +380,67 @@ def killer(server: Server, every: float, stop: threading.Event, kills: list) -> 
             time.sleep(0.01)
 
 
+def worker_killer(server: Server, every: float, stop: threading.Event, kills: list) -> None:
+    """Every `every` s: SIGKILL one worker of the serving host; time until the host has
+    forked its replacement. The host's own crash budget (5 worker crashes in 10 s) must
+    not trip, so `every` stays above 2 s. A kill whose host dies meanwhile (the host
+    killer) counts as recovered by that host's replacement."""
+    while not stop.wait(every):
+        hosts = host_pids(server.proc.pid)
+        workers = worker_pids(hosts[0]) if len(hosts) == 1 else []
+        if not workers:
+            continue
+        host, victim, t0 = hosts[0], workers[-1], time.monotonic()
+        try:
+            os.kill(victim, signal.SIGKILL)
+        except ProcessLookupError:
+            continue
+        entry = {"recovery_ms": None, "host_replaced": False}
+        kills.append(entry)
+        while time.monotonic() < t0 + 30:
+            now = worker_pids(host)
+            if victim not in now and len(now) >= len(workers):
+                entry["recovery_ms"] = round((time.monotonic() - t0) * 1000, 1)
+                break
+            if host not in host_pids(server.proc.pid):
+                entry["host_replaced"] = True
+                break
+            time.sleep(0.005)
+
+
+def slowloris(port: int, drip: float, stop: threading.Event, out: list) -> None:
+    """Hold connections open with a request whose headers never end (one byte every
+    `drip` s), reconnecting when the server cuts one; record how each ended."""
+    head = b"POST / HTTP/1.1\r\nHost: soak\r\nX-Slow: "
+    while not stop.is_set():
+        t0 = time.monotonic()
+        rec = {"seconds": None, "status": None}
+        try:
+            s = socket.create_connection(("127.0.0.1", port), timeout=5)
+        except OSError:
+            stop.wait(0.5)
+            continue
+        with s:
+            try:
+                s.sendall(head)
+                s.settimeout(drip)
+                while not stop.is_set():
+                    try:
+                        data = s.recv(4096)
+                    except socket.timeout:
+                        s.sendall(b"a")
+                        continue
+                    m = re.match(rb"HTTP/1\.1 (\d+)", data)
+                    rec["status"] = int(m.group(1)) if m else None
+                    break  # cut (answered, or closed without a word)
+            except OSError:
+                pass  # reset: cut too
+        if stop.is_set() and rec["status"] is None:
+            continue  # still held when the soak ended: not cut, not counted
+        rec["seconds"] = round(time.monotonic() - t0, 2)
+        out.append(rec)
+
+
 # ---- RSS ---------------------------------------------------------------------------------
 
 
@@ -421,7 +490,8 @@ def run(args: argparse.Namespace) -> dict:
                                                       env.get("PYTHONPATH")]))
     server = Server(args.binary, args.python, workdir,
                     ["--checkpoint-key", "soak", "--max-crashes", "0", "--keep-warm", "-1",
-                     "--workers", str(args.workers), "--max-replicas", "1"], env)
+                     "--workers", str(args.workers), "--max-replicas", "1",
+                     "--header-timeout", str(args.header_timeout)], env)
     result: dict = {"config": {k: v for k, v in vars(args).items() if k not in ("json",)},
                     "workdir": workdir}
     try:
@@ -442,16 +512,25 @@ def run(args: argparse.Namespace) -> dict:
             threads.append(threading.Thread(target=http_client, daemon=True, args=(
                 i, server.port, server.token, budget, fronts["http"], args.timeout)))
         kt = threading.Thread(target=killer, args=(server, args.kill_every, stop, kills), daemon=True)
-        t0 = time.monotonic()
-        for t in threads:
-            t.start()
+        wkills: list = []
+        side = []  # the killers and slowloris clients: run until the load is over
         if args.kill_every > 0:
-            kt.start()
+            side.append(kt)
+        if args.worker_kill_every > 0:
+            side.append(threading.Thread(target=worker_killer, daemon=True,
+                                         args=(server, args.worker_kill_every, stop, wkills)))
+        loris: list = []
+        for _ in range(args.slowloris):
+            side.append(threading.Thread(target=slowloris, daemon=True,
+                                         args=(server.port, args.slowloris_drip, stop, loris)))
+        t0 = time.monotonic()
+        for t in threads + side:
+            t.start()
         for t in threads:
             t.join(args.seconds + 2 * args.timeout + 30)
         stop.set()
-        if kt.is_alive():
-            kt.join(90)
+        for t in side:
+            t.join(90)
         duration = time.monotonic() - t0
         hung = sum(t.is_alive() for t in threads)
         alive = server.proc.poll() is None
@@ -466,6 +545,14 @@ def run(args: argparse.Namespace) -> dict:
             "recovery_ms": {"min": min(recoveries, default=None),
                             "median": sorted(recoveries)[len(recoveries) // 2] if recoveries else None,
                             "max": max(recoveries, default=None)},
+            "worker_kills": len(wkills),
+            "worker_kills_recovered": sum(1 for k in wkills
+                                          if k["recovery_ms"] is not None or k["host_replaced"]),
+            "worker_recovery_ms": _spread([k["recovery_ms"] for k in wkills
+                                           if k["recovery_ms"] is not None]),
+            "slowloris": {"connections": args.slowloris, "cut": len(loris),
+                          "cut_408": sum(1 for x in loris if x["status"] == 408),
+                          "held_s": _spread([x["seconds"] for x in loris])},
             "log_restores": log.count("(restored from checkpoint)"),
             "log_cold_boots": log.count("mode=cold"),
             "client_threads_hung": hung,
@@ -478,6 +565,12 @@ def run(args: argparse.Namespace) -> dict:
     finally:
         result["exit_code"] = server.stop()
     return result
+
+
+def _spread(xs: list) -> dict:
+    xs = sorted(xs)
+    return {"min": xs[0] if xs else None, "median": xs[len(xs) // 2] if xs else None,
+            "max": xs[-1] if xs else None}
 
 
 def verdict(r: dict, args: argparse.Namespace) -> List[str]:
@@ -493,6 +586,16 @@ def verdict(r: dict, args: argparse.Namespace) -> List[str]:
         bad.append(f"{r['client_threads_hung']} client threads never finished")
     if r.get("kills", 0) != r.get("recovered", 0):
         bad.append(f"{r['kills'] - r['recovered']} kill(s) without a recovery")
+    if r.get("worker_kills", 0) != r.get("worker_kills_recovered", 0):
+        bad.append(f"{r['worker_kills'] - r['worker_kills_recovered']} worker kill(s) without "
+                   f"a replacement worker")
+    loris = r.get("slowloris", {})
+    if args.slowloris and args.seconds > args.header_timeout + 2 and not loris.get("cut"):
+        bad.append("no slowloris connection was cut by --header-timeout")
+    held = (loris.get("held_s") or {}).get("max")
+    if held is not None and held > args.header_timeout + 5:
+        bad.append(f"a slowloris connection was held {held} s (--header-timeout "
+                   f"{args.header_timeout:g})")
     rss = r.get("rss")
     if rss and rss["growth_kib"] > args.rss_limit_mib * 1024:
         bad.append(f"worker RSS grew {rss['growth_kib']} KiB over {rss['requests']} requests")
@@ -503,6 +606,9 @@ def print_report(r: dict) -> None:
     print(f"soak: {r.get('duration_s')} s, {r.get('kills')} host kills, {r.get('recovered')} "
           f"recovered ({r.get('restored_replacements')} by restore), recovery ms "
           f"{r.get('recovery_ms')}")
+    print(f"worker kills: {r.get('worker_kills')}, {r.get('worker_kills_recovered')} recovered, "
+          f"new worker in ms {r.get('worker_recovery_ms')}")
+    print(f"slowloris: {r.get('slowloris')}")
     print(f"{'front':8} {'sent':>9} {'answered':>9} {'errored':>8} {'lost':>5}  errors")
     for name, f in r.get("fronts", {}).items():
         print(f"{name:8} {f['sent']:>9} {f['answered']:>9} {f['errored']:>8} {f['lost']:>5}  {f['errors']}")
@@ -523,6 +629,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--pipeline", type=int, default=4, help="depth of the pipelining msgpack clients")
     p.add_argument("--kill-every", type=float, default=4.0,
                    help="seconds between host kills, counted from the last recovery (0: none)")
+    p.add_argument("--worker-kill-every", type=float, default=3.0,
+                   help="seconds between SIGKILLs of one worker of the serving host (0: none)")
+    p.add_argument("--slowloris", type=int, default=8,
+                   help="HTTP connections that send their headers a byte at a time (0: none)")
+    p.add_argument("--slowloris-drip", type=float, default=0.5, help="seconds between their bytes")
+    p.add_argument("--header-timeout", type=float, default=5.0,
+                   help="the server's --header-timeout, which must cut them (default 5)")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--timeout", type=float, default=30.0, help="per-request client timeout")
     p.add_argument("--rss-requests", type=int, default=100_000, help="0 skips the RSS run")

@@ -202,10 +202,28 @@ static void send_bytes(struct conn *c, char *data, size_t len) {
 /* Send every answered request at the head of the FIFO, in one write. */
 static void stream_flush(struct bw_http_req *r);
 
+/* The usual case, one answer ready: its buffer goes out as it is, without a copy. */
+static bool flush_one(struct conn *c) {
+    struct bw_http_req *r = c->head;
+    if (!r || !r->done || (r->next && r->next->done) || uv_is_closing((uv_handle_t *)&c->tcp))
+        return false;
+    c->head = r->next;
+    if (!c->head)
+        c->tail = NULL;
+    if (!r->keep_alive)
+        c->close_after_flush = true;
+    char *data = r->resp;
+    size_t len = r->resp_len;
+    r->resp = NULL; /* send_bytes owns it now */
+    req_free(r);
+    send_bytes(c, data, len);
+    return true;
+}
+
 static void flush(struct conn *c) {
     msgpack_sbuffer out;
     msgpack_sbuffer_init(&out);
-    bool stop = false;
+    bool stop = flush_one(c) && c->close_after_flush;
     while (c->head && c->head->done) {
         struct bw_http_req *r = c->head;
         c->head = r->next;
@@ -670,10 +688,18 @@ static int on_message_complete(http_parser *p) {
 
 /* ---- reading ------------------------------------------------------------------------ */
 
+/* One read buffer for every connection: feed() parses what arrived before on_read
+ * returns, and whatever it keeps (URL, headers, body, bytes after a pause) is copied
+ * into the connection. libuv never nests read callbacks, so nothing else sees it. A
+ * malloc + free of 64 KiB per read is not free: glibc consolidates its fastbins on
+ * every free of a chunk that size. */
+static char read_buf[64 * 1024];
+
 static void on_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *buf) {
     (void)h;
-    buf->base = malloc(suggested);
-    buf->len = buf->base ? suggested : 0;
+    (void)suggested;
+    buf->base = read_buf;
+    buf->len = sizeof read_buf;
 }
 
 static void reject(struct conn *c, int status, const char *type, const char *msg) {
@@ -723,7 +749,6 @@ static void resume_parsing(struct conn *c) {
 static void on_read(uv_stream_t *s, ssize_t n, const uv_buf_t *buf) {
     struct conn *c = s->data;
     if (n < 0) {
-        free(buf->base);
         read_stop(c);
         /* A half-close (EOF) after pipelined requests still wants their answers. */
         c->eof = n == UV_EOF;
@@ -733,7 +758,6 @@ static void on_read(uv_stream_t *s, ssize_t n, const uv_buf_t *buf) {
     }
     if (n > 0)
         feed(c, buf->base, (size_t)n);
-    free(buf->base);
 }
 
 /* ---- deadlines and the connection limit --------------------------------------------- */
