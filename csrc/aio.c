@@ -10,30 +10,30 @@ static struct {
     bw_aio_event_fn on_event;
     void (*after)(void);
     bool active;
-} A;
+} aio;
 
 static void on_timer(uv_timer_t *t);
 
 /* Run a step soon: a ready callback was queued (libuv timers of 0 fire on the next turn,
  * and the turn's poll does not wait while one is due). */
 static void kick(void) {
-    if (A.active)
-        uv_timer_start(&A.timer, on_timer, 0, 0);
+    if (aio.active)
+        uv_timer_start(&aio.timer, on_timer, 0, 0);
 }
 
 /* Arm the timer for the driver's next due time (GIL held). */
 static void schedule(void) {
-    PyObject *d = PyObject_CallNoArgs(A.delay);
+    PyObject *d = PyObject_CallNoArgs(aio.delay);
     double s = d ? PyFloat_AsDouble(d) : 0.0;
     Py_XDECREF(d);
     if (PyErr_Occurred()) {
-        PyErr_WriteUnraisable(A.delay);
+        PyErr_WriteUnraisable(aio.delay);
         s = 0.001; /* keep stepping: a broken delay() must not strand the calls */
     }
     if (s < 0)
-        uv_timer_stop(&A.timer);
+        uv_timer_stop(&aio.timer);
     else
-        uv_timer_start(&A.timer, on_timer, (uint64_t)(s * 1e3 + 0.999), 0);
+        uv_timer_start(&aio.timer, on_timer, (uint64_t)(s * 1e3 + 0.999), 0);
 }
 
 /* Hand each (token, kind, value) of a step to the server. */
@@ -49,20 +49,20 @@ static void dispatch(PyObject *events) {
             PyErr_Clear();
             continue;
         }
-        A.on_event(token, (int)kind, PyTuple_GET_ITEM(e, 2));
+        aio.on_event(token, (int)kind, PyTuple_GET_ITEM(e, 2));
     }
 }
 
 static void run_step(void) {
     bw_app_acquire_gil();
-    PyObject *events = PyObject_CallNoArgs(A.step);
+    PyObject *events = PyObject_CallNoArgs(aio.step);
     if (events)
         dispatch(events);
     else
-        PyErr_WriteUnraisable(A.step);
+        PyErr_WriteUnraisable(aio.step);
     Py_XDECREF(events);
     schedule();
-    A.after();
+    aio.after();
     bw_app_release_gil();
 }
 
@@ -86,40 +86,41 @@ int bw_aio_start(uv_loop_t *loop, bw_aio_event_fn on_event, void (*after)(void))
     PyObject *d = bw_worker.driver;
     if (!d)
         return 0;
-    A.on_event = on_event;
-    A.after = after;
-    A.start = method(d, "start");
-    A.pull = A.start ? method(d, "pull") : NULL;
-    A.cancel = A.pull ? method(d, "cancel") : NULL;
-    A.step = A.cancel ? method(d, "step") : NULL;
-    A.delay = A.step ? method(d, "delay") : NULL;
-    PyObject *fd = A.delay ? PyObject_CallMethod(d, "fileno", NULL) : NULL;
+    aio.on_event = on_event;
+    aio.after = after;
+    aio.start = method(d, "start");
+    aio.pull = aio.start ? method(d, "pull") : NULL;
+    aio.cancel = aio.pull ? method(d, "cancel") : NULL;
+    aio.step = aio.cancel ? method(d, "step") : NULL;
+    aio.delay = aio.step ? method(d, "delay") : NULL;
+    PyObject *fd = aio.delay ? PyObject_CallMethod(d, "fileno", NULL) : NULL;
     long fdn = fd ? PyLong_AsLong(fd) : -1;
     Py_XDECREF(fd);
     if (fdn < 0 || PyErr_Occurred()) {
         PyErr_Print();
         return -1;
     }
-    uv_timer_init(loop, &A.timer);
-    uv_poll_init(loop, &A.poll, (int)fdn); /* an epoll fd is pollable: readable = events */
-    uv_poll_start(&A.poll, UV_READABLE, on_poll);
-    uv_timer_start(&A.timer, on_timer, 0, 0);
-    A.active = true;
+    uv_timer_init(loop, &aio.timer);
+    uv_poll_init(loop, &aio.poll, (int)fdn); /* an epoll fd is pollable: readable = events */
+    uv_poll_start(&aio.poll, UV_READABLE, on_poll);
+    uv_timer_start(&aio.timer, on_timer, 0, 0);
+    aio.active = true;
     return 0;
 }
 
 void bw_aio_stop(void) {
-    if (!A.active)
+    if (!aio.active)
         return;
-    A.active = false;
-    uv_close((uv_handle_t *)&A.poll, NULL);
-    uv_close((uv_handle_t *)&A.timer, NULL);
+    aio.active = false;
+    uv_close((uv_handle_t *)&aio.poll, NULL);
+    uv_close((uv_handle_t *)&aio.timer, NULL);
 }
 
 int bw_aio_call(void *token, PyObject *kwargs, bool stream) {
     PyObject *t = PyLong_FromVoidPtr(token);
-    PyObject *r = t ? PyObject_CallFunctionObjArgs(A.start, t, kwargs, stream ? Py_True : Py_False,
-                                                   NULL) : NULL;
+    PyObject *r =
+        t ? PyObject_CallFunctionObjArgs(aio.start, t, kwargs, stream ? Py_True : Py_False, NULL)
+          : NULL;
     Py_XDECREF(t);
     kick();
     if (!r)
@@ -138,5 +139,5 @@ static void call_token(PyObject *fn, void *token) {
     kick();
 }
 
-void bw_aio_pull(void *token) { call_token(A.pull, token); }
-void bw_aio_cancel(void *token) { call_token(A.cancel, token); }
+void bw_aio_pull(void *token) { call_token(aio.pull, token); }
+void bw_aio_cancel(void *token) { call_token(aio.cancel, token); }

@@ -108,13 +108,13 @@ static struct {
     __typeof__(cuCheckpointProcessRestore) *restore;
     __typeof__(cuCheckpointProcessUnlock) *unlock;
     __typeof__(cuCheckpointProcessGetRestoreThreadId) *restore_tid; /* optional */
-} D;
+} driver;
 
 /* "CUDA_ERROR_NOT_READY (600)" */
 static const char *err_str(CUresult r) {
     static char buf[160];
     const char *name = NULL;
-    if (!D.error_name || D.error_name(r, &name) != CUDA_SUCCESS || !name)
+    if (!driver.error_name || driver.error_name(r, &name) != CUDA_SUCCESS || !name)
         name = "CUresult";
     snprintf(buf, sizeof buf, "%s (%d)", name, (int)r);
     return buf;
@@ -143,113 +143,117 @@ static void append(char *why, size_t cap, const char *fmt, ...) {
 
 static void *sym(const char *name) {
     dlerror();
-    return dlsym(D.h, name);
+    return dlsym(driver.h, name);
 }
 
 /* dlopen + the symbols every use needs + cuInit. */
 static bool load_base(void) {
-    if (D.base_tried)
-        return D.base_ok;
-    D.base_tried = true;
+    if (driver.base_tried)
+        return driver.base_ok;
+    driver.base_tried = true;
     dlerror();
-    D.h = dlopen("libcuda.so.1", RTLD_NOW | RTLD_LOCAL);
-    if (!D.h) {
+    driver.h = dlopen("libcuda.so.1", RTLD_NOW | RTLD_LOCAL);
+    if (!driver.h) {
         const char *e = dlerror();
         bool dev = access("/dev/nvidiactl", F_OK) == 0 || access("/dev/nvidia0", F_OK) == 0;
-        snprintf(D.base_why, sizeof D.base_why, "no NVIDIA driver: cannot load libcuda.so.1 (%s)%s",
-                 e ? e : "not found",
+        snprintf(driver.base_why, sizeof driver.base_why,
+                 "no NVIDIA driver: cannot load libcuda.so.1 (%s)%s", e ? e : "not found",
                  dev ? "; /dev/nvidia* exists, so the driver's user-space library is not on "
                        "the library path"
                      : "; no /dev/nvidia* device either");
         return false;
     }
     struct link_map *lm = NULL;
-    if (dlinfo(D.h, RTLD_DI_LINKMAP, &lm) == 0 && lm && lm->l_name)
-        snprintf(D.path, sizeof D.path, "%s", lm->l_name);
+    if (dlinfo(driver.h, RTLD_DI_LINKMAP, &lm) == 0 && lm && lm->l_name)
+        snprintf(driver.path, sizeof driver.path, "%s", lm->l_name);
     struct {
         const char *name;
         void **slot;
     } need[] = {
-        {"cuInit", (void **)&D.init},
-        {"cuDriverGetVersion", (void **)&D.driver_version},
-        {"cuDeviceGetCount", (void **)&D.device_count},
-        {"cuDeviceGet", (void **)&D.device_get},
-        {"cuDeviceGetName", (void **)&D.device_name},
+        {"cuInit", (void **)&driver.init},
+        {"cuDriverGetVersion", (void **)&driver.driver_version},
+        {"cuDeviceGetCount", (void **)&driver.device_count},
+        {"cuDeviceGet", (void **)&driver.device_get},
+        {"cuDeviceGetName", (void **)&driver.device_name},
     };
     for (size_t i = 0; i < sizeof need / sizeof *need; i++)
         if (!(*need[i].slot = sym(need[i].name))) {
-            snprintf(D.base_why, sizeof D.base_why,
-                     "%s has no %s: not a usable NVIDIA driver library", D.path, need[i].name);
+            snprintf(driver.base_why, sizeof driver.base_why,
+                     "%s has no %s: not a usable NVIDIA driver library", driver.path, need[i].name);
             return false;
         }
-    D.device_uuid = (uuid_fn *)sym("cuDeviceGetUuid_v2");
-    if (!D.device_uuid)
-        D.device_uuid = (uuid_fn *)sym("cuDeviceGetUuid");
-    if (!D.device_uuid) {
-        snprintf(D.base_why, sizeof D.base_why,
-                 "%s has neither cuDeviceGetUuid_v2 nor cuDeviceGetUuid", D.path);
+    driver.device_uuid = (uuid_fn *)sym("cuDeviceGetUuid_v2");
+    if (!driver.device_uuid)
+        driver.device_uuid = (uuid_fn *)sym("cuDeviceGetUuid");
+    if (!driver.device_uuid) {
+        snprintf(driver.base_why, sizeof driver.base_why,
+                 "%s has neither cuDeviceGetUuid_v2 nor cuDeviceGetUuid", driver.path);
         return false;
     }
-    D.error_name = (__typeof__(D.error_name))sym("cuGetErrorName");
-    CUresult r = D.driver_version(&D.version);
+    driver.error_name = (__typeof__(driver.error_name))sym("cuGetErrorName");
+    CUresult r = driver.driver_version(&driver.version);
     if (r != CUDA_SUCCESS) {
-        snprintf(D.base_why, sizeof D.base_why, "cuDriverGetVersion failed: %s", err_str(r));
+        snprintf(driver.base_why, sizeof driver.base_why, "cuDriverGetVersion failed: %s",
+                 err_str(r));
         return false;
     }
-    r = D.init(0);
+    r = driver.init(0);
     if (r != CUDA_SUCCESS) {
-        snprintf(D.base_why, sizeof D.base_why, "cuInit failed: %s (driver %s, CUDA %d.%d)",
-                 err_str(r), D.path, D.version / 1000, D.version % 1000 / 10);
+        snprintf(driver.base_why, sizeof driver.base_why,
+                 "cuInit failed: %s (driver %s, CUDA %d.%d)", err_str(r), driver.path,
+                 driver.version / 1000, driver.version % 1000 / 10);
         return false;
     }
     if (sym("cuda_double_marker"))
         bw_warn("%s is the TEST DOUBLE of libcuda (tests/cuda_double): GPU state is simulated",
-                D.path);
-    D.base_ok = true;
+                driver.path);
+    driver.base_ok = true;
     return true;
 }
 
 int bw_cuda_load(char *why, size_t cap) {
     if (!load_base()) {
-        snprintf(why, cap, "%s", D.base_why);
+        snprintf(why, cap, "%s", driver.base_why);
         return -1;
     }
-    if (!D.ckpt_tried) {
-        D.ckpt_tried = true;
-        if (D.version < BW_CUDA_MIN_VERSION) {
-            snprintf(D.ckpt_why, sizeof D.ckpt_why,
+    if (!driver.ckpt_tried) {
+        driver.ckpt_tried = true;
+        if (driver.version < BW_CUDA_MIN_VERSION) {
+            snprintf(driver.ckpt_why, sizeof driver.ckpt_why,
                      "NVIDIA driver too old: it supports CUDA %d.%d; GPU checkpointing needs "
-                     "driver r570+ (CUDA 12.8)", D.version / 1000, D.version % 1000 / 10);
+                     "driver r570+ (CUDA 12.8)", driver.version / 1000, driver.version % 1000 / 10);
         } else {
             struct {
                 const char *name;
                 void **slot;
             } need[] = {
-                {"cuCheckpointProcessGetState", (void **)&D.get_state},
-                {"cuCheckpointProcessLock", (void **)&D.lock},
-                {"cuCheckpointProcessCheckpoint", (void **)&D.checkpoint},
-                {"cuCheckpointProcessRestore", (void **)&D.restore},
-                {"cuCheckpointProcessUnlock", (void **)&D.unlock},
+                {"cuCheckpointProcessGetState", (void **)&driver.get_state},
+                {"cuCheckpointProcessLock", (void **)&driver.lock},
+                {"cuCheckpointProcessCheckpoint", (void **)&driver.checkpoint},
+                {"cuCheckpointProcessRestore", (void **)&driver.restore},
+                {"cuCheckpointProcessUnlock", (void **)&driver.unlock},
             };
-            D.ckpt_ok = true;
-            for (size_t i = 0; i < sizeof need / sizeof *need && D.ckpt_ok; i++)
+            driver.ckpt_ok = true;
+            for (size_t i = 0; i < sizeof need / sizeof *need && driver.ckpt_ok; i++)
                 if (!(*need[i].slot = sym(need[i].name))) {
-                    snprintf(D.ckpt_why, sizeof D.ckpt_why,
+                    snprintf(driver.ckpt_why, sizeof driver.ckpt_why,
                              "%s (CUDA %d.%d) has no %s: GPU checkpointing needs driver r570+",
-                             D.path, D.version / 1000, D.version % 1000 / 10, need[i].name);
-                    D.ckpt_ok = false;
+                             driver.path, driver.version / 1000, driver.version % 1000 / 10,
+                             need[i].name);
+                    driver.ckpt_ok = false;
                 }
-            D.restore_tid = (__typeof__(D.restore_tid))sym("cuCheckpointProcessGetRestoreThreadId");
+            driver.restore_tid =
+                (__typeof__(driver.restore_tid))sym("cuCheckpointProcessGetRestoreThreadId");
         }
     }
-    if (!D.ckpt_ok) {
-        snprintf(why, cap, "%s", D.ckpt_why);
+    if (!driver.ckpt_ok) {
+        snprintf(why, cap, "%s", driver.ckpt_why);
         return -1;
     }
     return 0;
 }
 
-int bw_cuda_driver_version(void) { return D.version; }
+int bw_cuda_driver_version(void) { return driver.version; }
 
 /* NVML's answer: the library the driver ships next to libcuda. */
 static bool nvml_release(char *out, size_t cap) {
@@ -366,11 +370,11 @@ static long long vm_rss(pid_t pid) {
 int bw_cuda_list_gpus(struct bw_cuda_gpus *g, char *why, size_t cap) {
     memset(g, 0, sizeof *g);
     if (!load_base()) {
-        snprintf(why, cap, "%s", D.base_why);
+        snprintf(why, cap, "%s", driver.base_why);
         return -1;
     }
     int n = 0;
-    CUresult r = D.device_count(&n);
+    CUresult r = driver.device_count(&n);
     if (r != CUDA_SUCCESS) {
         snprintf(why, cap, "cuDeviceGetCount failed: %s", err_str(r));
         return -1;
@@ -382,9 +386,10 @@ int bw_cuda_list_gpus(struct bw_cuda_gpus *g, char *why, size_t cap) {
     for (int i = 0; i < n; i++) {
         CUdevice dev;
         CUuuid u;
-        if ((r = D.device_get(&dev, i)) != CUDA_SUCCESS ||
-            (r = D.device_name(g->gpu[i].name, (int)sizeof g->gpu[i].name, dev)) != CUDA_SUCCESS ||
-            (r = D.device_uuid(&u, dev)) != CUDA_SUCCESS) {
+        if ((r = driver.device_get(&dev, i)) != CUDA_SUCCESS ||
+            (r = driver.device_name(g->gpu[i].name, (int)sizeof g->gpu[i].name, dev)) !=
+                CUDA_SUCCESS ||
+            (r = driver.device_uuid(&u, dev)) != CUDA_SUCCESS) {
             snprintf(why, cap, "cannot read GPU %d: %s", i, err_str(r));
             return -1;
         }
@@ -466,7 +471,7 @@ int bw_cuda_unpack_gpus(const msgpack_object *o, struct bw_cuda_gpus *g) {
 /* ---- process state ------------------------------------------------------------------ */
 
 static int get_state(pid_t pid, CUprocessState *st, char *why, size_t cap) {
-    CUresult r = D.get_state((int)pid, st);
+    CUresult r = driver.get_state((int)pid, st);
     if (r != CUDA_SUCCESS) {
         snprintf(why, cap, "cuCheckpointProcessGetState(pid %d) failed: %s", (int)pid, err_str(r));
         return -1;
@@ -486,7 +491,7 @@ static bool recover(pid_t pid, char *why, size_t cap) {
     if (st == CU_PROCESS_STATE_CHECKPOINTED) {
         CUcheckpointRestoreArgs ra;
         memset(&ra, 0, sizeof ra);
-        CUresult r = D.restore((int)pid, &ra);
+        CUresult r = driver.restore((int)pid, &ra);
         if (r != CUDA_SUCCESS)
             append(why, cap, "; restoring its GPU state failed too: %s", err_str(r));
         if (get_state(pid, &st, e, sizeof e) < 0) {
@@ -497,7 +502,7 @@ static bool recover(pid_t pid, char *why, size_t cap) {
     if (st == CU_PROCESS_STATE_LOCKED) {
         CUcheckpointUnlockArgs ua;
         memset(&ua, 0, sizeof ua);
-        CUresult r = D.unlock((int)pid, &ua);
+        CUresult r = driver.unlock((int)pid, &ua);
         if (r != CUDA_SUCCESS)
             append(why, cap, "; unlocking failed too: %s", err_str(r));
         if (get_state(pid, &st, e, sizeof e) < 0) {
@@ -530,7 +535,7 @@ int bw_cuda_checkpoint(pid_t pid, double lock_timeout_s, struct bw_cuda_times *t
     double ms = lock_timeout_s * 1000.0;
     la.timeoutMs = ms < 1 ? 1 : ms > 4e9 ? 4000000000u : (unsigned int)ms;
     double t0 = bw_now_ms();
-    CUresult r = D.lock((int)pid, &la);
+    CUresult r = driver.lock((int)pid, &la);
     t->lock_ms = bw_now_ms() - t0;
     if (r != CUDA_SUCCESS) {
         if (r == CUDA_ERROR_NOT_READY || r == CUDA_ERROR_TIMEOUT || t->lock_ms >= ms * 0.95)
@@ -546,7 +551,7 @@ int bw_cuda_checkpoint(pid_t pid, double lock_timeout_s, struct bw_cuda_times *t
     CUcheckpointCheckpointArgs ca;
     memset(&ca, 0, sizeof ca);
     t0 = bw_now_ms();
-    r = D.checkpoint((int)pid, &ca);
+    r = driver.checkpoint((int)pid, &ca);
     t->checkpoint_ms = bw_now_ms() - t0;
     long long rss1 = vm_rss(pid);
     if (r != CUDA_SUCCESS) {
@@ -604,7 +609,8 @@ static int wait_state(pid_t pid, CUprocessState want, double timeout_s, int *pol
 
 static void restore_thread(pid_t pid, struct bw_cuda_times *t) {
     int tid = 0;
-    t->restore_tid = D.restore_tid && D.restore_tid((int)pid, &tid) == CUDA_SUCCESS ? tid : 0;
+    t->restore_tid =
+        driver.restore_tid && driver.restore_tid((int)pid, &tid) == CUDA_SUCCESS ? tid : 0;
 }
 
 /* Restore -> Unlock -> wait for RUNNING (bounded by timeout_s). On failure why names the
@@ -616,7 +622,7 @@ static int restore_unlock(pid_t pid, CUcheckpointGpuPair *pairs, int npairs, dou
     ra.gpuPairs = npairs ? pairs : NULL;
     ra.gpuPairsCount = (unsigned int)npairs;
     double t0 = bw_now_ms();
-    CUresult r = D.restore((int)pid, &ra);
+    CUresult r = driver.restore((int)pid, &ra);
     t->restore_ms = bw_now_ms() - t0;
     if (r != CUDA_SUCCESS) {
         snprintf(why, cap, "cuCheckpointProcessRestore(pid %d%s) failed: %s", (int)pid,
@@ -628,7 +634,7 @@ static int restore_unlock(pid_t pid, CUcheckpointGpuPair *pairs, int npairs, dou
     CUcheckpointUnlockArgs ua;
     memset(&ua, 0, sizeof ua);
     t0 = bw_now_ms();
-    r = D.unlock((int)pid, &ua);
+    r = driver.unlock((int)pid, &ua);
     if (r != CUDA_SUCCESS) {
         t->unlock_ms = bw_now_ms() - t0;
         snprintf(why, cap, "cuCheckpointProcessUnlock(pid %d) failed: %s", (int)pid, err_str(r));
@@ -663,12 +669,12 @@ static void driver_str(int version, const char *release, char *out, size_t cap) 
  * (older images lack it). */
 static int driver_compat(int saved_version, const char *saved_release, char *why, size_t cap) {
     const char *rel = bw_cuda_driver_release();
-    if (saved_version == D.version && (!saved_release[0] || !rel[0] ||
+    if (saved_version == driver.version && (!saved_release[0] || !rel[0] ||
                                        strcmp(saved_release, rel) == 0))
         return 0;
     char a[160], b[160];
     driver_str(saved_version, saved_release, a, sizeof a);
-    driver_str(D.version, rel, b, sizeof b);
+    driver_str(driver.version, rel, b, sizeof b);
     snprintf(why, cap, "NVIDIA driver differs: image taken with %s, this machine has %s", a, b);
     return -1;
 }

@@ -104,7 +104,7 @@ static struct {
     uv_timer_t sweep;
     struct conn *conns; /* open (not yet closed) connections */
     int nconns;
-} H;
+} front;
 
 static const char *status_text(int status) {
     switch (status) {
@@ -142,10 +142,10 @@ static void on_closed(uv_handle_t *h) {
     if (c->prev)
         c->prev->next = c->next;
     else
-        H.conns = c->next;
+        front.conns = c->next;
     if (c->next)
         c->next->prev = c->prev;
-    H.nconns--;
+    front.nconns--;
     c->closed = true;
     streams_gone(c);
     conn_free_if_done(c);
@@ -253,7 +253,7 @@ static void flush(struct conn *c) {
             conn_close(c);
     } else {
         if (c->pending == 0 && c->phase == C_IDLE) /* nothing owed: the idle clock runs */
-            c->deadline = bw_now_ms() + H.opts.idle_timeout_s * 1000;
+            c->deadline = bw_now_ms() + front.opts.idle_timeout_s * 1000;
         if (c->pending < MAX_PIPELINED / 2)
             resume_parsing(c);
         if (c->eof && !c->head && c->write_bytes == 0 && c->unparsed.size == 0)
@@ -296,8 +296,8 @@ static void reply(struct bw_http_req *r, int status, const char *ctype, const ch
     msgpack_sbuffer_write(&out, "\r\n", 2);
     if (!r->head) /* a body after a HEAD answer would be read as the next response */
         msgpack_sbuffer_write(&out, json, len);
-    if (H.h.done) /* before finish: it frees r */
-        H.h.done(r, status, task_id, wait_ms, H.h.arg);
+    if (front.h.done) /* before finish: it frees r */
+        front.h.done(r, status, task_id, wait_ms, front.h.arg);
     finish(r, &out);
 }
 
@@ -376,7 +376,7 @@ static int on_message_begin(http_parser *p) {
     c->body.size = c->body_seen = 0;
     if (c->phase != C_HEADERS) { /* a new connection's clock started at accept */
         c->phase = C_HEADERS;
-        c->deadline = bw_now_ms() + H.opts.header_timeout_s * 1000;
+        c->deadline = bw_now_ms() + front.opts.header_timeout_s * 1000;
     }
     return 0;
 }
@@ -453,13 +453,13 @@ static int on_headers_complete(http_parser *p) {
     enum target t = target_of(c, path);
     c->field_len = 0;
     c->phase = C_BODY;
-    c->deadline = bw_now_ms() + H.opts.body_timeout_s * 1000;
+    c->deadline = bw_now_ms() + front.opts.body_timeout_s * 1000;
     c->keep_body = t == T_ROOT;
-    if (H.opts.token && (t == T_ROOT || t == T_STATS) && has_body(p) && !H.stopping &&
+    if (front.opts.token && (t == T_ROOT || t == T_STATS) && has_body(p) && !front.stopping &&
         !token_ok(c)) {
         c->reject = 401;
         http_parser_pause(p, 1);
-    } else if (p->content_length != ULLONG_MAX && p->content_length > H.opts.max_body) {
+    } else if (p->content_length != ULLONG_MAX && p->content_length > front.opts.max_body) {
         c->reject = 413; /* refuse before reading a byte of the body */
         http_parser_pause(p, 1);
     } else if (c->expect_continue && !c->head && !uv_is_closing((uv_handle_t *)&c->tcp)) {
@@ -477,7 +477,7 @@ static int on_headers_complete(http_parser *p) {
 
 static int on_body(http_parser *p, const char *at, size_t len) {
     struct conn *c = p->data;
-    if (c->body_seen + len > H.opts.max_body) { /* chunked bodies have no length up front */
+    if (c->body_seen + len > front.opts.max_body) { /* chunked bodies have no length up front */
         c->reject = 413;
         http_parser_pause(p, 1);
         return 0;
@@ -493,7 +493,7 @@ static int on_body(http_parser *p, const char *at, size_t len) {
  * case-insensitive (RFC 7235 section 2.1: "bearer" works too), the token is not. */
 static bool token_ok(const struct conn *c) {
     static const char prefix[] = "bearer ";
-    const char *tok = H.opts.token;
+    const char *tok = front.opts.token;
     size_t tlen = strlen(tok), want = sizeof prefix - 1 + tlen;
     size_t len = c->auth_len; /* trailing whitespace is not part of the value (RFC 7230) */
     while (len > 0 && (c->auth[len - 1] == ' ' || c->auth[len - 1] == '\t'))
@@ -527,7 +527,7 @@ static enum target target_of(const struct conn *c, char *path) {
 
 /* The token as the value of a cookie or query parameter, compared in constant time. */
 static bool token_eq(const char *got, size_t len) {
-    const char *tok = H.opts.token;
+    const char *tok = front.opts.token;
     size_t tlen = strlen(tok);
     unsigned diff = (unsigned)(len ^ tlen);
     for (size_t i = 0; i < tlen; i++)
@@ -584,7 +584,7 @@ static bool query_token_ok(const char *q) {
  * so it must not be able to call the endpoint. */
 static bool authorized(const struct conn *c, struct bw_http_req *r, bool read_only,
                        const char *path, const char *query) {
-    if (!H.opts.token || token_ok(c))
+    if (!front.opts.token || token_ok(c))
         return true;
     if (!read_only)
         return false;
@@ -609,13 +609,13 @@ static void route(struct conn *c, struct bw_http_req *r, enum http_method m) {
     query_of(c, query);
     bool is_root = t == T_ROOT, is_stats = t == T_STATS;
     bool is_get = m == HTTP_GET || m == HTTP_HEAD;
-    bool observe = t == T_OTHER && H.h.owns && H.h.owns(path);
+    bool observe = t == T_OTHER && front.h.owns && front.h.owns(path);
     r->head = m == HTTP_HEAD;
     r->method = (int)m;
     size_t pl = strlen(path) < sizeof r->path - 1 ? strlen(path) : sizeof r->path - 1;
     memcpy(r->path, path, pl); /* truncated: the access log's copy */
     r->path[pl] = '\0';
-    if (H.stopping) {
+    if (front.stopping) {
         /* Keep-alive clients still send here after SIGTERM: tell them plainly, and close
          * so they go elsewhere, rather than queue a call no replica will take. */
         r->keep_alive = false;
@@ -641,14 +641,14 @@ static void route(struct conn *c, struct bw_http_req *r, enum http_method m) {
         if (!is_get)
             bw_http_reply_error(r, 405, "MethodNotAllowed", "use GET", NULL, -1);
         else
-            H.h.get(r, path, query, H.h.arg);
+            front.h.get(r, path, query, front.h.arg);
         return;
     }
     if (is_stats) {
         if (m != HTTP_GET)
             bw_http_reply_error(r, 405, "MethodNotAllowed", "use GET /stats", NULL, -1);
         else
-            H.h.stats(r, H.h.arg);
+            front.h.stats(r, front.h.arg);
         return;
     }
     if (m != HTTP_POST) {
@@ -670,7 +670,7 @@ static void route(struct conn *c, struct bw_http_req *r, enum http_method m) {
         bw_http_reply_error(r, 400, "BadRequest", err, NULL, -1);
         return;
     }
-    H.h.call(r, H.h.arg);
+    front.h.call(r, front.h.arg);
 }
 
 static int on_message_complete(http_parser *p) {
@@ -714,13 +714,13 @@ static void reject(struct conn *c, int status, const char *type, const char *msg
 /* Parse what arrived. Parsing pauses when a connection has MAX_PIPELINED unanswered
  * requests; the bytes after that point are kept, not dropped, and parsed on resume. */
 static void feed(struct conn *c, const char *data, size_t len) {
-    size_t used = http_parser_execute(&c->parser, &H.settings, data, len);
+    size_t used = http_parser_execute(&c->parser, &front.settings, data, len);
     enum http_errno e = HTTP_PARSER_ERRNO(&c->parser);
     if (c->reject == 401) {
         reject(c, 401, "Unauthorized", "missing or wrong 'Authorization: Bearer <token>'");
     } else if (c->reject) {
         char msg[96];
-        snprintf(msg, sizeof msg, "body larger than the limit of %zu bytes", H.opts.max_body);
+        snprintf(msg, sizeof msg, "body larger than the limit of %zu bytes", front.opts.max_body);
         reject(c, 413, "PayloadTooLarge", msg);
     } else if (e == HPE_PAUSED) {
         read_stop(c);
@@ -783,7 +783,7 @@ static void say_and_close(struct conn *c, int status, const char *type, const ch
 static void on_sweep(uv_timer_t *t) {
     (void)t;
     double now = bw_now_ms();
-    for (struct conn *c = H.conns; c; c = c->next) {
+    for (struct conn *c = front.conns; c; c = c->next) {
         if (c->deadline <= 0 || now < c->deadline || uv_is_closing((uv_handle_t *)&c->tcp))
             continue;
         c->deadline = 0;
@@ -802,20 +802,20 @@ static void on_connection(uv_stream_t *server, int status) {
     struct conn *c = calloc(1, sizeof *c);
     if (!c)
         return;
-    uv_tcp_init(H.loop, &c->tcp);
+    uv_tcp_init(front.loop, &c->tcp);
     c->tcp.data = c;
     msgpack_sbuffer_init(&c->body);
     msgpack_sbuffer_init(&c->unparsed);
-    c->next = H.conns;
-    if (H.conns)
-        H.conns->prev = c;
-    H.conns = c;
-    H.nconns++;
+    c->next = front.conns;
+    if (front.conns)
+        front.conns->prev = c;
+    front.conns = c;
+    front.nconns++;
     if (uv_accept(server, (uv_stream_t *)&c->tcp) < 0) {
         uv_close((uv_handle_t *)&c->tcp, on_closed);
         return;
     }
-    if (H.nconns > H.opts.max_conns) {
+    if (front.nconns > front.opts.max_conns) {
         /* Accepted only to be refused: costs one write and a close, and the clients
          * already connected keep their connections. */
         say_and_close(c, 503, "TooManyConnections",
@@ -826,7 +826,7 @@ static void on_connection(uv_stream_t *server, int status) {
     http_parser_init(&c->parser, HTTP_REQUEST);
     c->parser.data = c;
     c->phase = C_HEADERS; /* the first request's headers are due from now */
-    c->deadline = bw_now_ms() + H.opts.header_timeout_s * 1000;
+    c->deadline = bw_now_ms() + front.opts.header_timeout_s * 1000;
     read_start(c);
 }
 
@@ -834,7 +834,7 @@ static void on_connection(uv_stream_t *server, int status) {
  * hard limit allows), else lower max_conns, so the limit is ours and not EMFILE's. */
 static void fit_fd_limit(void) {
     struct rlimit rl;
-    rlim_t want = (rlim_t)H.opts.max_conns + 256; /* + replicas, listeners, pipes */
+    rlim_t want = (rlim_t)front.opts.max_conns + 256; /* + replicas, listeners, pipes */
     if (getrlimit(RLIMIT_NOFILE, &rl) < 0 || rl.rlim_cur >= want)
         return;
     rlim_t cur = rl.rlim_cur;
@@ -844,50 +844,50 @@ static void fit_fd_limit(void) {
     if (rl.rlim_cur < want) {
         int fit = rl.rlim_cur > 512 ? (int)(rl.rlim_cur - 256) : (int)rl.rlim_cur / 2;
         bw_warn("http: the open-file limit (%llu) leaves room for %d connections, not %d",
-                (unsigned long long)rl.rlim_cur, fit, H.opts.max_conns);
-        H.opts.max_conns = fit;
+                (unsigned long long)rl.rlim_cur, fit, front.opts.max_conns);
+        front.opts.max_conns = fit;
     }
 }
 
 int bw_http_start(uv_loop_t *loop, int listen_fd, const struct bw_http_options *o,
                   const struct bw_http_handlers *h) {
-    H.loop = loop;
-    H.opts = *o;
-    H.h = *h;
-    http_parser_settings_init(&H.settings);
-    H.settings.on_message_begin = on_message_begin;
-    H.settings.on_url = on_url;
-    H.settings.on_header_field = on_header_field;
-    H.settings.on_header_value = on_header_value;
-    H.settings.on_headers_complete = on_headers_complete;
-    H.settings.on_body = on_body;
-    H.settings.on_message_complete = on_message_complete;
+    front.loop = loop;
+    front.opts = *o;
+    front.h = *h;
+    http_parser_settings_init(&front.settings);
+    front.settings.on_message_begin = on_message_begin;
+    front.settings.on_url = on_url;
+    front.settings.on_header_field = on_header_field;
+    front.settings.on_header_value = on_header_value;
+    front.settings.on_headers_complete = on_headers_complete;
+    front.settings.on_body = on_body;
+    front.settings.on_message_complete = on_message_complete;
     fit_fd_limit();
-    uv_timer_init(loop, &H.sweep);
-    uv_timer_start(&H.sweep, on_sweep, SWEEP_MS, SWEEP_MS);
-    uv_unref((uv_handle_t *)&H.sweep);
-    int rc = uv_tcp_init(loop, &H.listener);
+    uv_timer_init(loop, &front.sweep);
+    uv_timer_start(&front.sweep, on_sweep, SWEEP_MS, SWEEP_MS);
+    uv_unref((uv_handle_t *)&front.sweep);
+    int rc = uv_tcp_init(loop, &front.listener);
     if (rc == 0)
-        rc = uv_tcp_open(&H.listener, listen_fd);
+        rc = uv_tcp_open(&front.listener, listen_fd);
     if (rc == 0)
-        rc = uv_listen((uv_stream_t *)&H.listener, 1024, on_connection);
+        rc = uv_listen((uv_stream_t *)&front.listener, 1024, on_connection);
     if (rc < 0) {
         bw_error("http: cannot listen: %s", uv_strerror(rc));
         return -1;
     }
-    H.listening = true;
+    front.listening = true;
     return 0;
 }
 
-void bw_http_set_token(const char *token) { H.opts.token = token; }
+void bw_http_set_token(const char *token) { front.opts.token = token; }
 
-const char *bw_http_token(void) { return H.opts.token; }
+const char *bw_http_token(void) { return front.opts.token; }
 
 void bw_http_stop(void) {
-    H.stopping = true;
-    if (H.listening) {
-        uv_close((uv_handle_t *)&H.listener, NULL);
-        H.listening = false;
+    front.stopping = true;
+    if (front.listening) {
+        uv_close((uv_handle_t *)&front.listener, NULL);
+        front.listening = false;
     }
 }
 

@@ -49,7 +49,7 @@ static struct {
     struct hist dump;
     unsigned long long image_bytes;
     unsigned long long restore_failures[NREASON];
-} M;
+} metrics;
 
 static void observe(struct hist *h, double seconds) {
     if (seconds < 0)
@@ -72,31 +72,31 @@ static int index_of(const char *const *names, size_t n, const char *s) {
 
 void bw_metrics_call(int http_status, double queued_ms, double run_ms, bool dispatched) {
     int i = index_of(STATUSES, NSTATUS, bw_task_status(http_status));
-    M.requests[i < 0 ? (int)NSTATUS - 1 : i]++;
+    metrics.requests[i < 0 ? (int)NSTATUS - 1 : i]++;
     if (queued_ms >= 0)
-        observe(&M.queue, queued_ms / 1000);
+        observe(&metrics.queue, queued_ms / 1000);
     if (dispatched)
-        observe(&M.run, run_ms / 1000);
+        observe(&metrics.run, run_ms / 1000);
 }
 
 void bw_metrics_http(int code) {
     if (code >= 100 && code < 600)
-        M.http[code]++;
+        metrics.http[code]++;
 }
 
 void bw_metrics_start(const char *mode) {
     int i = index_of(MODES, NMODE, mode);
     if (i >= 0)
-        M.starts[i]++;
+        metrics.starts[i]++;
 }
 
 static struct hist *phase_hist(int mode, const char *phase) {
-    for (int i = 0; i < M.nphases; i++)
-        if (M.phases[i].mode == mode && strcmp(M.phases[i].phase, phase) == 0)
-            return &M.phases[i].h;
-    if (M.nphases == MAX_PHASE_SERIES)
+    for (int i = 0; i < metrics.nphases; i++)
+        if (metrics.phases[i].mode == mode && strcmp(metrics.phases[i].phase, phase) == 0)
+            return &metrics.phases[i].h;
+    if (metrics.nphases == MAX_PHASE_SERIES)
         return NULL;
-    struct phase_series *p = &M.phases[M.nphases++];
+    struct phase_series *p = &metrics.phases[metrics.nphases++];
     p->mode = mode;
     snprintf(p->phase, sizeof p->phase, "%s", phase);
     return &p->h;
@@ -106,33 +106,33 @@ void bw_metrics_start_ready(const struct bw_start *s) {
     int mode = index_of(MODES, NMODE, s->mode);
     if (mode < 0)
         return;
-    observe(&M.start[mode], s->ready_ms / 1000);
+    observe(&metrics.start[mode], s->ready_ms / 1000);
     for (int i = 0; i < s->nphases; i++) {
         struct hist *h = phase_hist(mode, s->phases[i].name);
         if (h)
             observe(h, s->phases[i].ms / 1000);
     }
     if (s->image_bytes)
-        M.image_bytes = s->image_bytes;
+        metrics.image_bytes = s->image_bytes;
 }
 
 void bw_metrics_dump(bool ok, unsigned long long bytes, double ms) {
     if (!ok) {
-        M.dumps_failed++;
+        metrics.dumps_failed++;
         return;
     }
-    M.dumps_ok++;
-    observe(&M.dump, ms / 1000);
-    M.image_bytes = bytes;
+    metrics.dumps_ok++;
+    observe(&metrics.dump, ms / 1000);
+    metrics.image_bytes = bytes;
 }
 
-void bw_metrics_image_bytes(unsigned long long bytes) { M.image_bytes = bytes; }
-unsigned long long bw_metrics_image_bytes_now(void) { return M.image_bytes; }
+void bw_metrics_image_bytes(unsigned long long bytes) { metrics.image_bytes = bytes; }
+unsigned long long bw_metrics_image_bytes_now(void) { return metrics.image_bytes; }
 
 void bw_metrics_restore_failure(const char *reason) {
     int i = index_of(REASONS, NREASON, reason);
     if (i >= 0)
-        M.restore_failures[i]++;
+        metrics.restore_failures[i]++;
 }
 
 /* ---- exposition ------------------------------------------------------------------------ */
@@ -171,18 +171,20 @@ static void write_calls(msgpack_sbuffer *out) {
     bw_metrics_family(out, "beam_requests_total", "counter",
                       "Endpoint calls (POST /) answered, by outcome.");
     for (size_t i = 0; i < NSTATUS; i++)
-        bw_metrics_put(out, "beam_requests_total{status=\"%s\"} %llu\n", STATUSES[i], M.requests[i]);
+        bw_metrics_put(out, "beam_requests_total{status=\"%s\"} %llu\n", STATUSES[i],
+                       metrics.requests[i]);
     bw_metrics_family(out, "beam_request_queue_duration_seconds", "histogram",
                       "Time a call waited for a replica, a start it waited for included.");
-    write_hist(out, "beam_request_queue_duration_seconds", "", &M.queue);
+    write_hist(out, "beam_request_queue_duration_seconds", "", &metrics.queue);
     bw_metrics_family(out, "beam_request_run_duration_seconds", "histogram",
                       "Time from handing a call to a replica to its answer.");
-    write_hist(out, "beam_request_run_duration_seconds", "", &M.run);
+    write_hist(out, "beam_request_run_duration_seconds", "", &metrics.run);
     bw_metrics_family(out, "beam_http_responses_total", "counter",
                       "HTTP responses of the front, by status code.");
     for (int c = 100; c < 600; c++)
-        if (M.http[c])
-            bw_metrics_put(out, "beam_http_responses_total{code=\"%d\"} %llu\n", c, M.http[c]);
+        if (metrics.http[c])
+            bw_metrics_put(out, "beam_http_responses_total{code=\"%d\"} %llu\n", c,
+                           metrics.http[c]);
 }
 
 static void write_starts(msgpack_sbuffer *out) {
@@ -191,37 +193,39 @@ static void write_starts(msgpack_sbuffer *out) {
                       "Replica starts: cold boot, restore from the checkpoint, or cold boot "
                       "after a failed restore (fallback).");
     for (int i = 0; i < NMODE; i++)
-        bw_metrics_put(out, "beam_replica_starts_total{mode=\"%s\"} %llu\n", MODES[i], M.starts[i]);
+        bw_metrics_put(out, "beam_replica_starts_total{mode=\"%s\"} %llu\n", MODES[i],
+                       metrics.starts[i]);
     bw_metrics_family(out, "beam_replica_start_duration_seconds", "histogram",
                       "Time from a replica's start to serving.");
     for (int i = 0; i < NMODE; i++) {
         snprintf(labels, sizeof labels, "mode=\"%s\"", MODES[i]);
-        write_hist(out, "beam_replica_start_duration_seconds", labels, &M.start[i]);
+        write_hist(out, "beam_replica_start_duration_seconds", labels, &metrics.start[i]);
     }
     bw_metrics_family(out, "beam_replica_start_phase_duration_seconds", "histogram",
                       "Duration of each phase of a replica start (its start profile).");
-    for (int i = 0; i < M.nphases; i++) {
-        snprintf(labels, sizeof labels, "mode=\"%s\",phase=\"%s\"", MODES[M.phases[i].mode],
-                 M.phases[i].phase);
-        write_hist(out, "beam_replica_start_phase_duration_seconds", labels, &M.phases[i].h);
+    for (int i = 0; i < metrics.nphases; i++) {
+        snprintf(labels, sizeof labels, "mode=\"%s\",phase=\"%s\"", MODES[metrics.phases[i].mode],
+                 metrics.phases[i].phase);
+        write_hist(out, "beam_replica_start_phase_duration_seconds", labels, &metrics.phases[i].h);
     }
     bw_metrics_family(out, "beam_restore_failures_total", "counter",
                       "Restores from the checkpoint that failed, by reason.");
     for (size_t i = 0; i < NREASON; i++)
         bw_metrics_put(out, "beam_restore_failures_total{reason=\"%s\"} %llu\n", REASONS[i],
-                       M.restore_failures[i]);
+                       metrics.restore_failures[i]);
 }
 
 static void write_checkpoint(msgpack_sbuffer *out) {
     bw_metrics_family(out, "beam_checkpoint_dumps_total", "counter", "Checkpoint dumps, by result.");
-    bw_metrics_put(out, "beam_checkpoint_dumps_total{result=\"ok\"} %llu\n", M.dumps_ok);
-    bw_metrics_put(out, "beam_checkpoint_dumps_total{result=\"failed\"} %llu\n", M.dumps_failed);
+    bw_metrics_put(out, "beam_checkpoint_dumps_total{result=\"ok\"} %llu\n", metrics.dumps_ok);
+    bw_metrics_put(out, "beam_checkpoint_dumps_total{result=\"failed\"} %llu\n",
+                   metrics.dumps_failed);
     bw_metrics_family(out, "beam_checkpoint_dump_duration_seconds", "histogram",
                       "Duration of successful checkpoint dumps.");
-    write_hist(out, "beam_checkpoint_dump_duration_seconds", "", &M.dump);
+    write_hist(out, "beam_checkpoint_dump_duration_seconds", "", &metrics.dump);
     bw_metrics_family(out, "beam_checkpoint_size_bytes", "gauge",
                       "Size of the checkpoint image last dumped or restored (0: none seen).");
-    bw_metrics_put(out, "beam_checkpoint_size_bytes %llu\n", M.image_bytes);
+    bw_metrics_put(out, "beam_checkpoint_size_bytes %llu\n", metrics.image_bytes);
 }
 
 void bw_metrics_write(msgpack_sbuffer *out) {

@@ -31,11 +31,11 @@ extern const size_t bw_dashboard_html_len;
 
 static struct {
     bool access_log, json_logs;
-} O;
+} obs;
 
 int bw_obs_init(int task_history, bool access_log, bool json_logs) {
-    O.access_log = access_log;
-    O.json_logs = json_logs;
+    obs.access_log = access_log;
+    obs.json_logs = json_logs;
     return bw_tasks_init((size_t)task_history);
 }
 
@@ -66,8 +66,8 @@ void bw_obs_done(struct bw_http_req *req, int status, const char *task_id, doubl
         task_id = bw_tasks_add(&t); /* one made here for calls no replica saw */
         bw_metrics_call(status, wait_ms, t.run_ms, dispatched);
     }
-    if (O.access_log)
-        bw_access_log(O.json_logs, bw_http_req_method(req), bw_http_req_path(req), status, total,
+    if (obs.access_log)
+        bw_access_log(obs.json_logs, bw_http_req_method(req), bw_http_req_path(req), status, total,
                       task_id);
 }
 

@@ -43,7 +43,7 @@ static struct {
     uv_timer_t retry;
     bool ready, retrying;
     struct sink s[3]; /* indexed by fd: 1 and 2 */
-} O;
+} sinks;
 
 static void sink_open(struct sink *s, int fd) {
     struct stat st;
@@ -121,9 +121,9 @@ static bool queue(struct sink *s, const char *data, size_t len) {
 static void on_retry(uv_timer_t *t);
 
 static void want_retry(void) {
-    if (!O.retrying && O.ready) {
-        uv_timer_start(&O.retry, on_retry, RETRY_MS, RETRY_MS);
-        O.retrying = true;
+    if (!sinks.retrying && sinks.ready) {
+        uv_timer_start(&sinks.retry, on_retry, RETRY_MS, RETRY_MS);
+        sinks.retrying = true;
     }
 }
 
@@ -139,7 +139,7 @@ static bool sink_flush(struct sink *s) {
         char note[160];
         int k = snprintf(note, sizeof note, "beam: warning: %llu bytes of output dropped "
                          "(%s was not read fast enough)\n", s->dropped,
-                         s == &O.s[1] ? "stdout" : "stderr");
+                         s == &sinks.s[1] ? "stdout" : "stderr");
         s->dropped = 0;
         ssize_t n = write_some(s, note, (size_t)k);
         if (n >= 0 && n < k)
@@ -149,22 +149,22 @@ static bool sink_flush(struct sink *s) {
 }
 
 static void on_retry(uv_timer_t *t) {
-    bool out_idle = sink_flush(&O.s[1]); /* both are flushed, whatever the first says */
-    bool err_idle = sink_flush(&O.s[2]);
+    bool out_idle = sink_flush(&sinks.s[1]); /* both are flushed, whatever the first says */
+    bool err_idle = sink_flush(&sinks.s[2]);
     if (out_idle && err_idle) {
         uv_timer_stop(t);
-        O.retrying = false;
+        sinks.retrying = false;
     }
 }
 
 void bw_output_write(int fd, const char *data, size_t len) {
-    if (!O.ready || (fd != 1 && fd != 2)) {
+    if (!sinks.ready || (fd != 1 && fd != 2)) {
         if (write(fd, data, len) < 0) {
             /* nowhere to report it */
         }
         return;
     }
-    struct sink *s = &O.s[fd];
+    struct sink *s = &sinks.s[fd];
     size_t done = 0;
     if (s->len == 0) { /* nothing queued: write directly, keeping the order */
         ssize_t n = write_some(s, data, len);
@@ -182,25 +182,25 @@ void bw_output_write(int fd, const char *data, size_t len) {
 }
 
 void bw_output_init(uv_loop_t *loop) {
-    O.loop = loop;
-    sink_open(&O.s[1], 1);
-    sink_open(&O.s[2], 2);
-    uv_timer_init(loop, &O.retry);
-    uv_unref((uv_handle_t *)&O.retry);
-    O.ready = true;
+    sinks.loop = loop;
+    sink_open(&sinks.s[1], 1);
+    sink_open(&sinks.s[2], 2);
+    uv_timer_init(loop, &sinks.retry);
+    uv_unref((uv_handle_t *)&sinks.retry);
+    sinks.ready = true;
 }
 
 void bw_output_close(void) {
-    if (!O.ready)
+    if (!sinks.ready)
         return;
-    sink_flush(&O.s[1]);
-    sink_flush(&O.s[2]);
-    O.ready = false;
-    uv_timer_stop(&O.retry);
-    uv_close((uv_handle_t *)&O.retry, NULL);
+    sink_flush(&sinks.s[1]);
+    sink_flush(&sinks.s[2]);
+    sinks.ready = false;
+    uv_timer_stop(&sinks.retry);
+    uv_close((uv_handle_t *)&sinks.retry, NULL);
     for (int fd = 1; fd <= 2; fd++) {
-        if (O.s[fd].fd != fd)
-            close(O.s[fd].fd);
-        free(O.s[fd].buf);
+        if (sinks.s[fd].fd != fd)
+            close(sinks.s[fd].fd);
+        free(sinks.s[fd].buf);
     }
 }

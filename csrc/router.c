@@ -114,7 +114,7 @@ static struct {
     struct upstream *dirty;
     unsigned long long seq;
     unsigned long long answered_gone; /* answers of detached replicas, for totals */
-} R;
+} router;
 
 /* ---- answers ------------------------------------------------------------------------ */
 
@@ -207,7 +207,7 @@ static void up_unbind(struct upstream *u) {
 static void rep_release(struct rep *p) {
     if (--p->nup > 0)
         return;
-    for (struct rep **q = &R.reps; *q; q = &(*q)->next)
+    for (struct rep **q = &router.reps; *q; q = &(*q)->next)
         if (*q == p) {
             *q = p->next;
             break;
@@ -216,9 +216,9 @@ static void rep_release(struct rep *p) {
 }
 
 static void up_forget(struct upstream *u) {
-    for (int i = 0; i < R.nup; i++)
-        if (R.up[i] == u) {
-            R.up[i] = R.up[--R.nup];
+    for (int i = 0; i < router.nup; i++)
+        if (router.up[i] == u) {
+            router.up[i] = router.up[--router.nup];
             break;
         }
 }
@@ -231,7 +231,7 @@ static void up_remove(struct upstream *u, const char *why) {
     up_fail_inflight(u, why);
     up_unbind(u);
     rep_release(u->rep);
-    R.answered_gone += u->answered;
+    router.answered_gone += u->answered;
     up_forget(u);
     uv_timer_stop(&u->retry);
     uv_close((uv_handle_t *)&u->retry, up_handle_closed);
@@ -393,8 +393,9 @@ static void up_read(uv_stream_t *s, ssize_t n, const uv_buf_t *buf) {
     for (;;) {
         const char *body;
         size_t blen, used;
-        enum bw_frame_status st = bw_frame_next(bw_buf_head(&u->in), u->in.len, R.max_frame + BW_FRAME_RESPONSE_SLACK,
-                                                &body, &blen, &used);
+        enum bw_frame_status st =
+            bw_frame_next(bw_buf_head(&u->in), u->in.len,
+                          router.max_frame + BW_FRAME_RESPONSE_SLACK, &body, &blen, &used);
         if (st == BW_FRAME_NEED_MORE)
             break;
         if (st == BW_FRAME_OK && u->probing) {
@@ -440,9 +441,9 @@ static void on_written(uv_write_t *w, int status) {
 
 static void flush_dirty(uv_check_t *h) {
     (void)h;
-    while (R.dirty) {
-        struct upstream *u = R.dirty;
-        R.dirty = u->next_dirty;
+    while (router.dirty) {
+        struct upstream *u = router.dirty;
+        router.dirty = u->next_dirty;
         u->dirty = false;
         if (u->dead || u->out.size == 0)
             continue;
@@ -456,8 +457,8 @@ static void flush_dirty(uv_check_t *h) {
 static void mark_dirty(struct upstream *u) {
     if (!u->dirty) {
         u->dirty = true;
-        u->next_dirty = R.dirty;
-        R.dirty = u;
+        u->next_dirty = router.dirty;
+        router.dirty = u;
     }
 }
 
@@ -479,7 +480,7 @@ static void send_call(struct upstream *u, struct call *k) {
     msgpack_packer_init(&pk, &u->out, msgpack_sbuffer_write);
     size_t h = bw_frame_begin(&u->out);
     msgpack_pack_map(&pk, 3);
-    bw_mp_kv_int(&pk, "id", (long long)++R.seq);
+    bw_mp_kv_int(&pk, "id", (long long)++router.seq);
     bw_mp_kv_bool(&pk, "stream", true); /* a generator handler answers in chunk frames */
     bw_mp_str(&pk, "kwargs");
     msgpack_sbuffer_write(&u->out, kw, kwlen);
@@ -510,8 +511,8 @@ static bool better(const struct upstream *u, int l, const struct upstream *best,
 
 static struct upstream *least_loaded(int *load) {
     struct upstream *best = NULL;
-    for (int i = 0; i < R.nup; i++) {
-        struct upstream *u = R.up[i];
+    for (int i = 0; i < router.nup; i++) {
+        struct upstream *u = router.up[i];
         if (!u->connected || u->dead || u->draining || u->worker < 0)
             continue;
         int l = u->rep->load[u->worker];
@@ -544,7 +545,7 @@ static struct upstream *pick(void) {
     if (best && load == 0)
         return best;
     struct rep *grow = NULL;
-    for (struct rep *p = R.reps; p; p = p->next)
+    for (struct rep *p = router.reps; p; p = p->next)
         if (!p->draining && p->nup < p->cap && reached(p) < p->workers &&
             (!grow || p->inflight < grow->inflight))
             grow = p;
@@ -557,27 +558,27 @@ static struct upstream *pick(void) {
     }
     if (waited >= PROBE_WAIT_MS)
         return best; /* its probe sits behind a busy worker's call */
-    if (!uv_is_active((uv_handle_t *)&R.hold))
-        uv_timer_start(&R.hold, on_hold, (uint64_t)(PROBE_WAIT_MS - waited) + 1, 0);
+    if (!uv_is_active((uv_handle_t *)&router.hold))
+        uv_timer_start(&router.hold, on_hold, (uint64_t)(PROBE_WAIT_MS - waited) + 1, 0);
     return NULL;
 }
 
 static void dispatch(void) {
     struct upstream *u;
-    while (R.qhead && (u = pick())) {
-        struct call *k = R.qhead;
-        R.qhead = k->next;
-        if (!R.qhead)
-            R.qtail = NULL;
-        R.queued--;
+    while (router.qhead && (u = pick())) {
+        struct call *k = router.qhead;
+        router.qhead = k->next;
+        if (!router.qhead)
+            router.qtail = NULL;
+        router.queued--;
         send_call(u, k);
     }
-    if (R.qhead && R.demand)
-        R.demand(R.demand_arg);
+    if (router.qhead && router.demand)
+        router.demand(router.demand_arg);
 }
 
 void bw_router_submit(struct bw_http_req *r) {
-    if (R.queued >= (size_t)R.max_pending) {
+    if (router.queued >= (size_t)router.max_pending) {
         bw_http_reply_error(r, 429, "TooManyRequests",
                             "the queue is full (max_pending_tasks); retry later", NULL, -1);
         return;
@@ -588,24 +589,24 @@ void bw_router_submit(struct bw_http_req *r) {
         return;
     }
     k->req = r;
-    if (R.qtail)
-        R.qtail->next = k;
+    if (router.qtail)
+        router.qtail->next = k;
     else
-        R.qhead = k;
-    R.qtail = k;
-    R.queued++;
+        router.qhead = k;
+    router.qtail = k;
+    router.queued++;
     dispatch();
 }
 
 void bw_router_fail_queued(int status, const char *type, const char *message) {
-    while (R.qhead) {
-        struct call *k = R.qhead;
-        R.qhead = k->next;
+    while (router.qhead) {
+        struct call *k = router.qhead;
+        router.qhead = k->next;
         bw_http_reply_error(k->req, status, type, message, NULL, bw_now_ms() - bw_http_req_arrival(k->req));
         free(k);
     }
-    R.qtail = NULL;
-    R.queued = 0;
+    router.qtail = NULL;
+    router.queued = 0;
 }
 
 /* ---- replicas ----------------------------------------------------------------------- */
@@ -632,7 +633,7 @@ static void up_connect(struct upstream *u) {
         uv_timer_start(&u->retry, on_retry, (uint64_t)RETRY_MAX_MS, 0);
         return;
     }
-    uv_pipe_init(R.loop, &u->pipe, 0);
+    uv_pipe_init(router.loop, &u->pipe, 0);
     u->pipe.data = u;
     u->pipe_open = true;
     u->handles++;
@@ -643,15 +644,15 @@ static void up_connect(struct upstream *u) {
 }
 
 static int up_track(struct upstream *u) {
-    if (R.nup == R.capup) {
-        int cap = R.capup ? 2 * R.capup : 16;
-        struct upstream **up = realloc(R.up, (size_t)cap * sizeof *up);
+    if (router.nup == router.capup) {
+        int cap = router.capup ? 2 * router.capup : 16;
+        struct upstream **up = realloc(router.up, (size_t)cap * sizeof *up);
         if (!up)
             return -1;
-        R.up = up;
-        R.capup = cap;
+        router.up = up;
+        router.capup = cap;
     }
-    R.up[R.nup++] = u;
+    router.up[router.nup++] = u;
     return 0;
 }
 
@@ -668,7 +669,7 @@ static struct upstream *up_new(struct rep *p) {
     p->nup++;
     snprintf(u->path, sizeof u->path, "%s", p->path);
     msgpack_sbuffer_init(&u->out);
-    uv_timer_init(R.loop, &u->retry);
+    uv_timer_init(router.loop, &u->retry);
     u->retry.data = u;
     u->handles = 1;
     up_connect(u);
@@ -687,10 +688,10 @@ int bw_router_attach(void *owner, const char *unix_path, int workers) {
     p->workers = workers < 1 ? 1 : workers > MAX_WORKERS ? MAX_WORKERS : workers;
     p->want = 2 * p->workers;
     p->cap = 4 * p->workers;
-    p->next = R.reps;
-    R.reps = p;
+    p->next = router.reps;
+    router.reps = p;
     if (!up_new(p)) {
-        R.reps = p->next;
+        router.reps = p->next;
         free(p);
         return -1;
     }
@@ -698,11 +699,11 @@ int bw_router_attach(void *owner, const char *unix_path, int workers) {
 }
 
 void bw_router_drain(void *owner) {
-    for (struct rep *p = R.reps; p; p = p->next)
+    for (struct rep *p = router.reps; p; p = p->next)
         if (!owner || p->owner == owner)
             p->draining = true;
-    for (int i = R.nup - 1; i >= 0; i--) {
-        struct upstream *u = R.up[i];
+    for (int i = router.nup - 1; i >= 0; i--) {
+        struct upstream *u = router.up[i];
         if (owner && u->owner != owner)
             continue;
         u->draining = true;
@@ -712,42 +713,42 @@ void bw_router_drain(void *owner) {
 }
 
 void bw_router_detach(void *owner) {
-    for (int i = R.nup - 1; i >= 0; i--)
-        if (R.up[i]->owner == owner)
-            up_remove(R.up[i], "the replica serving this call exited before answering; "
+    for (int i = router.nup - 1; i >= 0; i--)
+        if (router.up[i]->owner == owner)
+            up_remove(router.up[i], "the replica serving this call exited before answering; "
                                "the call may or may not have run");
     dispatch();
 }
 
-size_t bw_router_queued(void) { return R.queued; }
+size_t bw_router_queued(void) { return router.queued; }
 
 size_t bw_router_inflight(void *owner) {
     size_t n = 0;
-    for (int i = 0; i < R.nup; i++)
-        if (!owner || R.up[i]->owner == owner)
-            n += (size_t)R.up[i]->inflight;
+    for (int i = 0; i < router.nup; i++)
+        if (!owner || router.up[i]->owner == owner)
+            n += (size_t)router.up[i]->inflight;
     return n;
 }
 
 unsigned long long bw_router_answered(void *owner) {
-    unsigned long long n = owner ? 0 : R.answered_gone;
-    for (int i = 0; i < R.nup; i++)
-        if (!owner || R.up[i]->owner == owner)
-            n += R.up[i]->answered;
+    unsigned long long n = owner ? 0 : router.answered_gone;
+    for (int i = 0; i < router.nup; i++)
+        if (!owner || router.up[i]->owner == owner)
+            n += router.up[i]->answered;
     return n;
 }
 
-void bw_router_set_max_pending(int n) { R.max_pending = n > 0 ? n : 1; }
+void bw_router_set_max_pending(int n) { router.max_pending = n > 0 ? n : 1; }
 
 void bw_router_init(uv_loop_t *loop, size_t max_frame, bw_router_demand_fn demand, void *arg) {
-    R.loop = loop;
-    R.max_frame = max_frame;
-    R.max_pending = 100;
-    R.demand = demand;
-    R.demand_arg = arg;
-    uv_timer_init(loop, &R.hold);
-    uv_unref((uv_handle_t *)&R.hold);
-    uv_check_init(loop, &R.flusher);
-    uv_check_start(&R.flusher, flush_dirty);
-    uv_unref((uv_handle_t *)&R.flusher);
+    router.loop = loop;
+    router.max_frame = max_frame;
+    router.max_pending = 100;
+    router.demand = demand;
+    router.demand_arg = arg;
+    uv_timer_init(loop, &router.hold);
+    uv_unref((uv_handle_t *)&router.hold);
+    uv_check_init(loop, &router.flusher);
+    uv_check_start(&router.flusher, flush_dirty);
+    uv_unref((uv_handle_t *)&router.flusher);
 }

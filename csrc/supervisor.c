@@ -81,54 +81,54 @@ static struct {
     char no_ns_reason[640];   /* why replicas run without a PID namespace, if they do */
     struct bw_http_req *submitting; /* the HTTP call being queued: a start is its doing */
     bool fallback;            /* a restore failed: the next cold boot is a fallback */
-} F;
+} sup;
 
 static struct bw_replica *start_replica(const char *why);
 
 /* ---- bookkeeping -------------------------------------------------------------------- */
 
-static struct bw_replica *replicas(void) { return F.replicas; }
+static struct bw_replica *replicas(void) { return sup.replicas; }
 
 static int count_alive(void) {
     int n = 0;
-    for (struct bw_replica *r = F.replicas; r; r = r->next)
+    for (struct bw_replica *r = sup.replicas; r; r = r->next)
         n += r->pid > 0 && r->phase != BW_R_STOPPING;
     return n;
 }
 
 static int count_starting(void) {
     int n = 0;
-    for (struct bw_replica *r = F.replicas; r; r = r->next)
+    for (struct bw_replica *r = sup.replicas; r; r = r->next)
         n += r->pid > 0 && (r->phase == BW_R_BOOT || r->phase == BW_R_RESTORE);
     return n;
 }
 
 static void unlink_replica(struct bw_replica *r) {
-    for (struct bw_replica **p = &F.replicas; *p; p = &(*p)->next)
+    for (struct bw_replica **p = &sup.replicas; *p; p = &(*p)->next)
         if (*p == r) {
             *p = r->next;
             break;
         }
-    if (F.dumper == r->id)
-        F.dumper = 0;
+    if (sup.dumper == r->id)
+        sup.dumper = 0;
     bw_replica_free(r);
 }
 
 static bool crash_budget_left(void) {
     int max = bw_sup.o->max_crashes;
-    if (max <= 0 || !F.crashes) /* --max-crashes 0: never give up */
+    if (max <= 0 || !sup.crashes) /* --max-crashes 0: never give up */
         return true;
-    return bw_window_admit(F.crashes, &F.ncrashes, max, CRASH_WINDOW_MS, bw_now_ms());
+    return bw_window_admit(sup.crashes, &sup.ncrashes, max, CRASH_WINDOW_MS, bw_now_ms());
 }
 
 static void shutdown_loop(int code) {
-    F.exit_code = code;
-    uv_signal_stop(&F.sigterm);
-    uv_signal_stop(&F.sigint);
-    uv_signal_stop(&F.sigchld);
-    uv_timer_stop(&F.tick);
-    uv_timer_stop(&F.backoff);
-    F.pending = 0;
+    sup.exit_code = code;
+    uv_signal_stop(&sup.sigterm);
+    uv_signal_stop(&sup.sigint);
+    uv_signal_stop(&sup.sigchld);
+    uv_timer_stop(&sup.tick);
+    uv_timer_stop(&sup.backoff);
+    sup.pending = 0;
     uv_stop(bw_sup.loop);
 }
 
@@ -145,13 +145,14 @@ static void set_config(const msgpack_object *cfg) {
     bw_sup.config_len = sb.size;
     if (bw_sup.o->keep_warm_s < -0.5) {
         double kw = bw_mp_num(bw_mp_get(cfg, "keep_warm_seconds"), 180);
-        F.keep_warm_s = kw;
+        sup.keep_warm_s = kw;
     }
     bw_router_set_max_pending((int)bw_mp_num(bw_mp_get(cfg, "max_pending_tasks"), 100));
     const msgpack_object *auth = bw_mp_get(cfg, "authorized");
-    if (F.http && F.token[0] && auth && auth->type == MSGPACK_OBJECT_BOOLEAN && !auth->via.boolean) {
+    if (sup.http && sup.token[0] && auth && auth->type == MSGPACK_OBJECT_BOOLEAN &&
+        !auth->via.boolean) {
         bw_info("the endpoint says authorized=False: HTTP calls need no token");
-        F.token[0] = '\0';
+        sup.token[0] = '\0';
         bw_http_set_token(NULL);
     }
 }
@@ -159,11 +160,11 @@ static void set_config(const msgpack_object *cfg) {
 /* ---- scaling -------------------------------------------------------------------------- */
 
 static void wake_stop(void) {
-    if (!F.waking)
+    if (!sup.waking)
         return;
     for (int i = 0; i < bw_sup.nl; i++)
-        uv_poll_stop(&F.wake[i]);
-    F.waking = false;
+        uv_poll_stop(&sup.wake[i]);
+    sup.waking = false;
 }
 
 static void on_wake(uv_poll_t *p, int status, int events) {
@@ -171,29 +172,29 @@ static void on_wake(uv_poll_t *p, int status, int events) {
     (void)status;
     (void)events;
     wake_stop();
-    if (!F.stopping && count_alive() == 0 && !F.pending) /* else the backoff timer starts one */
+    if (!sup.stopping && count_alive() == 0 && !sup.pending) /* else the backoff timer starts one */
         start_replica("a connection is waiting");
 }
 
 /* At zero replicas nobody accepts on the msgpack sockets: watch them, so a client that
  * connects brings a replica back (its connection waits in the backlog meanwhile). */
 static void wake_start(void) {
-    if (F.waking || F.stopping || bw_sup.nl == 0)
+    if (sup.waking || sup.stopping || bw_sup.nl == 0)
         return;
     for (int i = 0; i < bw_sup.nl; i++)
-        uv_poll_start(&F.wake[i], UV_READABLE, on_wake);
-    F.waking = true;
+        uv_poll_start(&sup.wake[i], UV_READABLE, on_wake);
+    sup.waking = true;
 }
 
 /* The router has calls no replica can take now. */
 static void on_demand(void *arg) {
     (void)arg;
-    if (F.stopping || F.pending) /* a replacement is due when its backoff ends */
+    if (sup.stopping || sup.pending) /* a replacement is due when its backoff ends */
         return;
     int alive = count_alive();
     if (alive == 0) {
         start_replica("an HTTP call is waiting");
-    } else if (count_starting() == 0 && alive < bw_sup.o->max_replicas && F.any_served) {
+    } else if (count_starting() == 0 && alive < bw_sup.o->max_replicas && sup.any_served) {
         char why[64];
         snprintf(why, sizeof why, "%zu call(s) queued", bw_router_queued());
         start_replica(why);
@@ -201,18 +202,18 @@ static void on_demand(void *arg) {
 }
 
 static void retire_idle(double now) {
-    if (F.keep_warm_s < 0)
+    if (sup.keep_warm_s < 0)
         return;
-    for (struct bw_replica *r = F.replicas; r; r = r->next) {
+    for (struct bw_replica *r = sup.replicas; r; r = r->next) {
         if (r->phase != BW_R_SERVING || r->pid <= 0)
             continue;
         if (bw_router_inflight(r) > 0 || r->in_call > 0) /* HTTP or msgpack calls running */
             r->last_active = now;
-        if (now - r->last_active < F.keep_warm_s * 1000)
+        if (now - r->last_active < sup.keep_warm_s * 1000)
             continue;
-        bw_info("replica %d idle for %gs: stopping it (%s)", r->id, F.keep_warm_s,
+        bw_info("replica %d idle for %gs: stopping it (%s)", r->id, sup.keep_warm_s,
                 count_alive() == 1 ? "scale to zero; the next call restores one" : "scale down");
-        if (F.http)
+        if (sup.http)
             bw_router_drain(r); /* calls arriving now wait for (or start) another replica */
         bw_replica_stop(r, bw_sup.o->grace_s);
     }
@@ -220,13 +221,13 @@ static void retire_idle(double now) {
 
 /* One compact line of state when a person watches (stderr is a terminal). */
 static void status_line(double now) {
-    if (bw_sup.o->json_logs || !isatty(STDERR_FILENO) || now - F.last_status < 1000)
+    if (bw_sup.o->json_logs || !isatty(STDERR_FILENO) || now - sup.last_status < 1000)
         return;
     unsigned long long answered = bw_router_answered(NULL);
-    double rps = (double)(answered - F.last_answered) * 1000.0 / (now - F.last_status);
-    F.last_answered = answered;
-    F.last_status = now;
-    if (!F.http)
+    double rps = (double)(answered - sup.last_answered) * 1000.0 / (now - sup.last_status);
+    sup.last_answered = answered;
+    sup.last_status = now;
+    if (!sup.http)
         return;
     fprintf(stderr, "\rbeam: replicas %d (%d starting) | queued %zu | in flight %zu | %.0f req/s   ",
             count_alive(), count_starting(), bw_router_queued(), bw_router_inflight(NULL), rps);
@@ -236,23 +237,23 @@ static void status_line(double now) {
  * calls it holds are answered (a host's workers drop requests they have not read yet
  * when told to stop), or when the grace period is over. */
 static void stop_drained(double now) {
-    for (struct bw_replica *r = F.replicas; r; r = r->next)
+    for (struct bw_replica *r = sup.replicas; r; r = r->next)
         if (r->pid > 0 && r->phase != BW_R_STOPPING &&
-            (!F.http || bw_router_inflight(r) == 0 || now >= F.stop_deadline))
+            (!sup.http || bw_router_inflight(r) == 0 || now >= sup.stop_deadline))
             bw_replica_stop(r, bw_sup.o->grace_s);
 }
 
 static void on_tick(uv_timer_t *t) {
     (void)t;
     double now = bw_now_ms();
-    if (F.stopping) {
+    if (sup.stopping) {
         stop_drained(now);
         return;
     }
     retire_idle(now);
-    for (struct bw_replica *r = F.replicas; r; r = r->next)
+    for (struct bw_replica *r = sup.replicas; r; r = r->next)
         bw_replica_check_pager(r, now);
-    if (count_alive() == 0 && !F.stopping && !F.pending)
+    if (count_alive() == 0 && !sup.stopping && !sup.pending)
         wake_start();
     status_line(now);
 }
@@ -260,19 +261,19 @@ static void on_tick(uv_timer_t *t) {
 /* ---- replicas --------------------------------------------------------------------------- */
 
 static void replica_serving(struct bw_replica *r) {
-    F.any_served = true;
+    sup.any_served = true;
     r->serving_since = bw_now_ms();
     bw_obs_replica_serving(r);
-    if (F.dumper == r->id)
-        F.dumper = 0;
+    if (sup.dumper == r->id)
+        sup.dumper = 0;
     wake_stop();
-    if (F.http && r->upstream.fd >= 0)
+    if (sup.http && r->upstream.fd >= 0)
         bw_router_attach(r, r->upstream.unix_path, r->workers > 0 ? r->workers : 1);
 }
 
 static bool may_dump_now(void) {
     char reason[1024];
-    if (!bw_sup.ckpt_on || F.dumper)
+    if (!bw_sup.ckpt_on || sup.dumper)
         return false;
     if (bw_ckpt_exists(&bw_sup.ck))
         return false;
@@ -289,25 +290,25 @@ static bool may_dump_now(void) {
 }
 
 static struct bw_replica *start_replica(const char *why) {
-    struct bw_replica *r = bw_replica_new(++F.next_id);
+    struct bw_replica *r = bw_replica_new(++sup.next_id);
     if (!r)
         return NULL;
     char err[512];
-    if (F.http) {
+    if (sup.http) {
         char path[128];
-        snprintf(path, sizeof path, "%s/replica-%d.sock", F.rundir, r->id);
+        snprintf(path, sizeof path, "%s/replica-%d.sock", sup.rundir, r->id);
         if (bw_listen_unix(&r->upstream, path, err, sizeof err) < 0) {
             bw_error("replica %d: %s", r->id, err);
             bw_replica_free(r);
             return NULL;
         }
     }
-    if (F.submitting) { /* the task ring shows which call paid for this start */
-        bw_http_req_trace(F.submitting)->started = r->id;
-        bw_http_req_trace(F.submitting)->from_zero = count_alive() == 0;
+    if (sup.submitting) { /* the task ring shows which call paid for this start */
+        bw_http_req_trace(sup.submitting)->started = r->id;
+        bw_http_req_trace(sup.submitting)->from_zero = count_alive() == 0;
     }
-    r->next = F.replicas;
-    F.replicas = r;
+    r->next = sup.replicas;
+    sup.replicas = r;
     if (why)
         bw_info("starting replica %d: %s", r->id, why);
     bool tried = bw_sup.ckpt_on && bw_ckpt_exists(&bw_sup.ck);
@@ -317,11 +318,11 @@ static struct bw_replica *start_replica(const char *why) {
     }
     bool dump = may_dump_now();
     if (dump)
-        F.dumper = r->id;
+        sup.dumper = r->id;
     int rc = bw_replica_boot_cold(r, dump);
     if (rc == 0)
-        bw_obs_replica_started(r, tried || F.fallback ? "fallback" : "cold");
-    F.fallback = false;
+        bw_obs_replica_started(r, tried || sup.fallback ? "fallback" : "cold");
+    sup.fallback = false;
     if (rc < 0) {
         unlink_replica(r);
         if (count_alive() == 0) {
@@ -335,42 +336,42 @@ static struct bw_replica *start_replica(const char *why) {
 
 static void on_backoff(uv_timer_t *t) {
     (void)t;
-    int n = F.pending;
-    F.pending = 0;
-    for (int i = 0; i < n && !F.stopping; i++)
+    int n = sup.pending;
+    sup.pending = 0;
+    for (int i = 0; i < n && !sup.stopping; i++)
         start_replica("the restart delay is over");
 }
 
 /* A serving host died (and the crash budget allows a replacement). */
 static void replace_crashed(const char *why, bool restored, double served_ms) {
     double now = bw_now_ms();
-    if (served_ms >= QUICK_MS || now - F.last_quick > CRASH_WINDOW_MS)
-        F.quick_streak = F.restored_quick = 0;
+    if (served_ms >= QUICK_MS || now - sup.last_quick > CRASH_WINDOW_MS)
+        sup.quick_streak = sup.restored_quick = 0;
     if (served_ms >= QUICK_MS) {
         bw_warn("host %s; starting a new replica", why);
         start_replica(NULL);
         return;
     }
-    F.last_quick = now;
-    F.quick_streak++;
-    F.restored_quick = restored ? F.restored_quick + 1 : 0;
+    sup.last_quick = now;
+    sup.quick_streak++;
+    sup.restored_quick = restored ? sup.restored_quick + 1 : 0;
     double delay = BACKOFF_BASE_MS;
-    for (int i = 1; i < F.quick_streak && delay < BACKOFF_MAX_MS; i++)
+    for (int i = 1; i < sup.quick_streak && delay < BACKOFF_MAX_MS; i++)
         delay *= 2;
     if (delay > BACKOFF_MAX_MS)
         delay = BACKOFF_MAX_MS;
     bw_warn("host %s %.1fs after it became ready (%d such crash%s in a row); starting a new "
-            "replica in %.2fs", why, served_ms / 1000, F.quick_streak,
-            F.quick_streak == 1 ? "" : "es", delay / 1000);
-    if (F.restored_quick >= IMAGE_BAD_AFTER && bw_sup.ckpt_on && bw_ckpt_exists(&bw_sup.ck)) {
+            "replica in %.2fs", why, served_ms / 1000, sup.quick_streak,
+            sup.quick_streak == 1 ? "" : "es", delay / 1000);
+    if (sup.restored_quick >= IMAGE_BAD_AFTER && bw_sup.ckpt_on && bw_ckpt_exists(&bw_sup.ck)) {
         bw_warn("%d restored replicas in a row died within %.0fs of serving: discarding the "
                 "checkpoint; the next replica boots cold and dumps a new one",
-                F.restored_quick, QUICK_MS / 1000);
+                sup.restored_quick, QUICK_MS / 1000);
         bw_ckpt_discard(&bw_sup.ck);
-        F.restored_quick = 0;
+        sup.restored_quick = 0;
     }
-    F.pending++;
-    uv_timer_start(&F.backoff, on_backoff, (uint64_t)delay, 0);
+    sup.pending++;
+    uv_timer_start(&sup.backoff, on_backoff, (uint64_t)delay, 0);
 }
 
 static void replica_exited(struct bw_replica *r, int status) {
@@ -381,13 +382,13 @@ static void replica_exited(struct bw_replica *r, int status) {
     bw_describe_status(status, why, sizeof why);
     /* Detach while r still counts as alive: detaching dispatches, and calls waiting then
      * must not make on_demand start a replica on top of the replacement started below. */
-    if (F.http)
+    if (sup.http)
         bw_router_detach(r); /* calls it had not answered get an explicit 502 */
     bw_replica_reaped(r);
     unlink_replica(r);
-    if (F.stopping) {
-        if (count_alive() == 0 && !F.replicas)
-            shutdown_loop(F.exit_code);
+    if (sup.stopping) {
+        if (count_alive() == 0 && !sup.replicas)
+            shutdown_loop(sup.exit_code);
         return;
     }
     switch (phase) {
@@ -414,14 +415,14 @@ static void replica_exited(struct bw_replica *r, int status) {
                 why);
         bw_ckpt_discard(&bw_sup.ck);
         bw_metrics_restore_failure("exited");
-        F.fallback = true;
+        sup.fallback = true;
         start_replica(NULL);
         return;
     case BW_R_SERVING:
         if (!crash_budget_left()) {
             bw_error("host %s; %d crashes within %.0fs, giving up (--max-crashes)", why,
                      bw_sup.o->max_crashes, CRASH_WINDOW_MS / 1000);
-            if (count_alive() == 0 && !F.pending) {
+            if (count_alive() == 0 && !sup.pending) {
                 bw_router_fail_queued(503, "Unavailable", "the app keeps crashing");
                 shutdown_loop(1);
             }
@@ -438,7 +439,7 @@ static void on_sigchld(uv_signal_t *h, int sig) {
     int status;
     pid_t pid;
     while ((pid = waitpid(-1, &status, WNOHANG)) > 0)
-        for (struct bw_replica *r = F.replicas; r; r = r->next)
+        for (struct bw_replica *r = sup.replicas; r; r = r->next)
             if (r->pid == pid) {
                 replica_exited(r, status);
                 break;
@@ -453,27 +454,27 @@ static void on_sigchld(uv_signal_t *h, int sig) {
  * and kills those already stopping. */
 static void on_signal(uv_signal_t *h, int sig) {
     (void)h;
-    bool again = F.stopping;
+    bool again = sup.stopping;
     if (!again)
         bw_info("received %s, stopping (finishing requests for up to %gs)", strsignal(sig),
                 bw_sup.o->grace_s);
-    F.stopping = true;
-    F.stop_deadline = bw_now_ms() + bw_sup.o->grace_s * 1000;
+    sup.stopping = true;
+    sup.stop_deadline = bw_now_ms() + bw_sup.o->grace_s * 1000;
     wake_stop();
-    uv_timer_stop(&F.backoff);
-    F.pending = 0;
-    if (F.http) {
+    uv_timer_stop(&sup.backoff);
+    sup.pending = 0;
+    if (sup.http) {
         bw_http_stop();
         bw_router_drain(NULL);
         bw_router_fail_queued(503, "ShuttingDown", "the server is stopping");
     }
     if (again) {
-        for (struct bw_replica *r = F.replicas; r; r = r->next)
+        for (struct bw_replica *r = sup.replicas; r; r = r->next)
             bw_replica_stop(r, bw_sup.o->grace_s);
     } else {
         stop_drained(bw_now_ms());
     }
-    if (count_alive() == 0 && !F.replicas)
+    if (count_alive() == 0 && !sup.replicas)
         shutdown_loop(0);
 }
 
@@ -482,9 +483,9 @@ static void on_signal(uv_signal_t *h, int sig) {
 static void on_http_call(struct bw_http_req *req, void *arg) {
     (void)arg;
     bw_http_req_trace(req)->call = true;
-    F.submitting = req; /* a replica started while queueing it is its start */
+    sup.submitting = req; /* a replica started while queueing it is its start */
     bw_router_submit(req); /* may answer, and free, req */
-    F.submitting = NULL;
+    sup.submitting = NULL;
 }
 
 static void on_http_stats(struct bw_http_req *req, void *arg) {
@@ -496,11 +497,11 @@ static void on_http_stats(struct bw_http_req *req, void *arg) {
                      "{\"queued\":%zu,\"inflight\":%zu,\"answered\":%llu,\"max_replicas\":%d,"
                      "\"keep_warm_seconds\":%g,\"checkpoint\":%s,\"replicas\":[",
                      bw_router_queued(), bw_router_inflight(NULL), bw_router_answered(NULL),
-                     bw_sup.o->max_replicas, F.keep_warm_s,
+                     bw_sup.o->max_replicas, sup.keep_warm_s,
                      bw_sup.ckpt_on && bw_ckpt_exists(&bw_sup.ck) ? "true" : "false");
     msgpack_sbuffer_write(&j, buf, (size_t)n);
     bool first = true;
-    for (struct bw_replica *r = F.replicas; r; r = r->next) {
+    for (struct bw_replica *r = sup.replicas; r; r = r->next) {
         if (r->pid <= 0)
             continue;
         n = snprintf(buf, sizeof buf,
@@ -529,22 +530,22 @@ static void on_http_stats(struct bw_http_req *req, void *arg) {
 static int setup_http(void) {
     const struct bw_options *o = bw_sup.o;
     char spec[320], err[512];
-    snprintf(F.rundir, sizeof F.rundir, "/tmp/beam-%d-XXXXXX", (int)getpid());
-    if (!mkdtemp(F.rundir)) { /* 0700: the replicas' private sockets */
+    snprintf(sup.rundir, sizeof sup.rundir, "/tmp/beam-%d-XXXXXX", (int)getpid());
+    if (!mkdtemp(sup.rundir)) { /* 0700: the replicas' private sockets */
         bw_error("cannot create a private directory: %s", strerror(errno));
         return -1;
     }
     snprintf(spec, sizeof spec, strchr(o->http_host, ':') ? "[%s]:%d" : "%s:%d", o->http_host,
              o->http_port);
-    if (bw_listen_tcp(&F.http_l, spec, err, sizeof err) < 0) {
+    if (bw_listen_tcp(&sup.http_l, spec, err, sizeof err) < 0) {
         bw_error("%s", err);
         return -1;
     }
     const char *env = getenv("BEAM_AUTH_TOKEN");
     if (o->no_auth) {
-        F.token[0] = '\0';
+        sup.token[0] = '\0';
     } else if (env && *env) {
-        snprintf(F.token, sizeof F.token, "%s", env);
+        snprintf(sup.token, sizeof sup.token, "%s", env);
     } else {
         unsigned char raw[24];
         if (getrandom(raw, sizeof raw, 0) != (ssize_t)sizeof raw) {
@@ -552,11 +553,11 @@ static int setup_http(void) {
             return -1;
         }
         for (size_t i = 0; i < sizeof raw; i++)
-            snprintf(F.token + 2 * i, 3, "%02x", raw[i]);
+            snprintf(sup.token + 2 * i, 3, "%02x", raw[i]);
     }
     struct bw_http_options ho = {
         .max_body = o->max_body,
-        .token = F.token[0] ? F.token : NULL,
+        .token = sup.token[0] ? sup.token : NULL,
         .header_timeout_s = o->header_timeout_s,
         .body_timeout_s = o->body_timeout_s,
         .idle_timeout_s = o->idle_timeout_s,
@@ -569,16 +570,16 @@ static int setup_http(void) {
         return -1;
     }
     bw_router_init(bw_sup.loop, o->max_frame, on_demand, NULL);
-    if (bw_http_start(bw_sup.loop, F.http_l.fd, &ho, &hh) < 0)
+    if (bw_http_start(bw_sup.loop, sup.http_l.fd, &ho, &hh) < 0)
         return -1;
-    bw_info("HTTP on http://%s", F.http_l.address + 6);
+    bw_info("HTTP on http://%s", sup.http_l.address + 6);
     if (o->no_auth)
         bw_info("HTTP auth off (--no-auth)");
     else if (env && *env)
         bw_info("HTTP calls need 'Authorization: Bearer $BEAM_AUTH_TOKEN'");
     else /* generated for this run: the user needs to see it to call us */
         bw_info("HTTP calls need 'Authorization: Bearer %s' (set BEAM_AUTH_TOKEN to choose one, "
-                "--no-auth for none)", F.token);
+                "--no-auth for none)", sup.token);
     return 0;
 }
 
@@ -599,7 +600,7 @@ static int open_listeners(void) {
             goto fail;
     for (int i = 0; i < bw_sup.nl; i++) {
         bw_info("listening on %s", bw_sup.l[i].address);
-        uv_poll_init(bw_sup.loop, &F.wake[i], bw_sup.l[i].fd);
+        uv_poll_init(bw_sup.loop, &sup.wake[i], bw_sup.l[i].fd);
     }
     return 0;
 fail:
@@ -613,7 +614,7 @@ fail:
 static void find_namespaces(void) {
     char why[256], missing[256];
     if (geteuid() != 0) {
-        snprintf(F.no_ns_reason, sizeof F.no_ns_reason,
+        snprintf(sup.no_ns_reason, sizeof sup.no_ns_reason,
                  "checkpointing needs root (CRIU, PID namespaces)");
         return;
     }
@@ -621,11 +622,11 @@ static void find_namespaces(void) {
     if (bw_sup.use_ns)
         return;
     if (bw_priv_missing(missing, sizeof missing) > 0)
-        snprintf(F.no_ns_reason, sizeof F.no_ns_reason,
+        snprintf(sup.no_ns_reason, sizeof sup.no_ns_reason,
                  "%s; this process lacks %s (add them to the container to checkpoint: "
                  "docs/checkpoint.md, \"In a container\")", why, missing);
     else
-        snprintf(F.no_ns_reason, sizeof F.no_ns_reason, "%s", why);
+        snprintf(sup.no_ns_reason, sizeof sup.no_ns_reason, "%s", why);
     bw_debug("%s: serving without a PID namespace", why);
 }
 
@@ -639,7 +640,7 @@ static void setup_checkpointing(void) {
         return;
     }
     if (!bw_sup.use_ns) {
-        bw_warn("checkpointing off, serving cold: %s", F.no_ns_reason);
+        bw_warn("checkpointing off, serving cold: %s", sup.no_ns_reason);
         return;
     }
     if (bw_ckpt_open(&bw_sup.ck, o->checkpoint_dir, o->checkpoint_key, o->criu,
@@ -654,10 +655,10 @@ static void cleanup(void) {
     for (int i = 0; i < bw_sup.nl; i++)
         if (bw_sup.l[i].unix_path[0])
             unlink(bw_sup.l[i].unix_path);
-    while (F.replicas)
-        unlink_replica(F.replicas); /* removes their private sockets */
-    if (F.rundir[0])
-        rmdir(F.rundir);
+    while (sup.replicas)
+        unlink_replica(sup.replicas); /* removes their private sockets */
+    if (sup.rundir[0])
+        rmdir(sup.rundir);
 }
 
 static void log_to_stderr(const char *line, size_t len) { bw_output_write(2, line, len); }
@@ -684,34 +685,34 @@ int bw_supervisor_main(const struct bw_options *o, int argc, char **argv) {
     bw_sup.loop = uv_default_loop();
     bw_output_init(bw_sup.loop);
     bw_log_set_sink(log_to_stderr);
-    F.keep_warm_s = o->keep_warm_s < -0.5 ? 180 : o->keep_warm_s;
-    F.http = o->http_port >= 0;
-    if (open_listeners() < 0 || (F.http && setup_http() < 0)) {
+    sup.keep_warm_s = o->keep_warm_s < -0.5 ? 180 : o->keep_warm_s;
+    sup.http = o->http_port >= 0;
+    if (open_listeners() < 0 || (sup.http && setup_http() < 0)) {
         cleanup();
         return 1;
     }
     setup_checkpointing();
-    uv_signal_init(bw_sup.loop, &F.sigterm);
-    uv_signal_init(bw_sup.loop, &F.sigint);
-    uv_signal_init(bw_sup.loop, &F.sigchld);
-    uv_timer_init(bw_sup.loop, &F.tick);
-    uv_timer_init(bw_sup.loop, &F.backoff);
+    uv_signal_init(bw_sup.loop, &sup.sigterm);
+    uv_signal_init(bw_sup.loop, &sup.sigint);
+    uv_signal_init(bw_sup.loop, &sup.sigchld);
+    uv_timer_init(bw_sup.loop, &sup.tick);
+    uv_timer_init(bw_sup.loop, &sup.backoff);
     if (o->max_crashes > 0)
-        F.crashes = calloc((size_t)o->max_crashes, sizeof *F.crashes);
-    uv_signal_start(&F.sigterm, on_signal, SIGTERM);
-    uv_signal_start(&F.sigint, on_signal, SIGINT);
-    uv_signal_start(&F.sigchld, on_sigchld, SIGCHLD);
-    uv_timer_start(&F.tick, on_tick, TICK_MS, TICK_MS);
+        sup.crashes = calloc((size_t)o->max_crashes, sizeof *sup.crashes);
+    uv_signal_start(&sup.sigterm, on_signal, SIGTERM);
+    uv_signal_start(&sup.sigint, on_signal, SIGINT);
+    uv_signal_start(&sup.sigchld, on_sigchld, SIGCHLD);
+    uv_timer_start(&sup.tick, on_tick, TICK_MS, TICK_MS);
     if (start_replica(NULL))
         uv_run(bw_sup.loop, UV_RUN_DEFAULT);
     else
-        F.exit_code = 1;
-    if (isatty(STDERR_FILENO) && F.http && !o->json_logs)
+        sup.exit_code = 1;
+    if (isatty(STDERR_FILENO) && sup.http && !o->json_logs)
         fputc('\n', stderr);
     cleanup();
     bw_log_set_sink(NULL);
     bw_output_close();
-    if (F.exit_code == 0)
+    if (sup.exit_code == 0)
         bw_info("stopped");
-    return F.exit_code;
+    return sup.exit_code;
 }

@@ -34,19 +34,19 @@ static struct {
     unsigned long long added;  /* ever */
     struct bw_start starts[STARTS];
     size_t next_start;
-} T;
+} history;
 
 int bw_tasks_init(size_t capacity) {
     if (capacity < 1)
         capacity = 1;
-    T.ring = calloc(capacity, sizeof *T.ring);
-    if (!T.ring)
+    history.ring = calloc(capacity, sizeof *history.ring);
+    if (!history.ring)
         return -1;
-    T.cap = capacity;
+    history.cap = capacity;
     return 0;
 }
 
-size_t bw_tasks_capacity(void) { return T.cap; }
+size_t bw_tasks_capacity(void) { return history.cap; }
 
 static double unix_ms(void) {
     struct timespec ts;
@@ -55,11 +55,11 @@ static double unix_ms(void) {
 }
 
 const char *bw_tasks_add(const struct bw_task_rec *rec) {
-    if (!T.ring)
+    if (!history.ring)
         return rec->id;
-    struct task *t = &T.ring[T.next];
-    T.next = (T.next + 1) % T.cap;
-    T.added++;
+    struct task *t = &history.ring[history.next];
+    history.next = (history.next + 1) % history.cap;
+    history.added++;
     memset(t, 0, sizeof *t);
     if (rec->id && *rec->id) {
         snprintf(t->id, sizeof t->id, "%s", rec->id);
@@ -96,8 +96,8 @@ const char *bw_task_status(int s) {
 /* ---- starts --------------------------------------------------------------------------- */
 
 void bw_tasks_start_begin(int replica, const char *mode, double t0) {
-    struct bw_start *s = &T.starts[T.next_start];
-    T.next_start = (T.next_start + 1) % STARTS;
+    struct bw_start *s = &history.starts[history.next_start];
+    history.next_start = (history.next_start + 1) % STARTS;
     memset(s, 0, sizeof *s);
     s->replica = replica;
     snprintf(s->mode, sizeof s->mode, "%s", mode);
@@ -106,8 +106,8 @@ void bw_tasks_start_begin(int replica, const char *mode, double t0) {
 
 static struct bw_start *find_start(int replica) {
     for (size_t i = 0; i < STARTS; i++)
-        if (T.starts[i].replica == replica && replica > 0)
-            return &T.starts[i];
+        if (history.starts[i].replica == replica && replica > 0)
+            return &history.starts[i];
     return NULL;
 }
 
@@ -203,16 +203,18 @@ static void task_json(msgpack_sbuffer *b, const struct task *t) {
 
 /* i-th newest entry, i < min(added, cap) */
 static const struct task *nth_newest(size_t i) {
-    return &T.ring[(T.next + T.cap - 1 - i) % T.cap];
+    return &history.ring[(history.next + history.cap - 1 - i) % history.cap];
 }
 
-static size_t held(void) { return T.added < T.cap ? (size_t)T.added : T.cap; }
+static size_t held(void) {
+    return history.added < history.cap ? (size_t)history.added : history.cap;
+}
 
 void bw_tasks_json_list(msgpack_sbuffer *out, size_t limit) {
     size_t n = held();
     if (limit < n)
         n = limit;
-    put(out, "{\"capacity\":%zu,\"recorded\":%llu,\"tasks\":[", T.cap, T.added);
+    put(out, "{\"capacity\":%zu,\"recorded\":%llu,\"tasks\":[", history.cap, history.added);
     for (size_t i = 0; i < n; i++) {
         if (i)
             put(out, ",");
