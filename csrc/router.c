@@ -38,7 +38,7 @@
  * worker reached so far is busy and a replica has workers no connection reaches, the
  * call waits for one more connection: a busy worker is inside a handler and does not
  * accept, so an idle one takes it. */
-#define WORKER_DEPTH 2
+#define WORKER_DEPTH 2 /* a sync worker: one running, one ready */
 #define MAX_WORKERS 256 /* as in host.c */
 #define PROBE_ID 0      /* the id of the "stats" a new connection sends; calls count from 1 */
 /* How long a call waits for a new connection's answer. A busy worker may have accepted
@@ -70,6 +70,7 @@ struct rep {
     double probe_t;           /* bw_now_ms() when the last one was opened */
     int inflight;
     bool draining;
+    int depth;                /* calls in flight a worker may hold (bw_router_attach) */
     int load[MAX_WORKERS];    /* calls in flight per worker index */
     int conns[MAX_WORKERS];   /* connections that reach each worker */
     struct rep *next;
@@ -516,7 +517,7 @@ static struct upstream *least_loaded(int *load) {
         if (!u->connected || u->dead || u->draining || u->worker < 0)
             continue;
         int l = u->rep->load[u->worker];
-        if (l < WORKER_DEPTH && better(u, l, best, *load)) {
+        if (l < u->rep->depth && better(u, l, best, *load)) {
             best = u;
             *load = l;
         }
@@ -676,7 +677,7 @@ static struct upstream *up_new(struct rep *p) {
     return u;
 }
 
-int bw_router_attach(void *owner, const char *unix_path, int workers) {
+int bw_router_attach(void *owner, const char *unix_path, int workers, int depth) {
     struct rep *p = calloc(1, sizeof *p);
     if (!p || strlen(unix_path) >= sizeof p->path) {
         free(p);
@@ -686,6 +687,7 @@ int bw_router_attach(void *owner, const char *unix_path, int workers) {
     p->owner = owner;
     snprintf(p->path, sizeof p->path, "%s", unix_path);
     p->workers = workers < 1 ? 1 : workers > MAX_WORKERS ? MAX_WORKERS : workers;
+    p->depth = depth < WORKER_DEPTH ? WORKER_DEPTH : depth;
     p->want = 2 * p->workers;
     p->cap = 4 * p->workers;
     p->next = router.reps;

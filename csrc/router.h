@@ -22,8 +22,10 @@ void bw_router_set_max_pending(int n);
  * names it. Connections are opened one at a time until each worker is reached (2 per
  * worker at first, more on demand while some worker is not). A connection that ends
  * while the replica serves is reopened (its worker died and was replaced), until
- * bw_router_drain or bw_router_detach. */
-int bw_router_attach(void *owner, const char *unix_path, int workers);
+ * bw_router_drain or bw_router_detach. depth: calls in flight per worker (at least 2; an
+ * async endpoint's worker interleaves concurrent_requests calls, so it gets one more).
+ */
+int bw_router_attach(void *owner, const char *unix_path, int workers, int depth);
 /* The replica is stopping: send it no new calls and reopen none of its connections;
  * calls in flight are still answered. owner NULL: every replica (shutdown). */
 void bw_router_drain(void *owner);

@@ -260,6 +260,20 @@ static void on_tick(uv_timer_t *t) {
 
 /* ---- replicas --------------------------------------------------------------------------- */
 
+/* Calls in flight one worker may hold: an async endpoint's worker interleaves up to
+ * concurrent_requests of them (csrc/aio.c), and one more waits ready behind them. */
+static int worker_depth(void) {
+    msgpack_zone z;
+    msgpack_zone_init(&z, 1024);
+    msgpack_object cfg;
+    int depth = 0;
+    if (bw_sup.config && bw_mp_unpack_exact(bw_sup.config, bw_sup.config_len, &z, &cfg) == 0 &&
+        bw_mp_true(bw_mp_get(&cfg, "is_async")))
+        depth = (int)bw_mp_num(bw_mp_get(&cfg, "concurrent_requests"), 1) + 1;
+    msgpack_zone_destroy(&z);
+    return depth;
+}
+
 static void replica_serving(struct bw_replica *r) {
     sup.any_served = true;
     r->serving_since = bw_now_ms();
@@ -268,7 +282,8 @@ static void replica_serving(struct bw_replica *r) {
         sup.dumper = 0;
     wake_stop();
     if (sup.http && r->upstream.fd >= 0)
-        bw_router_attach(r, r->upstream.unix_path, r->workers > 0 ? r->workers : 1);
+        bw_router_attach(r, r->upstream.unix_path, r->workers > 0 ? r->workers : 1,
+                         worker_depth());
 }
 
 static bool may_dump_now(void) {

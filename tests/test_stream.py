@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import threading
 import time
 
 import pytest
@@ -234,3 +235,29 @@ def test_stream_from_a_restored_replica(workdir):
         assert len({c["loaded_by"] for c in chunks}) == 1  # on_start's value, from the image
     finally:
         second.stop()
+
+
+def test_async_calls_interleave_over_http_too(workdir):
+    """concurrent_requests=N over the HTTP front: the router gives an async endpoint's
+    worker up to N calls at once (a sync worker gets one running, one ready)."""
+    from test_router import Served
+
+    s = Served(workdir, ASYNC, "--no-checkpoint", "--workers", "1",
+               "--pass-env", "STREAM_CONCURRENCY", env={"STREAM_CONCURRENCY": "16"})
+    try:
+        out: list = [None] * 16
+
+        def call(i):
+            out[i] = s.call(timeout=30, op="sleep", seconds=1, value=i)
+
+        t0 = time.monotonic()
+        threads = [threading.Thread(target=call, args=(i,)) for i in range(16)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        elapsed = time.monotonic() - t0
+        assert out == [(200, i) for i in range(16)], out
+        assert elapsed < 2.5, f"16 async calls of 1 s over HTTP took {elapsed:.1f} s"
+    finally:
+        s.stop()
