@@ -552,13 +552,17 @@ static struct upstream *pick(void) {
             grow = p;
     if (!grow)
         return best;
+    /* A probe that has not answered in PROBE_WAIT_MS sits behind a busy worker's call
+     * (that worker accepted the connection before its call began): try one more
+     * connection, which an idle worker takes, before giving the call to a busy one. */
     double waited = bw_now_ms() - grow->probe_t;
-    if (grow->probing == 0 || (waited >= PROBE_WAIT_MS && !best)) {
+    bool stuck = waited >= PROBE_WAIT_MS;
+    if (grow->probing == 0 || (stuck && (!best || grow->probing < 2))) {
         up_new(grow);
         waited = 0;
+    } else if (stuck) {
+        return best;
     }
-    if (waited >= PROBE_WAIT_MS)
-        return best; /* its probe sits behind a busy worker's call */
     if (!uv_is_active((uv_handle_t *)&router.hold))
         uv_timer_start(&router.hold, on_hold, (uint64_t)(PROBE_WAIT_MS - waited) + 1, 0);
     return NULL;
