@@ -44,4 +44,7 @@ struct bw_sup {
 };
 extern struct bw_sup bw_sup;
 
+/* The endpoint's configuration (a map), unpacked into z; NULL while it is unknown. */
+const msgpack_object *bw_fleet_config(msgpack_zone *z);
+
 #endif

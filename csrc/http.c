@@ -311,6 +311,16 @@ void bw_http_reply_raw(struct bw_http_req *r, int status, const char *content_ty
     reply(r, status, content_type, extra, body, len, NULL, -1);
 }
 
+/* {"error":{"type":..., "message":...}} into a fresh buffer (the caller destroys it). */
+static void error_body(msgpack_sbuffer *b, const char *type, const char *message) {
+    msgpack_sbuffer_init(b);
+    msgpack_sbuffer_write(b, "{\"error\":{\"type\":", 17);
+    bw_json_append_str(b, type, strlen(type));
+    msgpack_sbuffer_write(b, ",\"message\":", 11);
+    bw_json_append_str(b, message, strlen(message));
+    msgpack_sbuffer_write(b, "}}", 2);
+}
+
 void bw_http_reply_error(struct bw_http_req *r, int status, const char *type,
                          const char *message, const char *task_id, double wait_ms) {
     if (r->streaming) { /* the status line is sent: the error becomes the last event */
@@ -318,12 +328,7 @@ void bw_http_reply_error(struct bw_http_req *r, int status, const char *type,
         return;
     }
     msgpack_sbuffer b;
-    msgpack_sbuffer_init(&b);
-    msgpack_sbuffer_write(&b, "{\"error\":{\"type\":", 17);
-    bw_json_append_str(&b, type, strlen(type));
-    msgpack_sbuffer_write(&b, ",\"message\":", 11);
-    bw_json_append_str(&b, message, strlen(message));
-    msgpack_sbuffer_write(&b, "}}", 2);
+    error_body(&b, type, message);
     bw_http_reply(r, status, b.data, b.size, task_id, wait_ms);
     msgpack_sbuffer_destroy(&b);
 }
@@ -961,12 +966,7 @@ long bw_http_stream_chunk(struct bw_http_req *r, const char *json, size_t len) {
 void bw_http_stream_end(struct bw_http_req *r, const char *error_type, const char *message) {
     if (error_type) {
         msgpack_sbuffer e;
-        msgpack_sbuffer_init(&e);
-        msgpack_sbuffer_write(&e, "{\"error\":{\"type\":", 17);
-        bw_json_append_str(&e, error_type, strlen(error_type));
-        msgpack_sbuffer_write(&e, ",\"message\":", 11);
-        bw_json_append_str(&e, message, strlen(message));
-        msgpack_sbuffer_write(&e, "}}", 2);
+        error_body(&e, error_type, message);
         if (r->sse)
             chunk_put(r, "event: error\ndata: ", 19, e.data, e.size, "\n\n", 2);
         else

@@ -6,9 +6,10 @@
 #define _GNU_SOURCE
 #include "metrics.h"
 
-#include <stdarg.h>
 #include <stdio.h>
 #include <string.h>
+
+#include "mp.h"
 
 /* Seconds: from a fast call (1 ms) to a slow cold start (2 min). */
 static const double BOUNDS[] = {0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
@@ -137,19 +138,9 @@ void bw_metrics_restore_failure(const char *reason) {
 
 /* ---- exposition ------------------------------------------------------------------------ */
 
-void bw_metrics_put(msgpack_sbuffer *out, const char *fmt, ...) {
-    char buf[512];
-    va_list ap;
-    va_start(ap, fmt);
-    int n = vsnprintf(buf, sizeof buf, fmt, ap);
-    va_end(ap);
-    if (n > 0)
-        msgpack_sbuffer_write(out, buf, (size_t)n < sizeof buf ? (size_t)n : sizeof buf - 1);
-}
-
 void bw_metrics_family(msgpack_sbuffer *out, const char *name, const char *type,
                        const char *help) {
-    bw_metrics_put(out, "# HELP %s %s\n# TYPE %s %s\n", name, help, name, type);
+    bw_mp_printf(out, "# HELP %s %s\n# TYPE %s %s\n", name, help, name, type);
 }
 
 /* labels: "" or `a="x",b="y"` (no braces) */
@@ -159,19 +150,19 @@ static void write_hist(msgpack_sbuffer *out, const char *name, const char *label
     unsigned long long cum = 0;
     for (size_t i = 0; i < NB; i++) {
         cum += h->bucket[i];
-        bw_metrics_put(out, "%s_bucket{%s%sle=\"%g\"} %llu\n", name, labels, sep, BOUNDS[i], cum);
+        bw_mp_printf(out, "%s_bucket{%s%sle=\"%g\"} %llu\n", name, labels, sep, BOUNDS[i], cum);
     }
-    bw_metrics_put(out, "%s_bucket{%s%sle=\"+Inf\"} %llu\n", name, labels, sep, h->count);
+    bw_mp_printf(out, "%s_bucket{%s%sle=\"+Inf\"} %llu\n", name, labels, sep, h->count);
     const char *ob = *labels ? "{" : "", *cb = *labels ? "}" : "";
-    bw_metrics_put(out, "%s_sum%s%s%s %.6f\n", name, ob, labels, cb, h->sum);
-    bw_metrics_put(out, "%s_count%s%s%s %llu\n", name, ob, labels, cb, h->count);
+    bw_mp_printf(out, "%s_sum%s%s%s %.6f\n", name, ob, labels, cb, h->sum);
+    bw_mp_printf(out, "%s_count%s%s%s %llu\n", name, ob, labels, cb, h->count);
 }
 
 static void write_calls(msgpack_sbuffer *out) {
     bw_metrics_family(out, "beam_requests_total", "counter",
                       "Endpoint calls (POST /) answered, by outcome.");
     for (size_t i = 0; i < NSTATUS; i++)
-        bw_metrics_put(out, "beam_requests_total{status=\"%s\"} %llu\n", STATUSES[i],
+        bw_mp_printf(out, "beam_requests_total{status=\"%s\"} %llu\n", STATUSES[i],
                        metrics.requests[i]);
     bw_metrics_family(out, "beam_request_queue_duration_seconds", "histogram",
                       "Time a call waited for a replica, a start it waited for included.");
@@ -183,7 +174,7 @@ static void write_calls(msgpack_sbuffer *out) {
                       "HTTP responses of the front, by status code.");
     for (int c = 100; c < 600; c++)
         if (metrics.http[c])
-            bw_metrics_put(out, "beam_http_responses_total{code=\"%d\"} %llu\n", c,
+            bw_mp_printf(out, "beam_http_responses_total{code=\"%d\"} %llu\n", c,
                            metrics.http[c]);
 }
 
@@ -193,7 +184,7 @@ static void write_starts(msgpack_sbuffer *out) {
                       "Replica starts: cold boot, restore from the checkpoint, or cold boot "
                       "after a failed restore (fallback).");
     for (int i = 0; i < NMODE; i++)
-        bw_metrics_put(out, "beam_replica_starts_total{mode=\"%s\"} %llu\n", MODES[i],
+        bw_mp_printf(out, "beam_replica_starts_total{mode=\"%s\"} %llu\n", MODES[i],
                        metrics.starts[i]);
     bw_metrics_family(out, "beam_replica_start_duration_seconds", "histogram",
                       "Time from a replica's start to serving.");
@@ -211,21 +202,21 @@ static void write_starts(msgpack_sbuffer *out) {
     bw_metrics_family(out, "beam_restore_failures_total", "counter",
                       "Restores from the checkpoint that failed, by reason.");
     for (size_t i = 0; i < NREASON; i++)
-        bw_metrics_put(out, "beam_restore_failures_total{reason=\"%s\"} %llu\n", REASONS[i],
+        bw_mp_printf(out, "beam_restore_failures_total{reason=\"%s\"} %llu\n", REASONS[i],
                        metrics.restore_failures[i]);
 }
 
 static void write_checkpoint(msgpack_sbuffer *out) {
     bw_metrics_family(out, "beam_checkpoint_dumps_total", "counter", "Checkpoint dumps, by result.");
-    bw_metrics_put(out, "beam_checkpoint_dumps_total{result=\"ok\"} %llu\n", metrics.dumps_ok);
-    bw_metrics_put(out, "beam_checkpoint_dumps_total{result=\"failed\"} %llu\n",
+    bw_mp_printf(out, "beam_checkpoint_dumps_total{result=\"ok\"} %llu\n", metrics.dumps_ok);
+    bw_mp_printf(out, "beam_checkpoint_dumps_total{result=\"failed\"} %llu\n",
                    metrics.dumps_failed);
     bw_metrics_family(out, "beam_checkpoint_dump_duration_seconds", "histogram",
                       "Duration of successful checkpoint dumps.");
     write_hist(out, "beam_checkpoint_dump_duration_seconds", "", &metrics.dump);
     bw_metrics_family(out, "beam_checkpoint_size_bytes", "gauge",
                       "Size of the checkpoint image last dumped or restored (0: none seen).");
-    bw_metrics_put(out, "beam_checkpoint_size_bytes %llu\n", metrics.image_bytes);
+    bw_mp_printf(out, "beam_checkpoint_size_bytes %llu\n", metrics.image_bytes);
 }
 
 void bw_metrics_write(msgpack_sbuffer *out) {

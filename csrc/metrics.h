@@ -25,8 +25,8 @@ void bw_metrics_restore_failure(const char *reason);
 
 /* The registry's families. */
 void bw_metrics_write(msgpack_sbuffer *out);
-/* Helpers for the gauges the caller adds (replicas by state, ...). */
-void bw_metrics_put(msgpack_sbuffer *out, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+/* For the gauges the caller adds (replicas by state, ...): a family's HELP and TYPE
+ * lines; samples are written with bw_mp_printf (mp.h). */
 void bw_metrics_family(msgpack_sbuffer *out, const char *name, const char *type, const char *help);
 
 #endif

@@ -1,6 +1,8 @@
 /* mp.c - msgpack-c conveniences. */
 #include "mp.h"
 
+#include <stdarg.h>
+#include <stdio.h>
 #include <string.h>
 
 void bw_mp_strn(msgpack_packer *pk, const char *s, size_t n) {
@@ -156,4 +158,14 @@ void bw_mp_pack_map_plus(msgpack_packer *pk, const msgpack_object *map, uint32_t
     uint32_t n = map && map->type == MSGPACK_OBJECT_MAP ? map->via.map.size : 0;
     msgpack_pack_map(pk, n + extra);
     bw_mp_pack_entries(pk, map);
+}
+
+void bw_mp_printf(msgpack_sbuffer *out, const char *fmt, ...) {
+    char buf[512];
+    va_list ap;
+    va_start(ap, fmt);
+    int n = vsnprintf(buf, sizeof buf, fmt, ap);
+    va_end(ap);
+    if (n > 0)
+        msgpack_sbuffer_write(out, buf, (size_t)n < sizeof buf ? (size_t)n : sizeof buf - 1);
 }

@@ -19,6 +19,9 @@ uint32_t bw_mp_pack_entries(msgpack_packer *pk, const msgpack_object *map);
  * the extra key/value pairs next. */
 void bw_mp_pack_map_plus(msgpack_packer *pk, const msgpack_object *map, uint32_t extra);
 
+/* printf onto a buffer of text (metrics, JSON); a line longer than 511 bytes is cut. */
+void bw_mp_printf(msgpack_sbuffer *out, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+
 /* Value of `key` in a msgpack map (NULL if absent or `map` is not a map). */
 const msgpack_object *bw_mp_get(const msgpack_object *map, const char *key);
 bool bw_mp_is_str(const msgpack_object *o, const char *s);

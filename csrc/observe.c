@@ -98,15 +98,15 @@ static void write_gauges(msgpack_sbuffer *b) {
         int n = 0;
         for (struct bw_replica *r = bw_sup.owner->replicas(); r; r = r->next)
             n += r->pid > 0 && r->phase == phases[i];
-        bw_metrics_put(b, "beam_replicas{state=\"%s\"} %d\n", bw_replica_phase_name(phases[i]), n);
+        bw_mp_printf(b, "beam_replicas{state=\"%s\"} %d\n", bw_replica_phase_name(phases[i]), n);
     }
     bw_metrics_family(b, "beam_queued_calls", "gauge", "Calls waiting for a replica.");
-    bw_metrics_put(b, "beam_queued_calls %zu\n", bw_router_queued());
+    bw_mp_printf(b, "beam_queued_calls %zu\n", bw_router_queued());
     bw_metrics_family(b, "beam_inflight_calls", "gauge", "Calls a replica is running.");
-    bw_metrics_put(b, "beam_inflight_calls %zu\n", bw_router_inflight(NULL));
+    bw_mp_printf(b, "beam_inflight_calls %zu\n", bw_router_inflight(NULL));
     bw_metrics_family(b, "beam_task_history_capacity", "gauge",
                       "Entries the task ring holds (--task-history).");
-    bw_metrics_put(b, "beam_task_history_capacity %zu\n", bw_tasks_capacity());
+    bw_mp_printf(b, "beam_task_history_capacity %zu\n", bw_tasks_capacity());
 }
 
 static void get_metrics(struct bw_http_req *req) {
@@ -181,12 +181,12 @@ static const char *start_mode(const struct bw_replica *r) {
 static void replicas_json(msgpack_sbuffer *b) {
     bool first = true;
     double now = bw_now_ms();
-    bw_metrics_put(b, "\"replicas\":[");
+    bw_mp_printf(b, "\"replicas\":[");
     for (struct bw_replica *r = bw_sup.owner->replicas(); r; r = r->next) {
         if (r->pid <= 0)
             continue;
         int budget = MAX_PIDS;
-        bw_metrics_put(b, "%s{\"id\":%d,\"pid\":%d,\"state\":\"%s\",\"restored\":%s,"
+        bw_mp_printf(b, "%s{\"id\":%d,\"pid\":%d,\"state\":\"%s\",\"restored\":%s,"
                        "\"mode\":\"%s\",\"workers\":%d,\"requests\":%llu,\"answered\":%llu,"
                        "\"inflight\":%zu,\"memory_bytes\":%llu,\"age_s\":%.1f}",
                        first ? "" : ",", r->id, (int)r->pid, bw_replica_phase_name(r->phase),
@@ -195,7 +195,7 @@ static void replicas_json(msgpack_sbuffer *b) {
                        pss_of(r->pid, 0, &budget), (now - r->t0) / 1000);
         first = false;
     }
-    bw_metrics_put(b, "]");
+    bw_mp_printf(b, "]");
 }
 
 static void checkpoint_json(msgpack_sbuffer *b) {
@@ -207,26 +207,26 @@ static void checkpoint_json(msgpack_sbuffer *b) {
     snprintf(meta, sizeof meta, "%s/restore.msgpack", c->dir);
     if (exists && stat(meta, &st) == 0)
         age = difftime(time(NULL), st.st_mtime);
-    bw_metrics_put(b, "\"checkpoint\":{\"enabled\":%s,\"exists\":%s,\"key\":", on ? "true" : "false",
+    bw_mp_printf(b, "\"checkpoint\":{\"enabled\":%s,\"exists\":%s,\"key\":", on ? "true" : "false",
                    exists ? "true" : "false");
     if (on)
         bw_json_append_str(b, c->key, strlen(c->key));
     else
-        bw_metrics_put(b, "null");
-    bw_metrics_put(b, ",\"bytes\":%llu,\"age_s\":%.0f}", exists ? bw_metrics_image_bytes_now() : 0,
+        bw_mp_printf(b, "null");
+    bw_mp_printf(b, ",\"bytes\":%llu,\"age_s\":%.0f}", exists ? bw_metrics_image_bytes_now() : 0,
                    age);
 }
 
 static void get_state(struct bw_http_req *req) {
     msgpack_sbuffer b;
     msgpack_sbuffer_init(&b);
-    bw_metrics_put(&b, "{\"queued\":%zu,\"inflight\":%zu,\"answered\":%llu,\"max_replicas\":%d,",
+    bw_mp_printf(&b, "{\"queued\":%zu,\"inflight\":%zu,\"answered\":%llu,\"max_replicas\":%d,",
                    bw_router_queued(), bw_router_inflight(NULL), bw_router_answered(NULL),
                    bw_sup.o->max_replicas);
     replicas_json(&b);
-    bw_metrics_put(&b, ",");
+    bw_mp_printf(&b, ",");
     checkpoint_json(&b);
-    bw_metrics_put(&b, "}");
+    bw_mp_printf(&b, "}");
     bw_http_reply(req, 200, b.data, b.size, NULL, -1);
     msgpack_sbuffer_destroy(&b);
 }

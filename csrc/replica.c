@@ -300,19 +300,11 @@ static void pack_secrets(msgpack_packer *pk, const msgpack_object *names) {
     }
 }
 
-/* `key` of the endpoint's configuration, unpacked into z (NULL before it is known). */
-static const msgpack_object *config_get(msgpack_zone *z, const char *key) {
-    msgpack_object *cfg = msgpack_zone_malloc(z, sizeof *cfg);
-    if (!cfg || !bw_sup.config || bw_mp_unpack_exact(bw_sup.config, bw_sup.config_len, z, cfg) < 0)
-        return NULL;
-    return bw_mp_get(cfg, key);
-}
-
 /* Pack the secrets the endpoint's configuration declares. */
 static void pack_config_secrets(msgpack_packer *pk) {
     msgpack_zone z;
     msgpack_zone_init(&z, 1024);
-    pack_secrets(pk, config_get(&z, "secrets"));
+    pack_secrets(pk, bw_mp_get(bw_fleet_config(&z), "secrets"));
     msgpack_zone_destroy(&z);
 }
 
@@ -448,7 +440,7 @@ static void checkpoint_failed(const char *what, const char *err) {
 static int image_holds_secret(char *err, size_t errlen) {
     msgpack_zone z;
     msgpack_zone_init(&z, 1024);
-    const msgpack_object *names = config_get(&z, "secrets");
+    const msgpack_object *names = bw_mp_get(bw_fleet_config(&z), "secrets");
     const char *values[64];
     char name[64][256];
     size_t n = 0;

@@ -265,11 +265,10 @@ static void on_tick(uv_timer_t *t) {
 static int worker_depth(void) {
     msgpack_zone z;
     msgpack_zone_init(&z, 1024);
-    msgpack_object cfg;
-    int depth = 0;
-    if (bw_sup.config && bw_mp_unpack_exact(bw_sup.config, bw_sup.config_len, &z, &cfg) == 0 &&
-        bw_mp_true(bw_mp_get(&cfg, "is_async")))
-        depth = (int)bw_mp_num(bw_mp_get(&cfg, "concurrent_requests"), 1) + 1;
+    const msgpack_object *cfg = bw_fleet_config(&z);
+    int depth = bw_mp_true(bw_mp_get(cfg, "is_async"))
+                    ? (int)bw_mp_num(bw_mp_get(cfg, "concurrent_requests"), 1) + 1
+                    : 0;
     msgpack_zone_destroy(&z);
     return depth;
 }

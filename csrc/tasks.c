@@ -6,7 +6,6 @@
 #define _GNU_SOURCE
 #include "tasks.h"
 
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -155,50 +154,39 @@ const struct bw_start *bw_tasks_start_ready(int replica, const msgpack_object *p
 
 /* ---- JSON ----------------------------------------------------------------------------- */
 
-static void put(msgpack_sbuffer *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-static void put(msgpack_sbuffer *b, const char *fmt, ...) {
-    char buf[512];
-    va_list ap;
-    va_start(ap, fmt);
-    int n = vsnprintf(buf, sizeof buf, fmt, ap);
-    va_end(ap);
-    if (n > 0)
-        msgpack_sbuffer_write(b, buf, (size_t)n < sizeof buf ? (size_t)n : sizeof buf - 1);
-}
-
 static void start_json(msgpack_sbuffer *b, const struct task *t) {
     const struct bw_start *s = find_start(t->started);
     if (!s || !s->ready) { /* not serving yet, or gone from the start ring */
-        put(b, "null");
+        bw_mp_printf(b, "null");
         return;
     }
-    put(b, "{\"replica\":%d,\"mode\":\"%s\",\"offset_ms\":%.3f,\"ready_ms\":%.3f,"
+    bw_mp_printf(b, "{\"replica\":%d,\"mode\":\"%s\",\"offset_ms\":%.3f,\"ready_ms\":%.3f,"
         "\"queue_wait_ms\":%.3f,\"image_bytes\":%llu,\"phases\":[", s->replica, s->mode,
         s->t0 - t->arrival, s->ready_ms, t->queued_ms, s->image_bytes);
     for (int i = 0; i < s->nphases; i++) {
-        put(b, "%s{\"name\":", i ? "," : "");
+        bw_mp_printf(b, "%s{\"name\":", i ? "," : "");
         bw_json_append_str(b, s->phases[i].name, strlen(s->phases[i].name));
-        put(b, ",\"ms\":%.3f}", s->phases[i].ms);
+        bw_mp_printf(b, ",\"ms\":%.3f}", s->phases[i].ms);
     }
-    put(b, "]}");
+    bw_mp_printf(b, "]}");
 }
 
 static void task_json(msgpack_sbuffer *b, const struct task *t) {
-    put(b, "{\"id\":");
+    bw_mp_printf(b, "{\"id\":");
     bw_json_append_str(b, t->id, strlen(t->id));
-    put(b, ",\"status\":\"%s\",\"http_status\":%d,\"replica\":", bw_task_status(t->http_status),
+    bw_mp_printf(b, ",\"status\":\"%s\",\"http_status\":%d,\"replica\":", bw_task_status(t->http_status),
         t->http_status);
-    put(b, t->replica ? "%d" : "null", t->replica);
-    put(b, ",\"arrived_unix_ms\":%.3f,\"queued_ms\":%.3f,\"run_ms\":%.3f,\"total_ms\":%.3f,"
+    bw_mp_printf(b, t->replica ? "%d" : "null", t->replica);
+    bw_mp_printf(b, ",\"arrived_unix_ms\":%.3f,\"queued_ms\":%.3f,\"run_ms\":%.3f,\"total_ms\":%.3f,"
         "\"woke_from_zero\":%s,\"started_replica\":", t->arrived_unix, t->queued_ms, t->run_ms,
         t->queued_ms + t->run_ms, t->from_zero ? "true" : "false");
-    put(b, t->started ? "%d" : "null", t->started);
-    put(b, ",\"start\":");
+    bw_mp_printf(b, t->started ? "%d" : "null", t->started);
+    bw_mp_printf(b, ",\"start\":");
     if (t->started)
         start_json(b, t);
     else
-        put(b, "null");
-    put(b, "}");
+        bw_mp_printf(b, "null");
+    bw_mp_printf(b, "}");
 }
 
 /* i-th newest entry, i < min(added, cap) */
@@ -214,13 +202,13 @@ void bw_tasks_json_list(msgpack_sbuffer *out, size_t limit) {
     size_t n = held();
     if (limit < n)
         n = limit;
-    put(out, "{\"capacity\":%zu,\"recorded\":%llu,\"tasks\":[", history.cap, history.added);
+    bw_mp_printf(out, "{\"capacity\":%zu,\"recorded\":%llu,\"tasks\":[", history.cap, history.added);
     for (size_t i = 0; i < n; i++) {
         if (i)
-            put(out, ",");
+            bw_mp_printf(out, ",");
         task_json(out, nth_newest(i));
     }
-    put(out, "]}");
+    bw_mp_printf(out, "]}");
 }
 
 bool bw_tasks_json_one(msgpack_sbuffer *out, const char *id) {

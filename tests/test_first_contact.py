@@ -14,14 +14,13 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 from typing import Dict
 
 import pytest
 
 from beam.client import RemoteError
+from usercli import app_copy
 
-APPS = Path(__file__).resolve().parent / "apps"
 
 SECRET_READ = "sEcReT-read-in-on-start-5b1f0c9d7e"
 SECRET_UNREAD = "sEcReT-never-read-a83e11f4c2"
@@ -32,10 +31,7 @@ needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="CRIU checkpoints need
 
 @pytest.fixture
 def app(workdir):
-    path = workdir / "app" / "app.py"
-    path.parent.mkdir()
-    shutil.copy(APPS / "user_app.py", path)
-    return path
+    return app_copy(workdir, "user_app.py")
 
 
 def user_shell(**more: str) -> Dict[str, str]:

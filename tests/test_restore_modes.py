@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import stat
 import time
@@ -18,17 +17,14 @@ from pathlib import Path
 import pytest
 
 from beam._paths import find_criu
+from usercli import app_copy
 
-APPS = Path(__file__).resolve().parent / "apps"
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="CRIU checkpoints need root")
 
 
 @pytest.fixture
 def app(workdir):
-    path = workdir / "app" / "app.py"
-    path.parent.mkdir()
-    shutil.copy(APPS / "memory_app.py", path)
-    return path
+    return app_copy(workdir, "memory_app.py")
 
 
 def cold_then(serve_cli, app, *flags, ready=True):

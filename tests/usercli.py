@@ -149,6 +149,15 @@ def wait_until(pred, timeout: float, what: str, every: float = 0.05):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def app_copy(workdir: Path, name: str) -> Path:
+    """tests/apps/NAME copied to WORKDIR/app/app.py: the app's directory is the user's
+    own, as served (its checkpoint key hashes it; its Volumes link into it)."""
+    path = workdir / "app" / "app.py"
+    path.parent.mkdir()
+    path.write_bytes((APPS / name).read_bytes())
+    return path
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

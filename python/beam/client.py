@@ -271,12 +271,9 @@ class Client:
                         writing = False
                         sel.modify(sock, selectors.EVENT_READ)
                 if events & selectors.EVENT_READ:
-                    try:
-                        chunk = sock.recv(_CHUNK)
-                    except (BlockingIOError, InterruptedError):
+                    chunk = self._recv_some(sock)
+                    if chunk is None:
                         continue
-                    except ConnectionResetError:
-                        chunk = b""
                     if not chunk:
                         if self._drain_answers(responses, ids):  # they came with the EOF
                             return responses
@@ -292,6 +289,16 @@ class Client:
                         exc.unanswered = unanswered  # type: ignore[attr-defined]
                         raise exc
                     self._buf += chunk
+
+    @staticmethod
+    def _recv_some(sock: socket.socket) -> Optional[bytes]:
+        """What arrived; b"" once the peer closed or reset; None when nothing was ready."""
+        try:
+            return sock.recv(_CHUNK)
+        except (BlockingIOError, InterruptedError):
+            return None
+        except ConnectionResetError:
+            return b""
 
     def _wait(self, sock: socket.socket, events: int, what: str) -> None:
         with selectors.DefaultSelector() as sel:
@@ -313,12 +320,9 @@ class Client:
             if resp is not None:
                 return resp
             self._wait(sock, selectors.EVENT_READ, "answer")
-            try:
-                chunk = sock.recv(_CHUNK)
-            except (BlockingIOError, InterruptedError):
+            chunk = self._recv_some(sock)
+            if chunk is None:
                 continue
-            except ConnectionResetError:
-                chunk = b""
             if not chunk:
                 raise ConnectionClosed(f"{self.address} closed the connection during a streamed answer")
             self._buf += chunk
