@@ -20,6 +20,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <netinet/in.h>
+#include <poll.h>
 #include <signal.h>
 #include <stdbool.h>
 #include <stdint.h>
@@ -237,11 +238,30 @@ static void check_responses(const char *p, size_t n, bool reset, size_t heads) {
     }
 }
 
+/* connect(2), finished if a signal interrupts it (libFuzzer's own timers send them):
+ * the connection then completes on its own; wait for it and read its result. */
+static int connect_once(int fd) {
+    if (connect(fd, (struct sockaddr *)&addr, sizeof addr) == 0)
+        return 0;
+    if (errno != EINTR)
+        return -1;
+    struct pollfd p = {.fd = fd, .events = POLLOUT};
+    int err = 0;
+    socklen_t len = sizeof err;
+    while (poll(&p, 1, -1) < 0)
+        if (errno != EINTR)
+            return -1;
+    if (getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len) < 0)
+        return -1;
+    errno = err;
+    return err ? -1 : 0;
+}
+
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0), small = 4096;
     /* Small buffers both ways so answers back up: the server's queued-write path. */
     if (fd < 0 || setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &small, sizeof small) < 0 ||
-        connect(fd, (struct sockaddr *)&addr, sizeof addr) < 0)
+        connect_once(fd) < 0)
         FAIL("connect: %s", strerror(errno));
     /* Non-blocking only after connect: loopback connects complete at once. */
     if (fcntl(fd, F_SETFL, O_NONBLOCK) < 0)
