@@ -157,7 +157,7 @@ static int image_runs_here(const struct bw_ckpt *ck, const char *dir, const char
 
 /* Copy the store's image into the local cache: into a temporary directory, verified
  * (sizes and XXH3 of every file, as before a restore), then renamed into place. */
-static void fetch(const struct bw_store *s, struct bw_ckpt *ck) {
+static void fetch(struct bw_store *s, struct bw_ckpt *ck) {
     char err[1024];
     struct bw_ckpt tmp = *ck;
     snprintf(tmp.dir, sizeof tmp.dir, "%s/.tmp-%s-%d", ck->root, ck->key, (int)getpid());
@@ -172,6 +172,7 @@ static void fetch(const struct bw_store *s, struct bw_ckpt *ck) {
     if (bw_ckpt_load(&tmp, &img, err, sizeof err) < 0) {
         bw_warn("checkpoint %.12s in the store is corrupt (%s): not using it; booting cold "
                 "(remove %s to let a machine publish a new one)", ck->key, err, s->dir);
+        s->unusable = true;
         bw_rm_rf(tmp.dir);
         return;
     }
@@ -185,19 +186,25 @@ static void fetch(const struct bw_store *s, struct bw_ckpt *ck) {
             (double)img.bytes / 1048576.0, bw_now_ms() - t0);
 }
 
-void bw_store_pick_image(const struct bw_store *s, struct bw_ckpt *ck) {
+static bool store_has_image(const struct bw_store *s) {
     char p[PATH_MAX + 300];
+    snprintf(p, sizeof p, "%s/restore.msgpack", s->dir);
+    return access(p, F_OK) == 0;
+}
+
+void bw_store_pick_image(struct bw_store *s, struct bw_ckpt *ck) {
     if (bw_ckpt_exists(ck)) {
         /* Unreadable: bw_ckpt_load judges it at the restore (and discards it), as always. */
         if (image_runs_here(ck, ck->dir, "in the local cache") != 0)
             return;
         bw_ckpt_discard(ck); /* this machine's cache: make room for an image that runs */
     }
-    snprintf(p, sizeof p, "%s/restore.msgpack", s->dir);
-    if (!s->on || access(p, R_OK) < 0)
+    if (!s->on || !store_has_image(s))
         return;
     if (image_runs_here(ck, s->dir, "in the store") > 0)
         fetch(s, ck);
+    else
+        s->unusable = true;
 }
 
 /* ---- the lease ------------------------------------------------------------------------- */
@@ -224,21 +231,28 @@ int bw_lease_parse(const char *text, struct bw_lease *l) {
 
 bool bw_lease_expired(const struct bw_lease *l, double now) { return now >= l->expires; }
 
-/* Read the lease at path. A file that cannot be parsed is one being written (created,
- * not yet filled) or damaged: its expiry is its mtime plus the term. 0, or -1 (errno). */
+/* Read the lease at path. One that cannot be parsed is being written (O_EXCL created
+ * it empty; its holder fills it at once) or damaged: read again a few times, then its
+ * expiry is its mtime plus the term. 0, or -1 (errno). */
 static int read_lease(const char *path, double term_s, struct bw_lease *l) {
     char buf[512];
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
     struct stat st;
-    if (fd < 0)
-        return -1;
-    ssize_t n = read(fd, buf, sizeof buf - 1);
-    int rc = fstat(fd, &st);
-    close(fd);
-    if (rc < 0)
-        return -1;
-    buf[n > 0 ? n : 0] = '\0';
-    if (bw_lease_parse(buf, l) < 0) {
+    int parsed = -1;
+    for (int tries = 0; parsed < 0 && tries < 5; tries++) {
+        if (tries)
+            usleep(10000);
+        int fd = open(path, O_RDONLY | O_CLOEXEC);
+        if (fd < 0)
+            return -1;
+        ssize_t n = read(fd, buf, sizeof buf - 1);
+        int rc = fstat(fd, &st);
+        close(fd);
+        if (rc < 0)
+            return -1;
+        buf[n > 0 ? n : 0] = '\0';
+        parsed = bw_lease_parse(buf, l);
+    }
+    if (parsed < 0) {
         snprintf(l->host, sizeof l->host, "?");
         l->pid = 0;
         l->expires = (double)st.st_mtim.tv_sec + st.st_mtim.tv_nsec / 1e9 + term_s;
@@ -380,6 +394,12 @@ bool bw_store_may_dump(struct bw_store *s) {
                 who.pid, s->key);
     if (rc <= 0)
         return false;
+    if (!s->unusable && store_has_image(s)) { /* published since this start looked */
+        bw_info("checkpoint %.12s is in the store now: serving cold, the next start restores it",
+                s->key);
+        bw_store_lease_release(s);
+        return false;
+    }
     remove_abandoned(s);
     s->stop = false;
     s->renewing = pthread_create(&s->renewer, NULL, renewer_main, s) == 0;
@@ -424,13 +444,11 @@ static int publish_child(struct bw_store *s, const struct bw_ckpt *ck) {
 }
 
 void bw_store_publish(struct bw_store *s, const struct bw_ckpt *ck) {
-    char p[PATH_MAX + 300];
     if (!s->on || s->lease_fd < 0)
         return;
-    snprintf(p, sizeof p, "%s/restore.msgpack", s->dir);
-    if (access(p, F_OK) == 0) { /* one this machine cannot use (else it was fetched) */
-        bw_info("the store has checkpoint %.12s from an incompatible machine: keeping this "
-                "one local", s->key);
+    if (store_has_image(s)) { /* one this machine could not use (else it was fetched) */
+        bw_info("the store already has checkpoint %.12s, which this machine could not use "
+                "(said above): keeping this one local", s->key);
         bw_store_lease_release(s);
         return;
     }
