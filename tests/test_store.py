@@ -117,6 +117,10 @@ def test_holder_killed_mid_publication_is_taken_over_after_expiry(serve_cli, app
     assert re.search(r"host=.*\npid=\d+\nexpires=\d+\.\d+\n", lease.read_text())
 
     expires = float(re.search(r"expires=(\S+)", lease.read_text()).group(1))
+    ls = beam_ckpt("ls", "--store", str(store))
+    assert re.search(r"leased .*host \S+ pid \d+", ls.stdout) and "incomplete" in ls.stdout, ls.stdout
+    rm = beam_ckpt("rm", "--stale", "--dir", str(store))  # a person tidying up meanwhile
+    assert "keeping" in rm.stdout and tmp.exists() and lease.exists(), rm.stdout
     b = serve_cli(app, env, *flags(workdir, "m2", "--store-lease", "5"))
     assert "another machine (host" in b.log(), b.log()  # within its term: still held
     assert b.stop() == 0
