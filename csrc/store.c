@@ -137,8 +137,12 @@ static void fsync_dir(const char *path) {
 
 /* ---- picking the image at start -------------------------------------------------------- */
 
-/* Whether the image in dir can run here: 1 yes, 0 no (said why), -1 no record (said). */
-static int image_runs_here(const struct bw_ckpt *ck, const char *dir, const char *where) {
+/* Whether the image in dir can run here: 1 yes, 0 no (said why), -1 no record (said).
+ * gpu: compare the GPU field too. A local image's GPU state is left to the restore's own
+ * check (cuda_ckpt.c: model, count and CUDA version, before CRIU runs), which says more
+ * precisely what differs; a store's is checked here, so that no unusable image is copied. */
+static int image_runs_here(const struct bw_ckpt *ck, const char *dir, const char *where,
+                           bool gpu) {
     struct bw_compat img, here = ck->compat;
     char why[2048];
     if (bw_ckpt_compat_of(dir, &img, why, sizeof why) < 0) {
@@ -146,6 +150,8 @@ static int image_runs_here(const struct bw_ckpt *ck, const char *dir, const char
                 why);
         return -1;
     }
+    if (!gpu)
+        img.gpu[0] = '\0';
     if (img.gpu[0])
         bw_compat_detect_gpu(&here);
     if (bw_compat_check(&img, &here, why, sizeof why))
@@ -195,13 +201,13 @@ static bool store_has_image(const struct bw_store *s) {
 void bw_store_pick_image(struct bw_store *s, struct bw_ckpt *ck) {
     if (bw_ckpt_exists(ck)) {
         /* Unreadable: bw_ckpt_load judges it at the restore (and discards it), as always. */
-        if (image_runs_here(ck, ck->dir, "in the local cache") != 0)
+        if (image_runs_here(ck, ck->dir, "in the local cache", false) != 0)
             return;
         bw_ckpt_discard(ck); /* this machine's cache: make room for an image that runs */
     }
     if (!s->on || !store_has_image(s))
         return;
-    if (image_runs_here(ck, s->dir, "in the store") > 0)
+    if (image_runs_here(ck, s->dir, "in the store", true) > 0)
         fetch(s, ck);
     else
         s->unusable = true;

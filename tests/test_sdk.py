@@ -3,8 +3,8 @@ msgpack server on real sockets). No beam-worker binary is needed."""
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 import socket
 import socketserver
 import struct
