@@ -286,17 +286,29 @@ static bool lease_ours(const struct bw_store *s) {
            a.st_dev == b.st_dev;
 }
 
-static void renew(struct bw_store *s) {
+/* 0, -1 the write failed (errno), -2 another machine broke the lease. */
+static int renew(struct bw_store *s) {
     if (write_lease(s) < 0)
-        bw_warn("cannot renew the store lease %s: %s", s->lease, strerror(errno));
-    else if (!lease_ours(s))
+        return -1;
+    return lease_ours(s) ? 0 : -2;
+}
+
+static void say_trouble(const struct bw_store *s, int trouble, int err) {
+    if (trouble == -1)
+        bw_warn("cannot renew the store lease %s: %s", s->lease, strerror(err));
+    else if (trouble == -2)
         bw_warn("the store lease %s was broken by another machine (this one did not renew it "
                 "in time: clocks apart, or the store stalled)", s->lease);
 }
 
+/* The publishing child renews between blocks, and may log: it has no loop. */
 static void lease_tick(struct bw_store *s) {
-    if (s->lease_fd >= 0 && bw_now_ms() - s->renewed > s->term_s * 1000 / 3)
-        renew(s);
+    if (s->lease_fd < 0 || bw_now_ms() - s->renewed <= s->term_s * 1000 / 3)
+        return;
+    int r = renew(s);
+    if (r < 0 && !s->trouble)
+        say_trouble(s, r, errno);
+    s->trouble = s->trouble ? s->trouble : r;
 }
 
 static void *renewer_main(void *arg) {
@@ -308,8 +320,13 @@ static void *renewer_main(void *arg) {
         long long ns = until.tv_nsec + (long long)(s->term_s * 1e9 / 3);
         until.tv_sec += (time_t)(ns / 1000000000LL);
         until.tv_nsec = (long)(ns % 1000000000LL);
-        if (pthread_cond_timedwait(&s->cv, &s->mu, &until) == ETIMEDOUT && !s->stop)
-            renew(s);
+        if (pthread_cond_timedwait(&s->cv, &s->mu, &until) != ETIMEDOUT || s->stop)
+            continue;
+        int r = renew(s);
+        if (r < 0 && !s->trouble) { /* said by the loop's thread: logging is not thread-safe */
+            s->trouble = r;
+            s->trouble_errno = errno;
+        }
     }
     pthread_mutex_unlock(&s->mu);
     return NULL;
@@ -324,6 +341,7 @@ static void renewer_stop(struct bw_store *s) {
     pthread_mutex_unlock(&s->mu);
     pthread_join(s->renewer, NULL);
     s->renewing = false;
+    say_trouble(s, s->trouble, s->trouble_errno);
 }
 
 /* An expired lease: move it aside (rename is atomic, so of two machines breaking it
@@ -408,6 +426,7 @@ bool bw_store_may_dump(struct bw_store *s) {
     }
     remove_abandoned(s);
     s->stop = false;
+    s->trouble = 0;
     s->renewing = pthread_create(&s->renewer, NULL, renewer_main, s) == 0;
     return true;
 }

@@ -45,6 +45,7 @@ struct bw_store {
     pthread_mutex_t mu;
     pthread_cond_t cv;
     bool renewing, stop;
+    int trouble, trouble_errno; /* the first failed renewal (store.c renew), said later */
 };
 
 /* Use root as the store for key. 0, or -1 with the reason in err. */
