@@ -127,22 +127,22 @@ static int copy_image(const char *src, const char *dst, struct bw_store *s, char
     return rc;
 }
 
-static void fsync_dir(const char *path) {
+static int fsync_dir(const char *path) {
     int fd = open(path, O_DIRECTORY | O_CLOEXEC);
-    if (fd >= 0) {
-        fsync(fd);
+    int rc = fd >= 0 && fsync(fd) == 0 ? 0 : -1;
+    if (fd >= 0)
         close(fd);
-    }
+    return rc;
 }
 
 /* ---- picking the image at start -------------------------------------------------------- */
 
-/* Whether the image in dir can run here: 1 yes, 0 no (said why), -1 no record (said).
- * gpu: compare the GPU field too. A local image's GPU state is left to the restore's own
+/* Whether the image in dir can run here: 1 yes, 0 no (said why, and then: what is done
+ * about it), -1 no record (said). gpu: compare the GPU field too. A local image's GPU state is left to the restore's own
  * check (cuda_ckpt.c: model, count and CUDA version, before CRIU runs), which says more
  * precisely what differs; a store's is checked here, so that no unusable image is copied. */
 static int image_runs_here(const struct bw_ckpt *ck, const char *dir, const char *where,
-                           bool gpu) {
+                           bool gpu, const char *then) {
     struct bw_compat img, here = ck->compat;
     char why[2048];
     if (bw_ckpt_compat_of(dir, &img, why, sizeof why) < 0) {
@@ -156,8 +156,8 @@ static int image_runs_here(const struct bw_ckpt *ck, const char *dir, const char
         bw_compat_detect_gpu(&here);
     if (bw_compat_check(&img, &here, why, sizeof why))
         return 1;
-    bw_warn("checkpoint %.12s %s was made on an incompatible machine (%s); booting cold",
-            ck->key, where, why);
+    bw_warn("checkpoint %.12s %s was made on an incompatible machine (%s); %s", ck->key, where,
+            why, then);
     return 0;
 }
 
@@ -201,13 +201,15 @@ static bool store_has_image(const struct bw_store *s) {
 void bw_store_pick_image(struct bw_store *s, struct bw_ckpt *ck) {
     if (bw_ckpt_exists(ck)) {
         /* Unreadable: bw_ckpt_load judges it at the restore (and discards it), as always. */
-        if (image_runs_here(ck, ck->dir, "in the local cache", false) != 0)
+        if (image_runs_here(ck, ck->dir, "in the local cache", false,
+                            s->on ? "discarding it, looking in the store"
+                                  : "discarding it; booting cold") != 0)
             return;
         bw_ckpt_discard(ck); /* this machine's cache: make room for an image that runs */
     }
     if (!s->on || !store_has_image(s))
         return;
-    if (image_runs_here(ck, s->dir, "in the store", true) > 0)
+    if (image_runs_here(ck, s->dir, "in the store", true, "booting cold") > 0)
         fetch(s, ck);
     else
         s->unusable = true;
@@ -458,7 +460,8 @@ static int publish_child(struct bw_store *s, const struct bw_ckpt *ck) {
             rc = -1;
         }
     } else if (rc == 0) {
-        fsync_dir(s->root);
+        if (fsync_dir(s->root) < 0) /* in place, but a crash of the store may lose the name */
+            bw_warn("cannot fsync %s: %s", s->root, strerror(errno));
         bw_info("checkpoint published to store: %s (%.0f ms)", s->dir, bw_now_ms() - t0);
     }
     if (rc < 0)
