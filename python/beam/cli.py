@@ -505,7 +505,7 @@ def _one_image(directory: str, prefix: str) -> Entry:
 
 
 def _run_worker(argv: List[str]) -> int:
-    """beam-worker's archive modes (csrc/archive.c) say what they did or why not."""
+    """beam-worker's archive modes (csrc/image_archive.c) say what they did or why not."""
     try:
         return subprocess.run([_binary(), *argv]).returncode
     except OSError as exc:
