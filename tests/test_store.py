@@ -98,6 +98,20 @@ def test_two_machines_race_for_one_lease(serve_cli, app, exports, workdir):
     assert on_start_runs(workdir) == 2  # both booted cold
 
 
+def test_lease_is_renewed_while_on_start_outlasts_its_term(serve_cli, app, exports, workdir):
+    """on_start takes 5 s, the lease term is 1.5 s: the holder renews, so a machine that
+    comes 3 s later still finds the lease held and does not break it."""
+    env = dict(exports, STORE_SLEEP="5")
+    a = serve_cli(app, env, *flags(workdir, "a", "--store-lease", "1.5"), ready=False)
+    lease = wait_until(lambda: next((workdir / "store").glob("*.lease"), None), 60, "the lease")
+    time.sleep(3)
+    b = serve_cli(app, env, *flags(workdir, "b", "--store-lease", "1.5"))
+    log = b.log()
+    assert "another machine (host" in log and "breaking" not in log, log
+    a.wait_for("checkpoint published to store: ", 60)
+    assert "breaking" not in a.log() and not lease.exists()
+
+
 def slow_criu(workdir) -> Path:
     """A criu whose RPC service (what libcriu runs for a dump) first sleeps: a dump that
     is still running when the test kills its machine."""
