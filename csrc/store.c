@@ -418,8 +418,10 @@ bool bw_store_may_dump(struct bw_store *s) {
     if (rc == 0)
         bw_info("another machine (host %s pid %ld) is checkpointing %s; serving cold", who.host,
                 who.pid, s->key);
+    if (rc < 0) /* a read-only store still feeds this machine; its own image stays here */
+        bw_warn("checkpointing into the local cache only: no lease, no publication");
     if (rc <= 0)
-        return false;
+        return rc < 0;
     if (!s->unusable && store_has_image(s)) { /* published since this start looked */
         bw_info("checkpoint %.12s is in the store now: serving cold, the next start restores it",
                 s->key);

@@ -211,6 +211,27 @@ def test_incompatible_machine_boots_cold(serve_cli, app, exports, workdir):
     assert "mode=cold" in log
 
 
+def test_read_only_store_feeds_but_takes_no_dump(serve_cli, app, exports, workdir):
+    """A consumer's read-only mount of the store: it restores what is there; for a key
+    the store lacks it dumps into its local cache only."""
+    img = publish(serve_cli, app, exports, workdir)
+    store = str(workdir / "store")
+    ro = ["unshare", "-m", "--", "sh", "-c", f'mount --bind {store} {store} && mount -o '
+          f'remount,bind,ro {store} && exec bash "$@"', "sh"]
+    s = serve_cli(app, exports, *flags(workdir, "m2"), wrap=ro)
+    assert "checkpoint fetched from store: " in s.log() and on_start_runs(workdir) == 1
+    assert s.stop() == 0
+    (workdir / "m2" / img.name).rename(workdir / "m2" / "set-aside")
+    bw = workdir / "app" / "app.py"
+    bw.write_text(bw.read_text() + "\n# another key\n")
+    s = serve_cli(app, exports, *flags(workdir, "m2"), wrap=ro)
+    log = s.log()
+    assert "cannot create the store lease" in log and "Read-only file system" in log, log
+    assert "checkpointing into the local cache only: no lease, no publication" in log
+    assert "checkpoint written" in log and "publish" not in log
+    assert images(workdir / "store") == [img]
+
+
 def beam_ckpt(*args):
     return subprocess.run([sys.executable, "-m", "beam", "checkpoints", *args],
                           capture_output=True, text=True)
