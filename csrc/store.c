@@ -431,7 +431,11 @@ bool bw_store_may_dump(struct bw_store *s) {
     remove_abandoned(s);
     s->stop = false;
     s->trouble = 0;
-    s->renewing = pthread_create(&s->renewer, NULL, renewer_main, s) == 0;
+    int err = pthread_create(&s->renewer, NULL, renewer_main, s);
+    s->renewing = err == 0;
+    if (err)
+        bw_warn("cannot start renewing the store lease (%s): it lapses after %gs, and another "
+                "machine may then dump this key too", strerror(err), s->term_s);
     return true;
 }
 
