@@ -44,7 +44,8 @@
  * context switch per call or two, as the worker and the supervisor take turns. A worker
  * answering quickly then takes up to this many, in one write, and answers them in one:
  * twice the requests per second of a no-op handler on one core (docs/performance.md).
- * Never behind a call that runs long (BATCH_FRESH_MS): a batch must not wait on it. */
+ * Never into a worker that has not answered for BATCH_FRESH_MS: a batch must not wait
+ * behind a call that runs long. */
 #define BATCH_DEPTH 32
 #define BATCH_FRESH_MS 2.0
 #define MAX_WORKERS 256 /* as in host.c */
@@ -81,6 +82,8 @@ struct rep {
     int depth;                /* calls in flight a worker may hold (bw_router_attach) */
     int load[MAX_WORKERS];    /* calls in flight per worker index */
     int conns[MAX_WORKERS];   /* connections that reach each worker */
+    double progress[MAX_WORKERS]; /* bw_now_ms() of its last answer, or of the call
+                                   * that found it idle */
     struct rep *next;
 };
 
@@ -430,6 +433,7 @@ static void up_read(uv_stream_t *s, ssize_t n, const uv_buf_t *buf) {
             u->tail = NULL;
         u->inflight--;
         u->rep->load[u->worker]--;
+        u->rep->progress[u->worker] = bw_now_ms();
         u->rep->inflight--;
         u->answered++;
         u->retry_ms = 0; /* it answers: the next loss reconnects at once */
@@ -503,7 +507,8 @@ static void send_call(struct upstream *u, struct call *k) {
         u->head = k;
     u->tail = k;
     u->inflight++;
-    u->rep->load[u->worker]++;
+    if (u->rep->load[u->worker]++ == 0)
+        u->rep->progress[u->worker] = k->dispatched;
     u->rep->inflight++;
     mark_dirty(u);
 }
@@ -518,11 +523,11 @@ static bool better(const struct upstream *u, int l, const struct upstream *best,
     return u->inflight < best->inflight;
 }
 
-/* May u take one more call? batch: past its depth, as long as what it runs is quick. */
+/* May u take one more call? batch: past its depth, while its worker answers quickly. */
 static bool has_room(const struct upstream *u, int load, bool batch, double now) {
     if (load < u->rep->depth)
         return true;
-    return batch && load < BATCH_DEPTH && (!u->head || now - u->head->dispatched < BATCH_FRESH_MS);
+    return batch && load < BATCH_DEPTH && now - u->rep->progress[u->worker] < BATCH_FRESH_MS;
 }
 
 static struct upstream *least_loaded(int *load, bool batch) {

@@ -363,3 +363,35 @@ def test_two_concurrent_calls_run_on_different_replicas(serve):
         print(f"2 concurrent 1 s calls, 2 replicas: {took:.2f}s on {len(containers)} replica(s)")
         assert len(containers) == 2, results
         assert took < 1.9, took
+
+
+def test_a_batch_never_waits_behind_a_slow_call(serve):
+    # One replica, no more to come: queued calls are batched into the workers, but only
+    # into one whose call runs briefly; worker 0 or 1 sleeps 2 s meanwhile.
+    s = serve("router_app.py:where", "--no-checkpoint", "--keep-warm", "-1", "--workers", "2")
+    wait_until(lambda: len({r["worker"] for r in concurrent_calls(s, 2, 0.3)[1]}) == 2, 30,
+               "both workers reached")
+    slow: list = []
+    t = threading.Thread(target=lambda: slow.append(s.call(timeout=30, seconds=2.0)))
+    t.start()
+    time.sleep(0.3)
+    lat: list = []
+
+    def fast() -> None:
+        end = time.monotonic() + 1.0
+        while time.monotonic() < end:
+            t0 = time.monotonic()
+            status, _ = s.call(timeout=30, seconds=0)
+            lat.append((status, time.monotonic() - t0))
+
+    threads = [threading.Thread(target=fast) for _ in range(8)]
+    for th in threads:
+        th.start()
+    for th in threads + [t]:
+        th.join(30)
+    behind = [x for _, x in lat if x > 0.5]
+    print(f"{len(lat)} quick calls from 8 threads beside a 2 s call, --workers 2: "
+          f"{len(behind)} waited behind it")
+    assert slow and slow[0][0] == 200, slow
+    assert lat and all(st == 200 for st, _ in lat), lat
+    assert len(behind) <= 1, behind  # the one it may hold at depth 2, as before batching
