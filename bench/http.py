@@ -20,7 +20,10 @@ The last line is
 http_vs_fastapi_async_ratio=<beam / fastapi (async def) req/s>
 scale_from_zero_vs_cold=<zero / cold>`` on one line (nan where a part was skipped; below
 1 the restore from zero answers sooner than a cold boot). Both servers speak HTTP/1.1 to
-the same client; each ratio compares beam's HTTP front with one FastAPI flavour.
+the same client; each ratio compares beam's HTTP front with one FastAPI flavour. The
+table's "cpu us/req" is each server's own CPU (its whole process tree) per request, and
+the line above the last compares it: req/s moves with whatever else runs on the cores,
+CPU per request hardly does.
 
     PYTHONPATH=$PWD/python .venv/bin/python bench/http.py --quick     # ~60 s
 
@@ -134,7 +137,7 @@ def post(port: int, body: Optional[dict], method: str = "POST", path: str = "/",
 def run_beam_http(args, workers: int, server_cpus, client_cpus) -> Dict:
     b = Beam(args, NOOP_APP, ["--no-checkpoint", "--workers", str(workers)], server_cpus)
     try:
-        res = S.loadgen(args, ["--tcp", f"127.0.0.1:{b.port}"], "http", client_cpus)
+        res = S.loadgen(args, ["--tcp", f"127.0.0.1:{b.port}"], "http", client_cpus, b.proc.pid)
         b.alive()
         return dict(res, server="beam (HTTP front)", transport="http/tcp", workers=workers)
     finally:
@@ -312,6 +315,12 @@ def main(argv=None) -> int:
     base_async = rps("fastapi (async def)")
     ratio_async = beam / base_async if beam and base_async else float("nan")
     zc = med["zero"] / med["cold"] if "zero" in med and "cold" in med else float("nan")
+    cpu = {r["server"]: r.get("server_cpu_us") for r in rows}
+    if cpu.get("beam (HTTP front)") and cpu.get("fastapi (async def)"):
+        # The servers' own CPU per request: what req/s would say on an otherwise idle core.
+        print(f"server CPU per request: beam {cpu['beam (HTTP front)']:.1f} us, fastapi (async "
+              f"def) {cpu['fastapi (async def)']:.1f} us: "
+              f"{cpu['fastapi (async def)'] / cpu['beam (HTTP front)']:.1f}x less for beam")
     errors = sum(r["errors"] for r in rows)
     if args.json:
         with open(args.json, "w") as f:

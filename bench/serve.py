@@ -141,7 +141,30 @@ def find_worker(build_dir: str) -> str:
     raise SetupError(f"{path} not found; build it with cmake --build {build_dir}")
 
 
-def loadgen(args, target: List[str], proto: str, cpus: Optional[set]) -> Dict:
+def tree_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) of pid and its live descendants, from /proc."""
+    stats = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    rest = f.read().rsplit(")", 1)[1].split()  # comm may hold spaces
+            except (OSError, IndexError):
+                continue
+            stats[int(d)] = (int(rest[1]), int(rest[11]) + int(rest[12]))  # ppid, ticks
+    tree, grew = {pid}, True
+    while grew:
+        more = {p for p, (pp, _) in stats.items() if pp in tree} - tree
+        tree |= more
+        grew = bool(more)
+    return sum(stats[p][1] for p in tree if p in stats) / os.sysconf("SC_CLK_TCK")
+
+
+def loadgen(args, target: List[str], proto: str, cpus: Optional[set],
+            server_pid: Optional[int] = None) -> Dict:
+    """One load generator run. server_pid: also the server's CPU per request (its
+    process tree's CPU over warm-up + run, over the requests of that time at the
+    measured rate): unlike req/s, it hardly moves when other work shares the cores."""
     # --quickack for HTTP only: uvicorn --workers N (asyncio loop) loses TCP_NODELAY and
     # writes headers and body separately, so without it every response waits ~40 ms for
     # the client's delayed ACK. It only helps the baseline. beam answers in one write.
@@ -151,11 +174,16 @@ def loadgen(args, target: List[str], proto: str, cpus: Optional[set]) -> Dict:
            "--threads", str(args.threads),
            "--duration", str(args.duration), "--warmup", str(args.warmup)]
     timeout = args.duration + args.warmup + 30
+    cpu0 = tree_cpu_s(server_pid) if server_pid else 0.0
     r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                        timeout=timeout, preexec_fn=affinity(cpus))
     if r.returncode != 0:
         raise BenchError(f"{' '.join(cmd)} failed ({r.returncode}): {r.stderr.strip()}")
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    if server_pid and res["rps"] > 0:
+        cpu = tree_cpu_s(server_pid) - cpu0
+        res["server_cpu_us"] = cpu * 1e6 / (res["rps"] * (args.duration + args.warmup))
+    return res
 
 
 # ---- beam-worker -----------------------------------------------------------------------
@@ -250,7 +278,7 @@ def run_fastapi(args, workers: int, variant: str, server_cpus, client_cpus) -> D
             time.sleep(0.1)
         if workers > 1:
             time.sleep(1.0)  # the first worker answered; give the others time to import
-        res = loadgen(args, ["--tcp", f"127.0.0.1:{port}"], "http", client_cpus)
+        res = loadgen(args, ["--tcp", f"127.0.0.1:{port}"], "http", client_cpus, proc.pid)
         if proc.poll() is not None:
             raise BenchError(f"uvicorn exited during the run:\n{log.tail()}")
         return dict(res, server=f"fastapi ({variant})", transport="http/tcp", workers=workers)
@@ -398,13 +426,14 @@ def print_stream_rows(rows) -> None:
 def print_rows(rows) -> None:
     """The throughput table, as bench/serve.py and bench/http.py print it."""
     hdr = f"{'server':<20} {'transport':<9} {'workers':>7} {'req/s':>10} {'p50 ms':>8} " \
-          f"{'p99 ms':>8} {'p99.9 ms':>9} {'errors':>7}"
+          f"{'p99 ms':>8} {'p99.9 ms':>9} {'errors':>7} {'cpu us/req':>10}"
     print(hdr)
     print("-" * len(hdr))
     for r in rows:
+        cpu = f"{r['server_cpu_us']:.1f}" if "server_cpu_us" in r else "-"
         print(f"{r['server']:<20} {r['transport']:<9} {r['workers']:>7} {r['rps']:>10.0f} "
               f"{fmt_ms(r['p50_us']):>8} {fmt_ms(r['p99_us']):>8} {fmt_ms(r['p999_us']):>9} "
-              f"{r['errors']:>7}")
+              f"{r['errors']:>7} {cpu:>10}")
 
 
 def add_client_options(ap) -> None:

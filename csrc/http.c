@@ -90,7 +90,10 @@ struct conn {
     double deadline;        /* bw_now_ms() past which the phase took too long; 0: none */
     bool keep_body;         /* only POST / uses its body; others are counted, not kept */
     size_t body_seen;
-    struct conn *prev, *next; /* open connections, for the deadline sweep */
+    /* An authorized request was made on it. Until then it is a stranger's: idle, it gets
+     * the header timeout, and at --max-connections it is the first to go. */
+    bool proven;
+    struct conn *prev, *next; /* open connections, oldest first, for the sweep */
 };
 
 static struct {
@@ -102,8 +105,9 @@ static struct {
     struct bw_http_handlers h;
     http_parser_settings settings;
     uv_timer_t sweep;
-    struct conn *conns; /* open (not yet closed) connections */
+    struct conn *conns, *last; /* not yet closed connections, oldest first */
     int nconns;
+    int nclosing; /* of those, closing: their descriptor is gone, no longer counted */
 } front;
 
 static const char *status_text(int status) {
@@ -145,15 +149,20 @@ static void on_closed(uv_handle_t *h) {
         front.conns = c->next;
     if (c->next)
         c->next->prev = c->prev;
+    else
+        front.last = c->prev;
     front.nconns--;
+    front.nclosing--;
     c->closed = true;
     streams_gone(c);
     conn_free_if_done(c);
 }
 
 static void conn_close(struct conn *c) {
-    if (!uv_is_closing((uv_handle_t *)&c->tcp))
+    if (!uv_is_closing((uv_handle_t *)&c->tcp)) {
+        front.nclosing++;
         uv_close((uv_handle_t *)&c->tcp, on_closed);
+    }
 }
 
 static void req_free(struct bw_http_req *r) {
@@ -220,6 +229,15 @@ static bool flush_one(struct conn *c) {
     return true;
 }
 
+/* Keeping a stranger's connection open for its next request is not worth a slot for
+ * long: it gets no more time idle than it had for its headers. */
+static double idle_timeout_ms(const struct conn *c) {
+    double s = front.opts.idle_timeout_s;
+    if (!c->proven && front.opts.header_timeout_s < s)
+        s = front.opts.header_timeout_s;
+    return s * 1000;
+}
+
 static void flush(struct conn *c) {
     msgpack_sbuffer out;
     msgpack_sbuffer_init(&out);
@@ -253,7 +271,7 @@ static void flush(struct conn *c) {
             conn_close(c);
     } else {
         if (c->pending == 0 && c->phase == C_IDLE) /* nothing owed: the idle clock runs */
-            c->deadline = bw_now_ms() + front.opts.idle_timeout_s * 1000;
+            c->deadline = bw_now_ms() + idle_timeout_ms(c);
         if (c->pending < MAX_PIPELINED / 2)
             resume_parsing(c);
         if (c->eof && !c->head && c->write_bytes == 0 && c->unparsed.size == 0)
@@ -460,8 +478,10 @@ static int on_headers_complete(http_parser *p) {
     c->phase = C_BODY;
     c->deadline = bw_now_ms() + front.opts.body_timeout_s * 1000;
     c->keep_body = t == T_ROOT;
+    bool bearer = front.opts.token && token_ok(c);
+    c->proven = c->proven || bearer; /* so an authorized upload mid-body is not evicted */
     if (front.opts.token && (t == T_ROOT || t == T_STATS) && has_body(p) && !front.stopping &&
-        !token_ok(c)) {
+        !bearer) {
         c->reject = 401;
         http_parser_pause(p, 1);
     } else if (p->content_length != ULLONG_MAX && p->content_length > front.opts.max_body) {
@@ -642,6 +662,7 @@ static void route(struct conn *c, struct bw_http_req *r, enum http_method m) {
                             "missing or wrong 'Authorization: Bearer <token>'", NULL, -1);
         return;
     }
+    c->proven = true;
     if (observe) {
         if (!is_get)
             bw_http_reply_error(r, 405, "MethodNotAllowed", "use GET", NULL, -1);
@@ -801,6 +822,20 @@ static void on_sweep(uv_timer_t *t) {
     }
 }
 
+/* At --max-connections, the oldest connection that never made an authorized request
+ * and is owed nothing makes room: else anyone could open that many idle sockets and
+ * lock every client with the token out. False: none (all are proven or busy). */
+static bool evict_stranger(const struct conn *newcomer) {
+    for (struct conn *c = front.conns; c; c = c->next) {
+        if (c == newcomer || c->proven || c->head || c->write_bytes > 0 ||
+            uv_is_closing((uv_handle_t *)&c->tcp))
+            continue;
+        conn_close(c);
+        return true;
+    }
+    return false;
+}
+
 static void on_connection(uv_stream_t *server, int status) {
     if (status < 0)
         return;
@@ -811,16 +846,18 @@ static void on_connection(uv_stream_t *server, int status) {
     c->tcp.data = c;
     msgpack_sbuffer_init(&c->body);
     msgpack_sbuffer_init(&c->unparsed);
-    c->next = front.conns;
-    if (front.conns)
-        front.conns->prev = c;
-    front.conns = c;
+    c->prev = front.last;
+    if (front.last)
+        front.last->next = c;
+    else
+        front.conns = c;
+    front.last = c;
     front.nconns++;
     if (uv_accept(server, (uv_stream_t *)&c->tcp) < 0) {
-        uv_close((uv_handle_t *)&c->tcp, on_closed);
+        conn_close(c);
         return;
     }
-    if (front.nconns > front.opts.max_conns) {
+    if (front.nconns - front.nclosing > front.opts.max_conns && !evict_stranger(c)) {
         /* Accepted only to be refused: costs one write and a close, and the clients
          * already connected keep their connections. */
         say_and_close(c, 503, "TooManyConnections",

@@ -39,6 +39,15 @@
  * call waits for one more connection: a busy worker is inside a handler and does not
  * accept, so an idle one takes it. */
 #define WORKER_DEPTH 2 /* a sync worker: one running, one ready */
+/* ... unless no more capacity can come (the supervisor runs --max-replicas already):
+ * then a queued call has nowhere else to go, and waiting in the router only costs a
+ * context switch per call or two, as the worker and the supervisor take turns. A worker
+ * answering quickly then takes up to this many, in one write, and answers them in one:
+ * twice the requests per second of a no-op handler on one core (docs/performance.md).
+ * Never into a worker that has not answered for BATCH_FRESH_MS: a batch must not wait
+ * behind a call that runs long. */
+#define BATCH_DEPTH 32
+#define BATCH_FRESH_MS 2.0
 #define MAX_WORKERS 256 /* as in host.c */
 #define PROBE_ID 0      /* the id of the "stats" a new connection sends; calls count from 1 */
 /* How long a call waits for a new connection's answer. A busy worker may have accepted
@@ -73,6 +82,8 @@ struct rep {
     int depth;                /* calls in flight a worker may hold (bw_router_attach) */
     int load[MAX_WORKERS];    /* calls in flight per worker index */
     int conns[MAX_WORKERS];   /* connections that reach each worker */
+    double progress[MAX_WORKERS]; /* bw_now_ms() of its last answer, or of the call
+                                   * that found it idle */
     struct rep *next;
 };
 
@@ -422,6 +433,7 @@ static void up_read(uv_stream_t *s, ssize_t n, const uv_buf_t *buf) {
             u->tail = NULL;
         u->inflight--;
         u->rep->load[u->worker]--;
+        u->rep->progress[u->worker] = bw_now_ms();
         u->rep->inflight--;
         u->answered++;
         u->retry_ms = 0; /* it answers: the next loss reconnects at once */
@@ -495,7 +507,8 @@ static void send_call(struct upstream *u, struct call *k) {
         u->head = k;
     u->tail = k;
     u->inflight++;
-    u->rep->load[u->worker]++;
+    if (u->rep->load[u->worker]++ == 0)
+        u->rep->progress[u->worker] = k->dispatched;
     u->rep->inflight++;
     mark_dirty(u);
 }
@@ -510,14 +523,22 @@ static bool better(const struct upstream *u, int l, const struct upstream *best,
     return u->inflight < best->inflight;
 }
 
-static struct upstream *least_loaded(int *load) {
+/* May u take one more call? batch: past its depth, while its worker answers quickly. */
+static bool has_room(const struct upstream *u, int load, bool batch, double now) {
+    if (load < u->rep->depth)
+        return true;
+    return batch && load < BATCH_DEPTH && now - u->rep->progress[u->worker] < BATCH_FRESH_MS;
+}
+
+static struct upstream *least_loaded(int *load, bool batch) {
     struct upstream *best = NULL;
+    double now = batch ? bw_now_ms() : 0;
     for (int i = 0; i < router.nup; i++) {
         struct upstream *u = router.up[i];
         if (!u->connected || u->dead || u->draining || u->worker < 0)
             continue;
         int l = u->rep->load[u->worker];
-        if (l < u->rep->depth && better(u, l, best, *load)) {
+        if (has_room(u, l, batch, now) && better(u, l, best, *load)) {
             best = u;
             *load = l;
         }
@@ -537,19 +558,25 @@ static void on_hold(uv_timer_t *t) {
     dispatch();
 }
 
-/* Where a call goes now; NULL: it waits. When the best worker already runs a call and
- * some replica has workers no connection reaches, the call waits for a new connection
- * to find one (one opened at a time, at most rep->cap per replica). */
-static struct upstream *pick(void) {
-    int load = 0;
-    struct upstream *best = least_loaded(&load);
-    if (best && load == 0)
-        return best;
+/* The replica with workers no connection reaches yet (the least busy), or NULL. */
+static struct rep *growing(void) {
     struct rep *grow = NULL;
     for (struct rep *p = router.reps; p; p = p->next)
         if (!p->draining && p->nup < p->cap && reached(p) < p->workers &&
             (!grow || p->inflight < grow->inflight))
             grow = p;
+    return grow;
+}
+
+/* Where a call goes now; NULL: it waits. When the best worker already runs a call and
+ * some replica has workers no connection reaches, the call waits for a new connection
+ * to find one (one opened at a time, at most rep->cap per replica). */
+static struct upstream *pick(void) {
+    int load = 0;
+    struct upstream *best = least_loaded(&load, false);
+    if (best && load == 0)
+        return best;
+    struct rep *grow = growing();
     if (!grow)
         return best;
     /* A probe that has not answered in PROBE_WAIT_MS sits behind a busy worker's call
@@ -568,18 +595,24 @@ static struct upstream *pick(void) {
     return NULL;
 }
 
+static void send_head(struct upstream *u) {
+    struct call *k = router.qhead;
+    router.qhead = k->next;
+    if (!router.qhead)
+        router.qtail = NULL;
+    router.queued--;
+    send_call(u, k);
+}
+
 static void dispatch(void) {
     struct upstream *u;
-    while (router.qhead && (u = pick())) {
-        struct call *k = router.qhead;
-        router.qhead = k->next;
-        if (!router.qhead)
-            router.qtail = NULL;
-        router.queued--;
-        send_call(u, k);
-    }
-    if (router.qhead && router.demand)
-        router.demand(router.demand_arg);
+    while (router.qhead && (u = pick()))
+        send_head(u);
+    if (!router.qhead || !router.demand || router.demand(router.demand_arg) || growing())
+        return; /* more capacity is coming: the calls wait for it, visible in the queue */
+    int load = 0;
+    while (router.qhead && (u = least_loaded(&load, true)))
+        send_head(u);
 }
 
 void bw_router_submit(struct bw_http_req *r) {

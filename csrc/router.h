@@ -13,7 +13,10 @@
 
 #include "http.h"
 
-typedef void (*bw_router_demand_fn)(void *arg);
+/* Calls wait that no replica can take now. Returns whether more capacity may come (a
+ * replica is starting or may be started); false lets the router batch them into the
+ * workers it has (BATCH_DEPTH in router.c). */
+typedef bool (*bw_router_demand_fn)(void *arg);
 
 void bw_router_init(uv_loop_t *loop, size_t max_frame, bw_router_demand_fn demand, void *arg);
 void bw_router_set_max_pending(int n);

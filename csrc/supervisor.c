@@ -188,11 +188,11 @@ static void wake_start(void) {
     sup.waking = true;
 }
 
-/* The router has calls no replica can take now. */
-static void on_demand(void *arg) {
+/* The router has calls no replica can take now. True: more capacity may come. */
+static bool on_demand(void *arg) {
     (void)arg;
     if (sup.stopping || sup.pending) /* a replacement is due when its backoff ends */
-        return;
+        return sup.pending;
     int alive = count_alive();
     if (alive == 0) {
         start_replica("an HTTP call is waiting");
@@ -201,6 +201,7 @@ static void on_demand(void *arg) {
         snprintf(why, sizeof why, "%zu call(s) queued", bw_router_queued());
         start_replica(why);
     }
+    return count_starting() > 0 || count_alive() < bw_sup.o->max_replicas;
 }
 
 static void retire_idle(double now) {

@@ -3,8 +3,10 @@ under slow calls and a stuck stdout, through the user's path (``python -m beam s
 tests/apps/router_app.py:NAME --port 0``; the port is read from the log).
 
 Auth comes before any work: an unauthorized request with a body is refused from its
-headers. Slow or idle connections are closed after their timeout, and connections past
---max-connections are refused, while an authorized client keeps being answered."""
+headers. Slow or idle connections are closed after their timeout; at --max-connections
+the oldest idle connection that never made an authorized request makes room, and only
+when there is none are new connections refused, while an authorized client keeps being
+answered."""
 from __future__ import annotations
 
 import json
@@ -206,8 +208,10 @@ def test_connections_past_the_limit_get_503_and_existing_clients_keep_working(se
     mine = raw(s.port)
     mine.sendall(req)
     assert mine.recv(65536).startswith(b"HTTP/1.1 200 ")
-    hogs = [raw(s.port) for _ in range(7)]  # the limit is reached
-    time.sleep(0.2)
+    hogs = [raw(s.port) for _ in range(7)]  # the limit is reached, by clients with the token
+    for c in hogs:
+        c.sendall(req)
+        assert c.recv(65536).startswith(b"HTTP/1.1 200 ")
     refused = [raw(s.port) for _ in range(20)]
     for c in refused:
         a = read_all(c, 3.0)
@@ -221,6 +225,53 @@ def test_connections_past_the_limit_get_503_and_existing_clients_keep_working(se
     # Slots come back once connections close.
     wait_until(lambda: s.call(op="echo", value=2) == (200, 2), 5, "a new connection served")
     mine.close()
+
+
+def test_idle_strangers_at_the_limit_make_room_for_clients_with_the_token(serve):
+    s = serve("router_app.py:crashy", "--no-checkpoint", "--keep-warm", "-1",
+              "--max-connections", "8", token=TOKEN)
+    req = (b"POST / HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + TOKEN.encode() +
+           b"\r\nContent-Length: 2\r\n\r\n{}")
+    mine = raw(s.port)  # proven before the flood: never the one to go
+    mine.sendall(req)
+    assert mine.recv(65536).startswith(b"HTTP/1.1 200 ")
+    # Strangers fill every slot: keep-alive ones that asked /health, then silent sockets.
+    strangers = []
+    for _ in range(4):
+        strangers.append(raw(s.port))
+        strangers[-1].sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert strangers[-1].recv(65536).startswith(b"HTTP/1.1 200 ")
+    strangers += [raw(s.port) for _ in range(16)]
+    time.sleep(0.2)
+    took = []
+    for i in range(5):  # each a new connection, as a client arriving now would be
+        t = time.monotonic()
+        assert s.call(timeout=5, op="echo", value=i) == (200, i)
+        took.append(time.monotonic() - t)
+        strangers.append(raw(s.port))  # and the flood goes on
+    mine.sendall(req)
+    assert mine.recv(65536).startswith(b"HTTP/1.1 200 ")
+    evicted = sum(closed_by_server(c, 0.05) for c in strangers[:10])
+    print(f"5 calls past 20+ idle strangers at --max-connections 8: {max(took):.3f}s at most; "
+          f"{evicted} of the 10 oldest strangers evicted")
+    assert max(took) < 1.0, took
+    assert evicted == 10, evicted
+    for c in strangers:
+        c.close()
+    mine.close()
+
+
+def test_an_idle_stranger_gets_the_header_timeout_not_the_idle_timeout(serve):
+    s = serve("router_app.py:crashy", "--no-checkpoint", "--keep-warm", "-1",
+              "--header-timeout", "1", token=TOKEN)
+    c = raw(s.port)
+    c.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert c.recv(65536).startswith(b"HTTP/1.1 200 ")
+    t = time.monotonic()
+    assert closed_by_server(c, 4.0), "a stranger's keep-alive connection open after 4 s"
+    took = time.monotonic() - t
+    print(f"a stranger's idle keep-alive connection closed after {took:.2f}s (--header-timeout 1)")
+    assert 0.8 < took < 2.5, took
 
 
 # ---- a long msgpack call is activity -----------------------------------------------------
@@ -312,3 +363,35 @@ def test_two_concurrent_calls_run_on_different_replicas(serve):
         print(f"2 concurrent 1 s calls, 2 replicas: {took:.2f}s on {len(containers)} replica(s)")
         assert len(containers) == 2, results
         assert took < 1.9, took
+
+
+def test_a_batch_never_waits_behind_a_slow_call(serve):
+    # One replica, no more to come: queued calls are batched into the workers, but only
+    # into one whose call runs briefly; worker 0 or 1 sleeps 2 s meanwhile.
+    s = serve("router_app.py:where", "--no-checkpoint", "--keep-warm", "-1", "--workers", "2")
+    wait_until(lambda: len({r["worker"] for r in concurrent_calls(s, 2, 0.3)[1]}) == 2, 30,
+               "both workers reached")
+    slow: list = []
+    t = threading.Thread(target=lambda: slow.append(s.call(timeout=30, seconds=2.0)))
+    t.start()
+    time.sleep(0.3)
+    lat: list = []
+
+    def fast() -> None:
+        end = time.monotonic() + 1.0
+        while time.monotonic() < end:
+            t0 = time.monotonic()
+            status, _ = s.call(timeout=30, seconds=0)
+            lat.append((status, time.monotonic() - t0))
+
+    threads = [threading.Thread(target=fast) for _ in range(8)]
+    for th in threads:
+        th.start()
+    for th in threads + [t]:
+        th.join(30)
+    behind = [x for _, x in lat if x > 0.5]
+    print(f"{len(lat)} quick calls from 8 threads beside a 2 s call, --workers 2: "
+          f"{len(behind)} waited behind it")
+    assert slow and slow[0][0] == 200, slow
+    assert lat and all(st == 200 for st, _ in lat), lat
+    assert len(behind) <= 1, behind  # the one it may hold at depth 2, as before batching

@@ -890,9 +890,11 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--body-timeout", metavar="SECONDS", type=_positive_float,
                    help="close a connection whose body takes longer after its headers (default 60)")
     h.add_argument("--idle-timeout", metavar="SECONDS", type=_positive_float,
-                   help="close a keep-alive connection idle this long (default 60)")
+                   help="close a keep-alive connection idle this long (default 60; one that "
+                   "made no authorized request: --header-timeout)")
     h.add_argument("--max-connections", metavar="N", type=_positive_int,
-                   help="open HTTP connections; more get 503 and are closed (default 1024)")
+                   help="open HTTP connections (default 1024); at N the oldest idle one that "
+                   "made no authorized request makes room, else new ones get 503")
     h.add_argument("--max-replicas", metavar="N", type=_positive_int,
                    help="restore up to N replicas when calls queue up (default 1)")
     h.add_argument("--keep-warm", metavar="SECONDS", type=float,
