@@ -1,0 +1,181 @@
+#!/usr/bin/env bash
+# fleet-check.sh — many containers, one image, one shared checkpoint store (docs/deploy.md).
+#
+#   scripts/fleet-check.sh [--keep] [-h]
+#
+# Builds the images (scripts/build-image.sh; cached), then, with one host directory
+# mounted as /store in every container:
+#   A   checkpoint capabilities, --store /store: boots cold, checkpoints, publishes
+#   A2  a new container on A's local checkpoint volume: restores from its local cache
+#   B   a different container, empty local cache, --store /store: restores A's image
+#       from the store without running on_start; its response must equal A's, byte for byte
+#   C   as B but BEAM_TEST_COMPAT=kernel=0.0-test (a machine that does not match):
+#       boots cold and logs "incompatible"
+#   D   default capabilities only: serves cold and logs why
+# "start to first response" is measured the same way for every container: from just before
+# `podman run -d` to the first HTTP 200 of POST / (curl, polled every 20 ms), so it includes
+# the container runtime's own start (a few hundred ms here) in both figures.
+#
+# Last line: fleet_restore_ok=<0|1> fleet_restore_ms=<B> fleet_cold_ms=<A>
+# (fleet_restore_ms=na when B did not restore). Exit 0 only when every scenario passed.
+#
+#   --keep              leave the containers and the work dir (for debugging)
+#   BEAM_FLEET_WORK=DIR work dir (default: a fresh /tmp/beam-fleet.XXXX)
+#   BEAM_FLEET_PORT=N   first host port (default 18400; containers use host networking)
+set -euo pipefail
+
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+keep=0
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --keep) keep=1 ;;
+    -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
+    *) echo "fleet-check: unknown argument: $1" >&2; exit 2 ;;
+  esac
+  shift
+done
+[ "$(id -u)" = 0 ] || { echo "fleet-check: must run as root" >&2; exit 1; }
+t_all=$(date +%s)
+say() { echo "fleet-check: $*" >&2; }
+
+img_line=$("$repo/scripts/build-image.sh" | tail -n 1)
+say "$img_line"
+image=$(sed -n 's/.*example=\([^ ]*\).*/\1/p' <<<"$img_line")
+[ -n "$image" ] || { echo "fleet-check: build-image.sh printed no example image" >&2; exit 1; }
+
+work=${BEAM_FLEET_WORK:-$(mktemp -d /tmp/beam-fleet.XXXX)}
+mkdir -p "$work/store" "$work/a-cache"
+port0=${BEAM_FLEET_PORT:-18400}
+tag=$$
+containers=()
+cleanup() {
+  if [ "$keep" = 1 ]; then say "kept: $work and containers ${containers[*]:-}"; return; fi
+  for c in "${containers[@]}"; do podman rm -f -t 2 "$c" >/dev/null 2>&1 || true; done
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+# runc: crun refuses this machine's cgroups; explicit rlimits: the defaults are refused.
+# Host networking: no bridge/iptables setup is needed, each container gets its own port.
+RUN=(podman run -d --runtime runc --ulimit nofile=1024:1024 --ulimit nproc=1024:1024
+  --network host -v "$work/store:/store")
+# The documented checkpoint set (docs/deploy.md "Capabilities"; verified minimal).
+CKPT=(--cap-add SYS_ADMIN,CHECKPOINT_RESTORE,SYS_PTRACE,SYS_TIME --device /dev/net/tun
+  --security-opt seccomp=unconfined)
+has_store=0
+if podman run --rm --runtime runc --ulimit nofile=1024:1024 --ulimit nproc=1024:1024 \
+     "$image" serve --help 2>/dev/null | grep -q -- '--store'; then
+  has_store=1
+fi
+store_args=()
+if [ "$has_store" = 1 ]; then store_args=(--store /store); fi
+# The request: its answer depends on on_start's state (the trained model and its skew).
+body='{"features": [[0.1, 0.2, 0.3, 0.4], [-1.0, 0.5, 2.0, 0.0]]}'
+
+now_ms() { date +%s%3N; }
+# start NAME PORT [podman args...] -- [serve args...]: start a container; sets T0
+start() {
+  local name=fleet-$1-$tag port=$2; shift 2
+  local pod=() srv=()
+  while [ $# -gt 0 ] && [ "$1" != -- ]; do pod+=("$1"); shift; done
+  [ $# -gt 0 ] && shift
+  srv=("$@")
+  containers+=("$name")
+  T0=$(now_ms)
+  "${RUN[@]}" --name "$name" "${pod[@]}" "$image" \
+    serve /app/app.py:predict --host 127.0.0.1 --port "$port" --no-auth "${srv[@]}" >/dev/null
+}
+# first_response NAME PORT OUTFILE: poll POST / until 200; prints ms since T0
+first_response() {
+  local name=fleet-$1-$tag port=$2 out=$3 deadline=$(( $(now_ms) + 120000 )) code
+  while [ "$(now_ms)" -lt "$deadline" ]; do
+    code=$(curl -s -o "$out" -w '%{http_code}' -H 'Content-Type: application/json' \
+      --data "$body" "http://127.0.0.1:$port/" 2>/dev/null) || code=000
+    if [ "$code" = 200 ]; then echo $(( $(now_ms) - T0 )); return 0; fi
+    if [ "$(podman inspect -f '{{.State.Running}}' "$name" 2>/dev/null)" != true ]; then
+      say "$name exited before answering"; podman logs "$name" 2>&1 | tail -n 20 >&2; return 1
+    fi
+    sleep 0.02
+  done
+  say "$name: no answer in 120 s"; podman logs "$name" 2>&1 | tail -n 20 >&2
+  return 1
+}
+log_of() { podman logs "fleet-$1-$tag" 2>&1; }
+# wait_log NAME REGEX SECONDS
+wait_log() {
+  local i
+  for ((i = 0; i < $3 * 10; i++)); do
+    if log_of "$1" | grep -Eq "$2"; then return 0; fi
+    sleep 0.1
+  done
+  return 1
+}
+stop() { podman stop -t 10 "fleet-$1-$tag" >/dev/null 2>&1 || true; }
+mode_of() { log_of "$1" | sed -n 's/.*start profile: mode=\([a-z]*\).*/\1/p' | tail -n 1; }
+
+fail=0
+check() {  # check NAME CONDITION-STATUS MESSAGE
+  if [ "$2" = 0 ]; then say "ok   $1: $3"; else say "FAIL $1: $3"; fail=1; fi
+}
+
+# ---------------------------------------------------------------- A: cold, dump, publish
+start A $((port0 + 1)) "${CKPT[@]}" -v "$work/a-cache:/var/lib/beam/checkpoints" -- "${store_args[@]}"
+cold_ms=$(first_response A $((port0 + 1)) "$work/a.json") || cold_ms=
+check A $([ -n "$cold_ms" ] && [ "$(mode_of A)" = cold ]; echo $?) "cold start to first response ${cold_ms:-?} ms (mode=$(mode_of A))"
+wait_log A 'checkpoint written' 120 && a_ckpt=0 || a_ckpt=1
+check A "$a_ckpt" "$(log_of A | grep -Eo 'checkpoint written.*' | tail -n 1 || echo 'no checkpoint written')"
+if [ "$has_store" = 1 ]; then
+  # published = the store holds something after the dump (its layout is the store's own)
+  for _ in $(seq 100); do [ -n "$(ls -A "$work/store")" ] && break; sleep 0.1; done
+  check A $([ -n "$(ls -A "$work/store")" ]; echo $?) "published to the store ($(du -sh "$work/store" | cut -f1))"
+fi
+stop A
+
+# ---------------------------------------------------------------- A2: restore from local cache
+start A2 $((port0 + 2)) "${CKPT[@]}" -v "$work/a-cache:/var/lib/beam/checkpoints" -- "${store_args[@]}"
+local_ms=$(first_response A2 $((port0 + 2)) "$work/a2.json") || local_ms=
+check A2 $([ "$(mode_of A2)" != cold ] && [ -n "$local_ms" ] && cmp -s "$work/a.json" "$work/a2.json"; echo $?) \
+  "restart on A's cache volume: mode=$(mode_of A2), first response ${local_ms:-?} ms, answer $(cmp -s "$work/a.json" "$work/a2.json" && echo identical || echo DIFFERS)"
+stop A2
+
+# ---------------------------------------------------------------- B: restore from the store
+restore_ok=0 restore_ms=na
+if [ "$has_store" = 1 ]; then
+  start B $((port0 + 3)) "${CKPT[@]}" -- "${store_args[@]}"
+  b_ms=$(first_response B $((port0 + 3)) "$work/b.json") || b_ms=
+  b_mode=$(mode_of B)
+  b_same=1; cmp -s "$work/a.json" "$work/b.json" && b_same=0
+  # on_start did not run: the replica was restored, and no checkpoint was taken again
+  b_ok=1
+  if [ -n "$b_ms" ] && [ -n "$b_mode" ] && [ "$b_mode" != cold ] && [ "$b_same" = 0 ] &&
+     ! log_of B | grep -q 'checkpointing '; then b_ok=0; fi
+  check B "$b_ok" "restore from the store: mode=${b_mode:-?}, first response ${b_ms:-?} ms, answer $([ "$b_same" = 0 ] && echo bit-identical to A\'s || echo DIFFERS)"
+  if [ "$b_ok" = 0 ]; then restore_ok=1 restore_ms=$b_ms; fi
+  stop B
+
+  # -------------------------------------------------------------- C: incompatible machine
+  start C $((port0 + 4)) "${CKPT[@]}" -e BEAM_TEST_COMPAT=kernel=0.0-test -- "${store_args[@]}"
+  c_ms=$(first_response C $((port0 + 4)) "$work/c.json") || c_ms=
+  c_ok=1
+  if [ -n "$c_ms" ] && [ "$(mode_of C)" = cold ] && log_of C | grep -q incompatible; then c_ok=0; fi
+  check C "$c_ok" "mismatched compatibility key: mode=$(mode_of C), $(log_of C | grep -m1 -o 'incompatible.*' || echo 'no "incompatible" line')"
+  stop C
+else
+  say "SKIP B, C: this beam has no --store (branch wt-store not merged): no restore across containers checked"
+  fail=1
+fi
+
+# ---------------------------------------------------------------- D: default capabilities
+start D $((port0 + 5)) --
+d_ms=$(first_response D $((port0 + 5)) "$work/d.json") || d_ms=
+d_why=$(log_of D | grep -m1 -o 'checkpointing off.*' || true)
+check D $([ -n "$d_ms" ] && [ "$(mode_of D)" = cold ] && [ -n "$d_why" ]; echo $?) \
+  "default capabilities: mode=$(mode_of D), first response ${d_ms:-?} ms, log: ${d_why:-no reason logged}"
+stop D
+
+say "local-cache restart restore: ${local_ms:-na} ms; whole check $(( $(date +%s) - t_all )) s"
+if [ "$restore_ok" = 1 ] && [ -n "$cold_ms" ]; then
+  say "ratio restore/cold = $(awk -v r="$restore_ms" -v c="$cold_ms" 'BEGIN {printf "%.2f", r / c}') (goal <= 0.25)"
+fi
+echo "fleet_restore_ok=$restore_ok fleet_restore_ms=$restore_ms fleet_cold_ms=${cold_ms:-na}"
+exit "$fail"
