@@ -6,7 +6,6 @@
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
-#include <ftw.h>
 #include <msgpack.h>
 #include <pthread.h>
 #include <signal.h>
@@ -71,6 +70,7 @@ int bw_ckpt_open(struct bw_ckpt *c, const char *root, const char *key, const cha
     snprintf(c->failed, sizeof c->failed, "%s/%s.failed", root, key);
     c->criu = bw_ckpt_find_criu(criu);
     c->timeout_s = timeout_s;
+    bw_compat_detect(&c->compat, c->criu);
     struct stat st;
     if (mkdirs(root) < 0 || stat(root, &st) < 0) {
         snprintf(err, errlen, "cannot create checkpoint dir %s: %s", root, strerror(errno));
@@ -118,16 +118,7 @@ void bw_ckpt_mark_failed(const struct bw_ckpt *c, const char *reason) {
 
 void bw_ckpt_clear_failed(const struct bw_ckpt *c) { unlink(c->failed); }
 
-static int rm_entry(const char *path, const struct stat *st, int flag, struct FTW *ftw) {
-    (void)st;
-    (void)flag;
-    (void)ftw;
-    return remove(path);
-}
-
-static void rm_rf(const char *path) { nftw(path, rm_entry, 16, FTW_DEPTH | FTW_PHYS); }
-
-void bw_ckpt_discard(const struct bw_ckpt *c) { rm_rf(c->dir); }
+void bw_ckpt_discard(const struct bw_ckpt *c) { bw_rm_rf(c->dir); }
 
 /* A supervisor killed during a dump leaves its .tmp-KEY-PID directory behind. It is
  * never restored from (only a complete image is renamed to KEY); once no process PID
@@ -148,7 +139,7 @@ static void remove_stale_dumps(const char *root) {
         char path[PATH_MAX + 300];
         snprintf(path, sizeof path, "%s/%s", root, e->d_name);
         bw_info("removing %s: a dump that its supervisor (pid %ld) did not finish", path, pid);
-        rm_rf(path);
+        bw_rm_rf(path);
     }
     closedir(d);
 }
@@ -441,13 +432,16 @@ static int list_files(const char *img, struct file_entry **out, int *n,
 
 static int write_restore_meta(const char *path, const struct bw_ckpt_ids *ids,
                               const struct file_entry *files, int n, const char *config,
-                              size_t config_len, const char *gpu, size_t gpu_len) {
+                              size_t config_len, const char *gpu, size_t gpu_len,
+                              const struct bw_compat *compat) {
     msgpack_sbuffer sb;
     msgpack_sbuffer_init(&sb);
     msgpack_packer pk;
     msgpack_packer_init(&pk, &sb, msgpack_sbuffer_write);
-    msgpack_pack_map(&pk, gpu ? 5 : 4);
+    msgpack_pack_map(&pk, gpu ? 6 : 5);
     bw_mp_kv_int(&pk, "v", META_VERSION);
+    bw_mp_str(&pk, "compat");
+    bw_compat_pack(&pk, compat);
     bw_mp_str(&pk, "ids");
     msgpack_pack_array(&pk, 3);
     msgpack_pack_unsigned_long(&pk, ids->out_ino);
@@ -478,7 +472,7 @@ static int write_restore_meta(const char *path, const struct bw_ckpt_ids *ids,
 static void write_manifest(const char *path, const struct bw_ckpt *c, const char *app,
                            const char *config, size_t config_len, const char *profile_json,
                            const char *gpu, size_t gpu_len, int nfiles, unsigned long long bytes,
-                           double dump_ms) {
+                           double dump_ms, const struct bw_compat *compat) {
     int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
     if (fd < 0)
         return;
@@ -493,6 +487,8 @@ static void write_manifest(const char *path, const struct bw_ckpt *c, const char
                "  \"profile\": %s,\n  \"config\": ", bytes, nfiles, dump_ms,
             profile_json ? profile_json : "{}");
     bw_json_write_msgpack(f, config, config_len);
+    fprintf(f, ",\n  \"compat\": ");
+    bw_compat_write_json(f, compat);
     if (gpu) {
         fprintf(f, ",\n  \"gpu\": ");
         bw_json_write_msgpack(f, gpu, gpu_len);
@@ -529,7 +525,7 @@ int bw_ckpt_dump(const struct bw_ckpt *c, pid_t pid, const struct bw_ckpt_ids *i
     snprintf(logs, sizeof logs, "%s/.logs", c->root);
     snprintf(kept, sizeof kept, "%s/dump-%s.log", logs, c->key);
     const char *shown = keep_failed ? log : kept;
-    rm_rf(tmp);
+    bw_rm_rf(tmp);
     if (mkdir(tmp, 0700) < 0 || mkdir(img, 0700) < 0) {
         snprintf(err, errlen, "cannot create %s: %s", img, strerror(errno));
         return -1;
@@ -582,13 +578,18 @@ int bw_ckpt_dump(const struct bw_ckpt *c, pid_t pid, const struct bw_ckpt_ids *i
     }
     snprintf(meta, sizeof meta, "%s/restore.msgpack", tmp);
     snprintf(man, sizeof man, "%s/manifest.json", tmp);
-    int wr = write_restore_meta(meta, ids, files, n, config, config_len, gpu, gpu_len);
+    /* The machine it was made on; with GPU state, its GPUs too (compat.h). */
+    struct bw_compat compat = c->compat;
+    if (gpu)
+        bw_compat_set_gpu(&compat, gpu, gpu_len);
+    int wr = write_restore_meta(meta, ids, files, n, config, config_len, gpu, gpu_len, &compat);
     free(files);
     if (wr < 0) {
         snprintf(err, errlen, "cannot write %s: %s", meta, strerror(errno));
         goto out;
     }
-    write_manifest(man, c, app, config, config_len, profile_json, gpu, gpu_len, n, *bytes, *ms);
+    write_manifest(man, c, app, config, config_len, profile_json, gpu, gpu_len, n, *bytes, *ms,
+                   &compat);
     syncfs(img_fd);
     /* Only a complete image gets the key's name. If another supervisor got there
      * first, theirs is as good as ours. */
@@ -600,12 +601,12 @@ int bw_ckpt_dump(const struct bw_ckpt *c, pid_t pid, const struct bw_ckpt_ids *i
 out:
     criu_call_done(o, img_fd, work_fd);
     if (rc == 0 && access(tmp, F_OK) == 0)
-        rm_rf(tmp); /* lost the race: ours is redundant */
+        bw_rm_rf(tmp); /* lost the race: ours is redundant */
     if (rc < 0 && !keep_failed) {
-        rm_rf(img); /* first: on a full disk this makes room for what follows */
+        bw_rm_rf(img); /* first: on a full disk this makes room for what follows */
         mkdir_private(logs);
         rename(log, kept);
-        rm_rf(tmp);
+        bw_rm_rf(tmp);
     }
     return rc;
 }
@@ -720,6 +721,31 @@ int bw_ckpt_load(const struct bw_ckpt *c, struct bw_ckpt_image *img, char *err, 
     }
     rc = 0;
 out:
+    msgpack_zone_destroy(&zone);
+    free(buf);
+    return rc;
+}
+
+int bw_ckpt_compat_of(const char *dir, struct bw_compat *c, char *err, size_t errlen) {
+    char path[PATH_MAX + 300];
+    snprintf(path, sizeof path, "%s/restore.msgpack", dir);
+    size_t len = 0;
+    char *buf = read_file(path, &len);
+    if (!buf) {
+        snprintf(err, errlen, "cannot read %s: %s", path, strerror(errno));
+        return -1;
+    }
+    msgpack_zone zone;
+    msgpack_zone_init(&zone, 4096);
+    msgpack_object m;
+    int rc = 0;
+    if (bw_mp_unpack_exact(buf, len, &zone, &m) < 0) {
+        snprintf(err, errlen, "%s is corrupt", path);
+        rc = -1;
+    } else if (bw_compat_unpack(bw_mp_get(&m, "compat"), c) < 0) {
+        snprintf(err, errlen, "%s records no compatibility key (made by an older worker)", path);
+        rc = -1;
+    }
     msgpack_zone_destroy(&zone);
     free(buf);
     return rc;

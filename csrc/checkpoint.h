@@ -6,6 +6,7 @@
  *   <key>/restore.msgpack  what a restore needs: fd identities, file sizes and CRCs,
  *                          the endpoint configuration
  *   <key>/manifest.json    the same for people and `beam checkpoints ls`, plus timings
+ *                          (both carry the compatibility key, compat.h)
  *   <key>.failed           a checkpoint of this key failed: boot cold, don't retry
  *   .tmp-<key>-<pid>/      a dump in progress; renamed to <key> only when complete,
  *                          so a half-written image is never used
@@ -17,6 +18,8 @@
 #include <stddef.h>
 #include <sys/types.h>
 
+#include "compat.h"
+
 struct bw_ckpt {
     char root[PATH_MAX];
     char dir[PATH_MAX + 200];
@@ -24,6 +27,7 @@ struct bw_ckpt {
     char key[160];
     const char *criu;
     double timeout_s;
+    struct bw_compat compat; /* this machine's (bw_ckpt_open): recorded in each image */
 };
 
 /* Identities of the host's stdout/stderr pipes and control socket as the image knows
@@ -62,6 +66,10 @@ int bw_ckpt_dump(const struct bw_ckpt *c, pid_t pid, const struct bw_ckpt_ids *i
 /* Read and verify an image (sizes of all files, CRC32 of all but page data). */
 int bw_ckpt_load(const struct bw_ckpt *c, struct bw_ckpt_image *img, char *err, size_t errlen);
 void bw_ckpt_image_free(struct bw_ckpt_image *img);
+
+/* The compatibility record of the image in dir (its restore.msgpack). 0, or -1 with
+ * the reason in err (an image from before records were kept has none). */
+int bw_ckpt_compat_of(const char *dir, struct bw_compat *c, char *err, size_t errlen);
 
 /* Restore a replica as our child, with fresh stdout/stderr/control fds (not CLOEXEC). */
 int bw_ckpt_restore(const struct bw_ckpt *c, const struct bw_ckpt_image *img, int out_fd,

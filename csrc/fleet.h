@@ -12,6 +12,7 @@
 #include "checkpoint.h"
 #include "listen.h"
 #include "options.h"
+#include "store.h"
 
 #define BW_SUP_MAX_LISTENERS (2 * BW_MAX_LISTENERS)
 
@@ -36,6 +37,7 @@ struct bw_sup {
     bool use_ns;       /* root: PID namespaces and checkpoints */
     bool ckpt_on;      /* checkpointing possible for this run */
     struct bw_ckpt ck;
+    struct bw_store store; /* --store: the shared store (off without it) */
     char *config;      /* the endpoint's configuration (packed map), once known */
     size_t config_len;
     bool gpu_resume_failed;

@@ -3,6 +3,7 @@
  * to become the Python host. */
 #include <stdio.h>
 
+#include "archive.h"
 #include "host.h"
 #include "options.h"
 #include "supervisor.h"
@@ -12,5 +13,9 @@ int main(int argc, char **argv) {
     int rc = bw_options_parse(&o, argc, argv);
     if (rc != 0)
         return rc > 0 ? 0 : 2;
+    if (o.export_key)
+        return bw_archive_export(o.checkpoint_dir, o.export_key, o.export_file) == 0 ? 0 : 1;
+    if (o.import_file)
+        return bw_archive_import(o.checkpoint_dir, o.import_file) == 0 ? 0 : 1;
     return o.host ? bw_host_main(&o) : bw_supervisor_main(&o, argc, argv);
 }

@@ -14,6 +14,7 @@
 #include "environ.h"
 #include "frame.h"
 #include "privilege.h"
+#include "store.h"
 #include "pylib.h"
 #include "tasks.h"
 #include "util.h"
@@ -65,9 +66,14 @@ static const char usage[] =
     "  --access-log          log one line per HTTP response (JSON with --json-logs)\n"
     "\n"
     "Checkpointing (needs root and CRIU; see `python -m beam doctor`):\n"
-    "  --checkpoint-dir DIR  image root (default: $BEAM_CHECKPOINT_DIR, else\n"
+    "  --checkpoint-dir DIR  local image cache (default: $BEAM_CHECKPOINT_DIR, else\n"
     "                        ~/.cache/beam/checkpoints); created with mode 0700\n"
     "  --checkpoint-key KEY  identity of app + config; without it nothing is checkpointed\n"
+    "  --store DIR           shared store beside the local cache: a directory many machines\n"
+    "                        mount (NFS, CephFS, RWX volume); images missing locally are\n"
+    "                        fetched from it, the one machine holding a key's lease dumps\n"
+    "                        and publishes it (docs/checkpoint.md, \"Shared store\")\n"
+    "  --store-lease SEC     term of a store lease, renewed while held (default 30)\n"
     "  --no-checkpoint       never dump nor restore\n"
     "  --retry-checkpoint    try again for a key whose checkpoint failed before\n"
     "  --criu PATH           criu binary (default: $BEAM_CRIU, /usr/local/lib/beam/criu, criu)\n"
@@ -87,6 +93,10 @@ static const char usage[] =
     "  --version             print the version\n"
     "  --check-privileges    say whether this process may checkpoint: PID namespace, the\n"
     "                        capabilities CRIU needs (used by `beam doctor`)\n"
+    "  --export-checkpoint KEY FILE  write the image KEY of --checkpoint-dir to FILE, a\n"
+    "                        zstd-compressed tar (`beam checkpoints export`)\n"
+    "  --import-checkpoint FILE  verify such an archive and add its image to\n"
+    "                        --checkpoint-dir (`beam checkpoints import`)\n"
     "  --print-image-env     print the variables of this environment that an image depends\n"
     "                        on (NAME=value, with --pass-env names); `beam serve` keys on them\n";
 
@@ -97,7 +107,7 @@ enum {
     OPT_PORT, OPT_HTTP_HOST, OPT_NO_AUTH, OPT_MAX_BODY, OPT_MAX_REPLICAS, OPT_KEEP_WARM,
     OPT_ALLOW_CPU, OPT_CUDA_LOCK_TIMEOUT, OPT_MAX_CRASHES, OPT_PASS_ENV, OPT_PRINT_IMAGE_ENV, OPT_CHECK_PRIVILEGES, OPT_RESTORE,
     OPT_HEADER_TIMEOUT, OPT_BODY_TIMEOUT, OPT_IDLE_TIMEOUT, OPT_MAX_CONNS,
-    OPT_TASK_HISTORY, OPT_ACCESS_LOG,
+    OPT_TASK_HISTORY, OPT_ACCESS_LOG, OPT_STORE, OPT_STORE_LEASE, OPT_EXPORT, OPT_IMPORT,
 };
 
 static const struct option long_opts[] = {
@@ -112,6 +122,10 @@ static const struct option long_opts[] = {
     {"pass-env", required_argument, 0, OPT_PASS_ENV},
     {"checkpoint-dir", required_argument, 0, OPT_CKPT_DIR},
     {"checkpoint-key", required_argument, 0, OPT_CKPT_KEY},
+    {"store", required_argument, 0, OPT_STORE},
+    {"store-lease", required_argument, 0, OPT_STORE_LEASE},
+    {"export-checkpoint", required_argument, 0, OPT_EXPORT},
+    {"import-checkpoint", required_argument, 0, OPT_IMPORT},
     {"no-checkpoint", no_argument, 0, OPT_NO_CKPT},
     {"retry-checkpoint", no_argument, 0, OPT_RETRY_CKPT},
     {"criu", required_argument, 0, OPT_CRIU},
@@ -195,6 +209,7 @@ int bw_options_parse(struct bw_options *o, int argc, char **argv) {
     o->grace_s = 10;
     o->criu_timeout_s = 120;
     o->restore_timeout_s = 30;
+    o->store_lease_s = BW_STORE_DEFAULT_LEASE_S;
     o->http_port = -1;
     o->http_host = "127.0.0.1";
     o->max_body = BW_DEFAULT_MAX_FRAME;
@@ -258,6 +273,13 @@ int bw_options_parse(struct bw_options *o, int argc, char **argv) {
             break;
         case OPT_CKPT_DIR: o->checkpoint_dir = optarg; break;
         case OPT_CKPT_KEY: o->checkpoint_key = optarg; break;
+        case OPT_STORE: o->store = optarg; break;
+        case OPT_STORE_LEASE:
+            if (parse_double("--store-lease", optarg, 1, &o->store_lease_s) < 0)
+                return -1;
+            break;
+        case OPT_EXPORT: o->export_key = optarg; break;
+        case OPT_IMPORT: o->import_file = optarg; break;
         case OPT_NO_CKPT: o->no_checkpoint = true; break;
         case OPT_RETRY_CKPT: o->retry_checkpoint = true; break;
         case OPT_CRIU: o->criu = optarg; break;
@@ -358,9 +380,16 @@ int bw_options_parse(struct bw_options *o, int argc, char **argv) {
         bw_env_pass(o->pass_env, o->npass_env);
         return bw_env_print_image(stdout) == 0 ? 1 : -1;
     }
+    if (o->import_file && optind == argc)
+        return 0;
     if (optind != argc - 1) {
-        fprintf(stderr, "beam-worker: expected exactly one APP argument\n\n%s", usage);
+        fprintf(stderr, "beam-worker: expected exactly one %s argument\n\n%s",
+                o->export_key ? "FILE" : "APP", usage);
         return -1;
+    }
+    if (o->export_key) {
+        o->export_file = argv[optind];
+        return 0;
     }
     o->app = argv[optind];
     /* Every listener travels to each host as one fd of the "start" message, the HTTP

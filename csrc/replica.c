@@ -521,6 +521,7 @@ static void do_checkpoint(struct bw_replica *r, const msgpack_object *prof, msgp
     bw_info("checkpoint written: %s (%.1f MiB in %.0f ms)", bw_sup.ck.dir,
             (double)bytes / 1048576.0, ms);
     bw_metrics_dump(true, bytes, ms);
+    bw_store_publish(&bw_sup.store, &bw_sup.ck); /* in a child: the loop goes on */
     bw_mp_kv_double(pk, "checkpoint_ms", ms);
     bw_mp_kv_int(pk, "image_bytes", (long long)bytes);
     *n += 2;

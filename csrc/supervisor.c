@@ -109,8 +109,10 @@ static void unlink_replica(struct bw_replica *r) {
             *p = r->next;
             break;
         }
-    if (sup.dumper == r->id)
+    if (sup.dumper == r->id) {
         sup.dumper = 0;
+        bw_store_lease_release(&bw_sup.store); /* its boot ended before a publication */
+    }
     bw_replica_free(r);
 }
 
@@ -277,8 +279,10 @@ static void replica_serving(struct bw_replica *r) {
     sup.any_served = true;
     r->serving_since = bw_now_ms();
     bw_obs_replica_serving(r);
-    if (sup.dumper == r->id)
+    if (sup.dumper == r->id) {
         sup.dumper = 0;
+        bw_store_lease_release(&bw_sup.store); /* no dump (a publisher took it otherwise) */
+    }
     wake_stop();
     if (sup.http && r->upstream.fd >= 0)
         bw_router_attach(r, r->upstream.unix_path, r->workers > 0 ? r->workers : 1,
@@ -292,15 +296,14 @@ static bool may_dump_now(void) {
     if (bw_ckpt_exists(&bw_sup.ck))
         return false;
     if (bw_ckpt_failed_before(&bw_sup.ck, reason, sizeof reason)) {
-        if (bw_sup.o->retry_checkpoint) {
-            bw_ckpt_clear_failed(&bw_sup.ck);
-            return true;
+        if (!bw_sup.o->retry_checkpoint) {
+            bw_warn("checkpoint for this key failed before, booting cold without one "
+                    "(--retry-checkpoint tries again): %s", reason);
+            return false;
         }
-        bw_warn("checkpoint for this key failed before, booting cold without one "
-                "(--retry-checkpoint tries again): %s", reason);
-        return false;
+        bw_ckpt_clear_failed(&bw_sup.ck);
     }
-    return true;
+    return bw_store_may_dump(&bw_sup.store); /* with a store: one machine at a time */
 }
 
 static struct bw_replica *start_replica(const char *why) {
@@ -663,9 +666,14 @@ static void setup_checkpointing(void) {
         return;
     }
     bw_sup.ckpt_on = true;
+    if (o->store && bw_store_open(&bw_sup.store, o->store, o->checkpoint_key, o->store_lease_s,
+                                  err, sizeof err) < 0)
+        bw_warn("shared store off: %s", err);
+    bw_store_pick_image(&bw_sup.store, &bw_sup.ck); /* nothing serves yet: may block */
 }
 
 static void cleanup(void) {
+    bw_store_lease_release(&bw_sup.store);
     for (int i = 0; i < bw_sup.nl; i++)
         if (bw_sup.l[i].unix_path[0])
             unlink(bw_sup.l[i].unix_path);

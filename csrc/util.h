@@ -29,6 +29,9 @@ bool bw_window_admit(double *times, int *n, int max, double window_ms, double no
 /* "exited with status N" or "was killed by signal N (NAME)" for a wait status. */
 void bw_describe_status(int status, char *buf, size_t cap);
 
+/* rm -rf: a directory tree, or a file; errors are ignored (what is left stays). */
+void bw_rm_rf(const char *path);
+
 /* Big-endian 32-bit helpers for frame headers. */
 static inline uint32_t bw_load_be32(const unsigned char *p) {
     return ((uint32_t)p[0] << 24) | ((uint32_t)p[1] << 16) | ((uint32_t)p[2] << 8) | p[3];

@@ -6,7 +6,7 @@
 set -euo pipefail
 
 PKGS=(build-essential cmake pkg-config libuv1-dev libmsgpack-dev libhttp-parser-dev
-      libxxhash-dev python3-dev python3-venv clang libclang-rt-14-dev curl wrk libcap2-bin
+      libxxhash-dev libarchive-dev libzstd-dev python3-dev python3-venv clang libclang-rt-14-dev curl wrk libcap2-bin
       chromium chromium-driver prometheus podman runc debootstrap)
 # chromium + chromium-driver: tests/test_dashboard.py drives the page with Selenium
 # (PyPI selenium, requirements-dev.txt) and never downloads a driver; prometheus: its

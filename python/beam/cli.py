@@ -211,6 +211,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         argv += ["--tcp", args.tcp]
     if args.workers is not None:
         argv += ["--workers", str(args.workers)]
+    if args.store:
+        argv += ["--store", os.path.abspath(os.path.expanduser(args.store))]
+    if args.store_lease is not None:
+        argv += ["--store-lease", f"{args.store_lease:g}"]
     if args.no_checkpoint:
         argv.append("--no-checkpoint")
     if args.retry_checkpoint:
@@ -343,8 +347,15 @@ class Entry:
     manifest: Optional[Dict[str, Any]] = None
     extra_paths: List[str] = field(default_factory=list)
 
+    @property
+    def compat(self) -> Optional[Dict[str, Any]]:
+        """The machine the image was made on (csrc/compat.h), with its "hash"."""
+        c = (self.manifest or {}).get("compat") if self.status != "failed" else None
+        return c if isinstance(c, dict) else None
+
     def as_json(self, now: float) -> Dict[str, Any]:
         return {"key": self.key, "status": self.status, "app": self.app, "bytes": self.bytes,
+                "compat_hash": (self.compat or {}).get("hash"), "compat": self.compat,
                 "created": self.created,
                 "age_s": None if self.created is None else round(now - self.created, 3),
                 "path": self.path, "reason": self.reason, "manifest": self.manifest}
@@ -384,6 +395,20 @@ def _read_json(path: str) -> Optional[Dict[str, Any]]:
     return data if isinstance(data, dict) else None
 
 
+def _read_lease(path: str) -> Dict[str, Any]:
+    """A store lease (csrc/store.c): host=, pid=, expires= (wall clock) lines."""
+    out: Dict[str, Any] = {}
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                k, _, v = line.strip().partition("=")
+                out[k] = v
+        out["expires"] = float(out["expires"])
+    except (OSError, KeyError, ValueError):
+        out.pop("expires", None)
+    return out
+
+
 def scan_checkpoints(directory: str) -> List[Entry]:
     """Every entry under the checkpoint dir: images, failure markers, leftovers."""
     try:
@@ -401,6 +426,13 @@ def scan_checkpoints(directory: str) -> List[Entry]:
         if name.startswith(".tmp-"):
             entries.append(Entry(_tmp_key(name[5:]), "incomplete", path, bytes=_du(path),
                                  created=st.st_mtime, reason="temporary dir of an unfinished dump"))
+        elif name.endswith(".lease") and stat.S_ISREG(st.st_mode):
+            lease = _read_lease(path)
+            expires = lease.get("expires")
+            live = expires is not None and expires > time.time()
+            entries.append(Entry(name[:-len(".lease")], "leased" if live else "lease-expired", path,
+                                 bytes=st.st_size, created=st.st_mtime,
+                                 reason=f"host {lease.get('host', '?')} pid {lease.get('pid', '?')}"))
         elif name.endswith(".failed") and stat.S_ISREG(st.st_mode):
             marker = _read_json(path) or {}
             created = marker.get("time")
@@ -439,7 +471,7 @@ def _ckpt_dir(args: argparse.Namespace) -> str:
 
 
 def cmd_checkpoints_ls(args: argparse.Namespace) -> int:
-    directory = _ckpt_dir(args)
+    directory = os.path.abspath(os.path.expanduser(args.store)) if args.store else _ckpt_dir(args)
     entries = scan_checkpoints(directory)
     now = time.time()
     if args.json:
@@ -448,16 +480,48 @@ def cmd_checkpoints_ls(args: argparse.Namespace) -> int:
     if not entries:
         print(f"no checkpoints in {directory}")
         return 0
-    rows = [("KEY", "STATUS", "APP", "SIZE MiB", "AGE")]
+    rows = [("KEY", "COMPAT", "STATUS", "APP", "SIZE MiB", "AGE")]
     for e in entries:
         size = "-" if e.bytes is None else f"{e.bytes / 2**20:.1f}"
-        rows.append((e.key[:12], e.status, e.app or "-", size,
+        compat = str((e.compat or {}).get("hash") or "-")[:12]
+        rows.append((e.key[:12], compat, e.status, e.app or "-", size,
                      _age(None if e.created is None else now - e.created)))
-    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    widths = [max(len(r[i]) for r in rows) for i in range(6)]
     for r in rows:
-        print("  ".join([r[0].ljust(widths[0]), r[1].ljust(widths[1]), r[2].ljust(widths[2]),
-                         r[3].rjust(widths[3]), r[4].rjust(widths[4])]).rstrip())
+        print("  ".join([c.rjust(w) if i >= 4 else c.ljust(w)
+                         for i, (c, w) in enumerate(zip(r, widths))]).rstrip())
     return 0
+
+
+def _one_image(directory: str, prefix: str) -> Entry:
+    images = [e for e in scan_checkpoints(directory) if e.status == "ok" and e.key.startswith(prefix)]
+    keys = sorted({e.key for e in images})
+    if not keys:
+        raise CLIError(f"no checkpoint key in {directory} starts with {prefix!r}")
+    if len(keys) > 1:
+        raise CLIError(f"prefix {prefix!r} is ambiguous: " + ", ".join(k[:16] for k in keys))
+    return next(e for e in images if e.key == keys[0])
+
+
+def _run_worker(argv: List[str]) -> int:
+    """beam-worker's archive modes (csrc/archive.c) say what they did or why not."""
+    try:
+        return subprocess.run([_binary(), *argv]).returncode
+    except OSError as exc:
+        raise CLIError(f"cannot run beam-worker: {exc}") from exc
+
+
+def cmd_checkpoints_export(args: argparse.Namespace) -> int:
+    directory = _ckpt_dir(args)
+    e = _one_image(directory, args.key)
+    return _run_worker(["--checkpoint-dir", directory, "--export-checkpoint", e.key,
+                        os.path.abspath(args.file)])
+
+
+def cmd_checkpoints_import(args: argparse.Namespace) -> int:
+    directory = _ckpt_dir(args)
+    return _run_worker(["--checkpoint-dir", directory, "--import-checkpoint",
+                        os.path.abspath(args.file)])
 
 
 def _same_app(manifest_app: str, app: str) -> bool:
@@ -774,6 +838,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--checkpoint-dir", metavar="DIR",
                    help="where images are kept (default: $BEAM_CHECKPOINT_DIR, "
                    "$XDG_CACHE_HOME/beam/checkpoints or ~/.cache/beam/checkpoints)")
+    s.add_argument("--store", metavar="DIR",
+                   help="shared store many machines mount (NFS, CephFS, RWX volume): restore "
+                   "from it what the local cache lacks, publish this machine's dumps to it "
+                   "(docs/checkpoint.md, Shared store)")
+    s.add_argument("--store-lease", metavar="SECONDS", type=_positive_float,
+                   help="term of the store lease a dumping machine holds (worker default 30)")
     s.add_argument("--no-checkpoint", action="store_true", help="never checkpoint or restore")
     s.add_argument("--retry-checkpoint", action="store_true",
                    help="try again even if this key's checkpoint failed before")
@@ -846,14 +916,32 @@ def build_parser() -> argparse.ArgumentParser:
                    help="give up after this long without an answer (0: wait forever; default 30)")
     c.set_defaults(func=cmd_call)
 
-    k = sub.add_parser("checkpoints", help="list or remove checkpoint images",
+    k = sub.add_parser("checkpoints", help="list, remove, export or import checkpoint images",
                        description="Manage the checkpoint dir.")
     ksub = k.add_subparsers(dest="ckpt_command", metavar="ACTION")
     ls = ksub.add_parser("ls", help="list checkpoints", description="List checkpoints, failure "
                          "markers and incomplete dumps.")
-    ls.add_argument("--dir", metavar="DIR", help="checkpoint dir (default: as for serve)")
+    ls.add_argument("--dir", "--checkpoint-dir", dest="dir", metavar="DIR",
+                    help="checkpoint dir (default: as for serve)")
+    ls.add_argument("--store", metavar="DIR", help="list this shared store instead")
     ls.add_argument("--json", action="store_true", help="machine-readable output")
     ls.set_defaults(func=cmd_checkpoints_ls)
+    ex = ksub.add_parser("export", help="write one checkpoint to a .tar.zst file",
+                         description="Write the image whose key starts with KEY-PREFIX to FILE, "
+                         "a zstd-compressed tar (beam-worker --export-checkpoint).")
+    ex.add_argument("key", metavar="KEY-PREFIX")
+    ex.add_argument("file", metavar="FILE")
+    ex.add_argument("--dir", "--checkpoint-dir", dest="dir", metavar="DIR",
+                    help="checkpoint dir (default: as for serve)")
+    ex.set_defaults(func=cmd_checkpoints_export)
+    im = ksub.add_parser("import", help="add a checkpoint from an exported file",
+                         description="Verify FILE (sizes and XXH3 of every image file) and add its "
+                         "image to the checkpoint dir; a corrupt or truncated file is refused "
+                         "and leaves nothing behind.")
+    im.add_argument("file", metavar="FILE")
+    im.add_argument("--dir", "--checkpoint-dir", dest="dir", metavar="DIR",
+                    help="checkpoint dir (default: as for serve)")
+    im.set_defaults(func=cmd_checkpoints_import)
     rm = ksub.add_parser("rm", help="remove checkpoints",
                          description="Remove checkpoints by key prefix, or by kind. --stale removes "
                          "failed/incomplete entries, and with --app also APP's checkpoints whose key "
@@ -866,7 +954,8 @@ def build_parser() -> argparse.ArgumentParser:
     rm.add_argument("--workers", metavar="N", type=_positive_int,
                     help="with --app: the --workers the app is served with (part of the key)")
     rm.add_argument("--volume-root", metavar="DIR", help="with --app: the --volume-root it is served with")
-    rm.add_argument("--dir", metavar="DIR", help="checkpoint dir (default: as for serve)")
+    rm.add_argument("--dir", "--checkpoint-dir", dest="dir", metavar="DIR",
+                    help="checkpoint dir, or a store (default: as for serve)")
     rm.add_argument("-n", "--dry-run", action="store_true", help="print what would be removed")
     rm.set_defaults(func=cmd_checkpoints_rm)
     k.set_defaults(func=None, subparser=k)
