@@ -53,7 +53,7 @@ say() { echo "build-image: $*" >&2; }
 # 4.2.1 binary links (libnftables1, libnl-3-200, libnet1, libprotobuf-c1, ...).
 BASE_PKGS=(python3 python3-venv python3-dev python3-pip python3-setuptools python3-wheel
   python3-msgpack build-essential cmake pkg-config libuv1-dev libmsgpack-dev
-  libhttp-parser-dev libxxhash-dev libprotobuf-c-dev criu libbsd0 libgnutls30 libnftables1 libprotobuf-c1
+  libhttp-parser-dev libxxhash-dev libarchive-dev libzstd-dev libprotobuf-c-dev criu libbsd0 libgnutls30 libnftables1 libprotobuf-c1
   libnl-3-200 libnet1 libuuid1 libcap2-bin procps ca-certificates)
 # Apps' Debian-packaged dependencies. A user app with PyPI dependencies instead adds
 # `RUN pip install -r requirements.txt` in its own stage (needs network at build time).

@@ -7,8 +7,9 @@
 # mounted as /store in every container:
 #   A   checkpoint capabilities, --store /store: boots cold, checkpoints, publishes
 #   A2  a new container on A's local checkpoint volume: restores from its local cache
-#   B   a different container, empty local cache, --store /store: restores A's image
-#       from the store without running on_start; its response must equal A's, byte for byte
+#   B   B1..B3, different containers, each an empty local cache, --store /store: restore
+#       A's image from the store without running on_start; each response must equal A's,
+#       byte for byte; fleet_restore_ms is their median
 #   C   as B but BEAM_TEST_COMPAT=kernel=0.0-test (a machine that does not match):
 #       boots cold and logs "incompatible"
 #   D   default capabilities only: serves cold and logs why
@@ -60,7 +61,7 @@ trap cleanup EXIT
 RUN=(podman run -d --runtime runc --ulimit nofile=1024:1024 --ulimit nproc=1024:1024
   --network host -v "$work/store:/store")
 # The documented checkpoint set (docs/deploy.md "Capabilities"; verified minimal).
-CKPT=(--cap-add SYS_ADMIN,CHECKPOINT_RESTORE,SYS_PTRACE,SYS_TIME --device /dev/net/tun
+CKPT=(--cap-add SYS_ADMIN,CHECKPOINT_RESTORE,SYS_PTRACE,NET_ADMIN,SYS_TIME --device /dev/net/tun
   --security-opt seccomp=unconfined)
 has_store=0
 if podman run --rm --runtime runc --ulimit nofile=1024:1024 --ulimit nproc=1024:1024 \
@@ -82,7 +83,8 @@ start() {
   srv=("$@")
   containers+=("$name")
   T0=$(now_ms)
-  "${RUN[@]}" --name "$name" "${pod[@]}" "$image" \
+  # its own hostname, as each pod has: the store's lease names the machine that holds it
+  "${RUN[@]}" --name "$name" --hostname "$name" "${pod[@]}" "$image" \
     serve /app/app.py:predict --host 127.0.0.1 --port "$port" --no-auth "${srv[@]}" >/dev/null
 }
 # first_response NAME PORT OUTFILE: poll POST / until 200; prints ms since T0
@@ -125,9 +127,10 @@ check A $([ -n "$cold_ms" ] && [ "$(mode_of A)" = cold ]; echo $?) "cold start t
 wait_log A 'checkpoint written' 120 && a_ckpt=0 || a_ckpt=1
 check A "$a_ckpt" "$(log_of A | grep -Eo 'checkpoint written.*' | tail -n 1 || echo 'no checkpoint written')"
 if [ "$has_store" = 1 ]; then
-  # published = the store holds something after the dump (its layout is the store's own)
-  for _ in $(seq 100); do [ -n "$(ls -A "$work/store")" ] && break; sleep 0.1; done
-  check A $([ -n "$(ls -A "$work/store")" ]; echo $?) "published to the store ($(du -sh "$work/store" | cut -f1))"
+  # publishing runs in a forked child after the dump; A must not stop before it is done
+  wait_log A 'checkpoint published to store|cannot publish' 120 || true
+  check A $(log_of A | grep -q 'checkpoint published to store'; echo $?) \
+    "$(log_of A | grep -Eo '(checkpoint published to store|cannot publish).*' | tail -n 1 || echo 'not published') ($(du -sh "$work/store" | cut -f1) in the store)"
 fi
 stop A
 
@@ -141,21 +144,33 @@ stop A2
 # ---------------------------------------------------------------- B: restore from the store
 restore_ok=0 restore_ms=na
 if [ "$has_store" = 1 ]; then
-  start B $((port0 + 3)) "${CKPT[@]}" -- "${store_args[@]}"
-  b_ms=$(first_response B $((port0 + 3)) "$work/b.json") || b_ms=
-  b_mode=$(mode_of B)
-  b_same=1; cmp -s "$work/a.json" "$work/b.json" && b_same=0
-  # on_start did not run: the replica was restored, and no checkpoint was taken again
-  b_ok=1
-  if [ -n "$b_ms" ] && [ -n "$b_mode" ] && [ "$b_mode" != cold ] && [ "$b_same" = 0 ] &&
-     ! log_of B | grep -q 'checkpointing '; then b_ok=0; fi
-  check B "$b_ok" "restore from the store: mode=${b_mode:-?}, first response ${b_ms:-?} ms, answer $([ "$b_same" = 0 ] && echo bit-identical to A\'s || echo DIFFERS)"
-  if [ "$b_ok" = 0 ]; then restore_ok=1 restore_ms=$b_ms; fi
-  stop B
+  # Three containers B1..B3, each with its own empty local cache: one podman start varies
+  # by a few hundred ms on this shared machine, so the figure is their median.
+  b_all_ok=0 b_times=()
+  for i in 1 2 3; do
+    start "B$i" $((port0 + 2 + i)) "${CKPT[@]}" -- "${store_args[@]}"
+    b_ms=$(first_response "B$i" $((port0 + 2 + i)) "$work/b$i.json") || b_ms=
+    b_mode=$(mode_of "B$i")
+    b_same=1; cmp -s "$work/a.json" "$work/b$i.json" && b_same=0
+    # restored from what the store held, and on_start did not run: no checkpoint taken
+    b_ok=1
+    if [ -n "$b_ms" ] && [ -n "$b_mode" ] && [ "$b_mode" != cold ] && [ "$b_same" = 0 ] &&
+       log_of "B$i" | grep -q 'checkpoint fetched from store' && ! log_of "B$i" | grep -q 'checkpointing '; then
+      b_ok=0 b_times+=("$b_ms")
+    else
+      b_all_ok=1
+    fi
+    check "B$i" "$b_ok" "restore from the store: mode=${b_mode:-?}, first response ${b_ms:-?} ms, answer $([ "$b_same" = 0 ] && echo "bit-identical to A's" || echo DIFFERS); $(log_of "B$i" | grep -Eo 'checkpoint fetched from store.*\(.*\)' | sed 's/.*(/fetched /' | tail -n 1 || echo 'nothing fetched from the store')"
+    stop "B$i"
+  done
+  if [ "$b_all_ok" = 0 ]; then
+    restore_ok=1
+    restore_ms=$(printf '%s\n' "${b_times[@]}" | sort -n | sed -n 2p)
+  fi
 
   # -------------------------------------------------------------- C: incompatible machine
-  start C $((port0 + 4)) "${CKPT[@]}" -e BEAM_TEST_COMPAT=kernel=0.0-test -- "${store_args[@]}"
-  c_ms=$(first_response C $((port0 + 4)) "$work/c.json") || c_ms=
+  start C $((port0 + 6)) "${CKPT[@]}" -e BEAM_TEST_COMPAT=kernel=0.0-test -- "${store_args[@]}"
+  c_ms=$(first_response C $((port0 + 6)) "$work/c.json") || c_ms=
   c_ok=1
   if [ -n "$c_ms" ] && [ "$(mode_of C)" = cold ] && log_of C | grep -q incompatible; then c_ok=0; fi
   check C "$c_ok" "mismatched compatibility key: mode=$(mode_of C), $(log_of C | grep -m1 -o 'incompatible.*' || echo 'no "incompatible" line')"
@@ -166,8 +181,8 @@ else
 fi
 
 # ---------------------------------------------------------------- D: default capabilities
-start D $((port0 + 5)) --
-d_ms=$(first_response D $((port0 + 5)) "$work/d.json") || d_ms=
+start D $((port0 + 7)) --
+d_ms=$(first_response D $((port0 + 7)) "$work/d.json") || d_ms=
 d_why=$(log_of D | grep -m1 -o 'checkpointing off.*' || true)
 check D $([ -n "$d_ms" ] && [ "$(mode_of D)" = cold ] && [ -n "$d_why" ]; echo $?) \
   "default capabilities: mode=$(mode_of D), first response ${d_ms:-?} ms, log: ${d_why:-no reason logged}"
