@@ -6,7 +6,8 @@
 # For each candidate capability set, one container (its own network namespace, as a
 # Kubernetes pod has) boots the app cold and checkpoints it into a fresh volume, then a
 # second container with the same set restores from that volume. Prints one line per set:
-#   caps=<set> tun=<0|1> dump=<ok|FAIL> restore=<ok|FAIL|-> first CRIU error
+#   caps=<set> tun=<0|1> seccomp=<unconfined|default> dump=<ok|FAIL> restore=<ok|FAIL|->
+#   and the first CRIU error
 # docs/deploy.md ("Capabilities") records what this printed on the project's machines.
 set -euo pipefail
 
@@ -19,13 +20,13 @@ cleanup() {
   rm -rf "$work"
 }
 trap cleanup EXIT
-base=(podman run -d --runtime runc --ulimit nofile=1024:1024 --ulimit nproc=1024:1024
-  --security-opt seccomp=unconfined)
+base=(podman run -d --runtime runc --ulimit nofile=1024:1024 --ulimit nproc=1024:1024)
 
-# run_one NAME CACHE CAPS TUN: start, wait until it serves; prints its mode
+# run_one NAME CACHE CAPS TUN SECCOMP: start, wait until it serves, keep its log
 run_one() {
-  local name=$1 cache=$2 caps=$3 tun=$4 args=() i
+  local name=$1 cache=$2 caps=$3 tun=$4 seccomp=$5 args=() i
   [ -n "$caps" ] && args+=(--cap-add "$caps")
+  [ "$seccomp" = unconfined ] && args+=(--security-opt seccomp=unconfined)
   [ "$tun" = 1 ] && args+=(--device /dev/net/tun)
   names+=("$name")
   "${base[@]}" --name "$name" "${args[@]}" -v "$cache:/var/lib/beam/checkpoints" "$image" \
@@ -46,26 +47,26 @@ first_error() {
     grep -v RLIMIT_NOFILE | head -n 1 | cut -c1-160 || true
 }
 
-probe() {  # probe CAPS TUN
-  local caps=$1 tun=$2 id cache dump restore err
-  id=$(echo "$caps-$tun" | tr ',' '_' | tr -cd 'A-Za-z0-9_-')
+probe() {  # probe CAPS TUN [SECCOMP: unconfined (default) | default]
+  local caps=$1 tun=$2 seccomp=${3:-unconfined} id cache dump restore err
+  id=$(echo "$caps-$tun-$seccomp" | tr ',' '_' | tr -cd 'A-Za-z0-9_-')
   cache=$work/cache-$id
   mkdir -p "$cache"
-  run_one "caps-d-$id" "$cache" "$caps" "$tun"
+  run_one "caps-d-$id" "$cache" "$caps" "$tun" "$seccomp"
   dump=FAIL restore=-
   err=$(first_error "$work/caps-d-$id.log")
   if grep -q 'checkpoint written' "$work/caps-d-$id.log"; then
     dump=ok
-    run_one "caps-r-$id" "$cache" "$caps" "$tun"
+    run_one "caps-r-$id" "$cache" "$caps" "$tun" "$seccomp"
     if grep -q 'mode=restore' "$work/caps-r-$id.log"; then restore=ok; else
       restore=FAIL; err=$(first_error "$work/caps-r-$id.log"); fi
   fi
-  echo "caps=${caps:-default} tun=$tun dump=$dump restore=$restore ${err:+error: $err}"
+  echo "caps=${caps:-default} tun=$tun seccomp=$seccomp dump=$dump restore=$restore ${err:+error: $err}"
 }
 
 # Start from the set that worked (the shared CRIU notes) and take one thing away each
-# time; each set after the first two drops NET_ADMIN's neighbour SYS_RESOURCE too, since
-# the second and third lines show NET_ADMIN is needed and SYS_RESOURCE is not.
+# time: first NET_ADMIN, then SYS_RESOURCE (giving $min), then from $min the device and
+# each remaining capability but SYS_ADMIN (without it there is no PID namespace at all).
 all=SYS_ADMIN,CHECKPOINT_RESTORE,SYS_PTRACE,NET_ADMIN,SYS_RESOURCE,SYS_TIME
 min=SYS_ADMIN,CHECKPOINT_RESTORE,SYS_PTRACE,NET_ADMIN,SYS_TIME
 without() { tr ',' '\n' <<<"$min" | grep -vx "$1" | paste -sd,; }
@@ -74,4 +75,7 @@ probe "$(tr ',' '\n' <<<"$all" | grep -vx NET_ADMIN | paste -sd,)" 1
 probe "$min" 1                                   # - SYS_RESOURCE
 probe "$min" 0                                   # - /dev/net/tun
 for cap in SYS_PTRACE CHECKPOINT_RESTORE SYS_TIME; do probe "$(without "$cap")" 1; done
+# what the lines above leave: SYS_ADMIN, NET_ADMIN, SYS_TIME; then without seccomp=unconfined
+probe SYS_ADMIN,NET_ADMIN,SYS_TIME 0
+probe SYS_ADMIN,NET_ADMIN,SYS_TIME 0 default
 probe "" 0                                       # default capabilities

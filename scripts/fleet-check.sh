@@ -61,8 +61,7 @@ trap cleanup EXIT
 RUN=(podman run -d --runtime runc --ulimit nofile=1024:1024 --ulimit nproc=1024:1024
   --network host -v "$work/store:/store")
 # The documented checkpoint set (docs/deploy.md "Capabilities"; verified minimal).
-CKPT=(--cap-add SYS_ADMIN,CHECKPOINT_RESTORE,SYS_PTRACE,NET_ADMIN,SYS_TIME --device /dev/net/tun
-  --security-opt seccomp=unconfined)
+CKPT=(--cap-add SYS_ADMIN,NET_ADMIN,SYS_TIME --security-opt seccomp=unconfined)
 has_store=0
 if podman run --rm --runtime runc --ulimit nofile=1024:1024 --ulimit nproc=1024:1024 \
      "$image" serve --help 2>/dev/null | grep -q -- '--store'; then
