@@ -23,6 +23,7 @@
 #   --keep              leave the containers and the work dir (for debugging)
 #   BEAM_FLEET_WORK=DIR work dir (default: a fresh /tmp/beam-fleet.XXXX)
 #   BEAM_FLEET_PORT=N   first host port (default 18400; containers use host networking)
+#   BEAM_FLEET_TIMEOUT=S  bound on the whole check, build included (default 570)
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -30,12 +31,18 @@ keep=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --keep) keep=1 ;;
-    -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
     *) echo "fleet-check: unknown argument: $1" >&2; exit 2 ;;
   esac
   shift
 done
 [ "$(id -u)" = 0 ] || { echo "fleet-check: must run as root" >&2; exit 1; }
+# The whole check is bounded (CI budget: 10 minutes), image build included; on expiry the
+# containers are still removed (the TERM trap below runs the EXIT trap).
+if [ -z "${BEAM_FLEET_UNDER_TIMEOUT:-}" ]; then
+  BEAM_FLEET_UNDER_TIMEOUT=1 exec timeout -k 15 "${BEAM_FLEET_TIMEOUT:-570}" "$0" "$@"
+fi
+trap 'say "timed out or interrupted"; exit 124' TERM INT
 t_all=$(date +%s)
 say() { echo "fleet-check: $*" >&2; }
 
@@ -88,7 +95,7 @@ start() {
 }
 # first_response NAME PORT OUTFILE: poll POST / until 200; prints ms since T0
 first_response() {
-  local name=fleet-$1-$tag port=$2 out=$3 deadline=$(( $(now_ms) + 120000 )) code
+  local name=fleet-$1-$tag port=$2 out=$3 deadline=$(( $(now_ms) + 90000 )) code
   while [ "$(now_ms)" -lt "$deadline" ]; do
     code=$(curl -s -o "$out" -w '%{http_code}' -H 'Content-Type: application/json' \
       --data "$body" "http://127.0.0.1:$port/" 2>/dev/null) || code=000
@@ -98,21 +105,27 @@ first_response() {
     fi
     sleep 0.02
   done
-  say "$name: no answer in 120 s"; podman logs "$name" 2>&1 | tail -n 20 >&2
+  say "$name: no answer in 90 s"; podman logs "$name" 2>&1 | tail -n 20 >&2
   return 1
 }
-log_of() { podman logs "fleet-$1-$tag" 2>&1; }
+# log_grep NAME GREP-ARGS...: grep the container's log. Through a file, not a pipe: with
+# pipefail, `podman logs | grep -q` fails whenever grep stops reading early (SIGPIPE).
+log_grep() {
+  local name=$1; shift
+  podman logs "fleet-$name-$tag" >"$work/$name.log" 2>&1 || true
+  grep "$@" "$work/$name.log"
+}
 # wait_log NAME REGEX SECONDS
 wait_log() {
   local i
   for ((i = 0; i < $3 * 10; i++)); do
-    if log_of "$1" | grep -Eq "$2"; then return 0; fi
+    if log_grep "$1" -Eq "$2"; then return 0; fi
     sleep 0.1
   done
   return 1
 }
 stop() { podman stop -t 10 "fleet-$1-$tag" >/dev/null 2>&1 || true; }
-mode_of() { log_of "$1" | sed -n 's/.*start profile: mode=\([a-z]*\).*/\1/p' | tail -n 1; }
+mode_of() { log_grep "$1" -o 'start profile: mode=[a-z]*' | sed 's/.*mode=//' | tail -n 1 || true; }
 
 fail=0
 check() {  # check NAME CONDITION-STATUS MESSAGE
@@ -124,12 +137,12 @@ start A $((port0 + 1)) "${CKPT[@]}" -v "$work/a-cache:/var/lib/beam/checkpoints"
 cold_ms=$(first_response A $((port0 + 1)) "$work/a.json") || cold_ms=
 check A $([ -n "$cold_ms" ] && [ "$(mode_of A)" = cold ]; echo $?) "cold start to first response ${cold_ms:-?} ms (mode=$(mode_of A))"
 wait_log A 'checkpoint written' 120 && a_ckpt=0 || a_ckpt=1
-check A "$a_ckpt" "$(log_of A | grep -Eo 'checkpoint written.*' | tail -n 1 || echo 'no checkpoint written')"
+check A "$a_ckpt" "$(log_grep A -Eo 'checkpoint written.*' | tail -n 1 || echo 'no checkpoint written')"
 if [ "$has_store" = 1 ]; then
   # publishing runs in a forked child after the dump; A must not stop before it is done
   wait_log A 'checkpoint published to store|cannot publish' 120 || true
-  check A $(log_of A | grep -q 'checkpoint published to store'; echo $?) \
-    "$(log_of A | grep -Eo '(checkpoint published to store|cannot publish).*' | tail -n 1 || echo 'not published') ($(du -sh "$work/store" | cut -f1) in the store)"
+  check A $(log_grep A -q 'checkpoint published to store'; echo $?) \
+    "$(log_grep A -Eo '(checkpoint published to store|cannot publish).*' | tail -n 1 || echo 'not published') ($(du -sh "$work/store" | cut -f1) in the store)"
 fi
 stop A
 
@@ -154,12 +167,12 @@ if [ "$has_store" = 1 ]; then
     # restored from what the store held, and on_start did not run: no checkpoint taken
     b_ok=1
     if [ -n "$b_ms" ] && [ -n "$b_mode" ] && [ "$b_mode" != cold ] && [ "$b_same" = 0 ] &&
-       log_of "B$i" | grep -q 'checkpoint fetched from store' && ! log_of "B$i" | grep -q 'checkpointing '; then
+       log_grep "B$i" -q 'checkpoint fetched from store' && ! log_grep "B$i" -q 'checkpointing '; then
       b_ok=0 b_times+=("$b_ms")
     else
       b_all_ok=1
     fi
-    check "B$i" "$b_ok" "restore from the store: mode=${b_mode:-?}, first response ${b_ms:-?} ms, answer $([ "$b_same" = 0 ] && echo "bit-identical to A's" || echo DIFFERS); $(log_of "B$i" | grep -Eo 'checkpoint fetched from store.*\(.*\)' | sed 's/.*(/fetched /' | tail -n 1 || echo 'nothing fetched from the store')"
+    check "B$i" "$b_ok" "restore from the store: mode=${b_mode:-?}, first response ${b_ms:-?} ms, answer $([ "$b_same" = 0 ] && echo "bit-identical to A's" || echo DIFFERS); $(log_grep "B$i" -Eo 'checkpoint fetched from store.*\(.*\)' | sed 's/.*(/fetched /' | tail -n 1 || echo 'nothing fetched from the store')"
     stop "B$i"
   done
   if [ "$b_all_ok" = 0 ]; then
@@ -171,8 +184,8 @@ if [ "$has_store" = 1 ]; then
   start C $((port0 + 6)) "${CKPT[@]}" -e BEAM_TEST_COMPAT=kernel=0.0-test -- "${store_args[@]}"
   c_ms=$(first_response C $((port0 + 6)) "$work/c.json") || c_ms=
   c_ok=1
-  if [ -n "$c_ms" ] && [ "$(mode_of C)" = cold ] && log_of C | grep -q incompatible; then c_ok=0; fi
-  check C "$c_ok" "mismatched compatibility key: mode=$(mode_of C), $(log_of C | grep -m1 -o 'incompatible.*' || echo 'no "incompatible" line')"
+  if [ -n "$c_ms" ] && [ "$(mode_of C)" = cold ] && log_grep C -q incompatible; then c_ok=0; fi
+  check C "$c_ok" "mismatched compatibility key: mode=$(mode_of C), $(log_grep C -m1 -o 'incompatible.*' || echo 'no "incompatible" line')"
   stop C
 else
   say "SKIP B, C: this beam has no --store (branch wt-store not merged): no restore across containers checked"
@@ -182,7 +195,7 @@ fi
 # ---------------------------------------------------------------- D: default capabilities
 start D $((port0 + 7)) --
 d_ms=$(first_response D $((port0 + 7)) "$work/d.json") || d_ms=
-d_why=$(log_of D | grep -m1 -o 'checkpointing off.*' || true)
+d_why=$(log_grep D -m1 -o 'checkpointing off.*' || true)
 check D $([ -n "$d_ms" ] && [ "$(mode_of D)" = cold ] && [ -n "$d_why" ]; echo $?) \
   "default capabilities: mode=$(mode_of D), first response ${d_ms:-?} ms, log: ${d_why:-no reason logged}"
 stop D
