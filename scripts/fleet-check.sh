@@ -68,6 +68,7 @@ trap cleanup EXIT
 RUN=(podman run -d --runtime runc --ulimit nofile=1024:1024 --ulimit nproc=1024:1024
   --network host -v "$work/store:/store")
 # The documented checkpoint set (docs/deploy.md "Capabilities"; verified minimal).
+# shellcheck disable=SC2054  # one --cap-add with a comma-separated list
 CKPT=(--cap-add SYS_ADMIN,NET_ADMIN,SYS_TIME --security-opt seccomp=unconfined)
 has_store=0
 if podman run --rm --runtime runc --ulimit nofile=1024:1024 --ulimit nproc=1024:1024 \
@@ -135,13 +136,13 @@ check() {  # check NAME CONDITION-STATUS MESSAGE
 # ---------------------------------------------------------------- A: cold, dump, publish
 start A $((port0 + 1)) "${CKPT[@]}" -v "$work/a-cache:/var/lib/beam/checkpoints" -- "${store_args[@]}"
 cold_ms=$(first_response A $((port0 + 1)) "$work/a.json") || cold_ms=
-check A $([ -n "$cold_ms" ] && [ "$(mode_of A)" = cold ]; echo $?) "cold start to first response ${cold_ms:-?} ms (mode=$(mode_of A))"
+check A "$([ -n "$cold_ms" ] && [ "$(mode_of A)" = cold ]; echo $?)" "cold start to first response ${cold_ms:-?} ms (mode=$(mode_of A))"
 wait_log A 'checkpoint written' 120 && a_ckpt=0 || a_ckpt=1
 check A "$a_ckpt" "$(log_grep A -Eo 'checkpoint written.*' | tail -n 1 || echo 'no checkpoint written')"
 if [ "$has_store" = 1 ]; then
   # publishing runs in a forked child after the dump; A must not stop before it is done
   wait_log A 'checkpoint published to store|cannot publish' 120 || true
-  check A $(log_grep A -q 'checkpoint published to store'; echo $?) \
+  check A "$(log_grep A -q 'checkpoint published to store'; echo $?)" \
     "$(log_grep A -Eo '(checkpoint published to store|cannot publish).*' | tail -n 1 || echo 'not published') ($(du -sh "$work/store" | cut -f1) in the store)"
 fi
 stop A
@@ -149,7 +150,7 @@ stop A
 # ---------------------------------------------------------------- A2: restore from local cache
 start A2 $((port0 + 2)) "${CKPT[@]}" -v "$work/a-cache:/var/lib/beam/checkpoints" -- "${store_args[@]}"
 local_ms=$(first_response A2 $((port0 + 2)) "$work/a2.json") || local_ms=
-check A2 $([ "$(mode_of A2)" != cold ] && [ -n "$local_ms" ] && cmp -s "$work/a.json" "$work/a2.json"; echo $?) \
+check A2 "$([ "$(mode_of A2)" != cold ] && [ -n "$local_ms" ] && cmp -s "$work/a.json" "$work/a2.json"; echo $?)" \
   "restart on A's cache volume: mode=$(mode_of A2), first response ${local_ms:-?} ms, answer $(cmp -s "$work/a.json" "$work/a2.json" && echo identical || echo DIFFERS)"
 stop A2
 
@@ -196,7 +197,7 @@ fi
 start D $((port0 + 7)) --
 d_ms=$(first_response D $((port0 + 7)) "$work/d.json") || d_ms=
 d_why=$(log_grep D -m1 -o 'checkpointing off.*' || true)
-check D $([ -n "$d_ms" ] && [ "$(mode_of D)" = cold ] && [ -n "$d_why" ]; echo $?) \
+check D "$([ -n "$d_ms" ] && [ "$(mode_of D)" = cold ] && [ -n "$d_why" ]; echo $?)" \
   "default capabilities: mode=$(mode_of D), first response ${d_ms:-?} ms, log: ${d_why:-no reason logged}"
 stop D
 
