@@ -165,10 +165,12 @@ if [ "$has_store" = 1 ]; then
     b_ms=$(first_response "B$i" $((port0 + 2 + i)) "$work/b$i.json") || b_ms=
     b_mode=$(mode_of "B$i")
     b_same=1; cmp -s "$work/a.json" "$work/b$i.json" && b_same=0
-    # restored from what the store held, and on_start did not run: no checkpoint taken
+    # restored from what the store held, and on_start did not run: its start profile has
+    # no on_start phase and no checkpoint was taken
     b_ok=1
     if [ -n "$b_ms" ] && [ -n "$b_mode" ] && [ "$b_mode" != cold ] && [ "$b_same" = 0 ] &&
-       log_grep "B$i" -q 'checkpoint fetched from store' && ! log_grep "B$i" -q 'checkpointing '; then
+       log_grep "B$i" -q 'checkpoint fetched from store' && ! log_grep "B$i" -q 'checkpointing ' &&
+       ! log_grep "B$i" -q 'start profile:.* on_start='; then
       b_ok=0 b_times+=("$b_ms")
     else
       b_all_ok=1
