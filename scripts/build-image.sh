@@ -6,9 +6,9 @@
 #
 # No registry base image can be pulled on these machines, so the base root filesystem is
 # made with debootstrap from the Debian mirror this machine's apt already uses, and
-# imported as beam-base:<key>. <key> hashes the package list and this script, so a warm run
-# (same list, same script) reuses the cached image, or the cached rootfs tarball under
-# $BEAM_IMAGE_CACHE when podman's storage was wiped. The project is then built inside
+# imported as beam-base:<key>. <key> hashes the package lists, the mirror and the recipe
+# (make_rootfs below), so a warm run reuses the cached image, or the cached rootfs tarball
+# under $BEAM_IMAGE_CACHE when podman's storage was wiped. The project is then built inside
 # `podman build` from its source, offline: every build dependency is already in the base.
 #
 # CRIU: the container gets the CRIU 4.2.1 binary that scripts/install-criu.sh built for this
@@ -22,7 +22,7 @@
 #                         scientific stack examples/ml imports); part of the cache key
 #
 # Last line of stdout: `image=beam-worker:TAG example=beam-example-ml:TAG base=beam-base:KEY
-# build_s=N base=cached|imported|debootstrapped`.
+# build_s=N base_from=cached|imported|debootstrapped`. Measured: docs/deploy.md.
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -53,8 +53,9 @@ say() { echo "build-image: $*" >&2; }
 # 4.2.1 binary links (libnftables1, libnl-3-200, libnet1, libprotobuf-c1, ...).
 BASE_PKGS=(python3 python3-venv python3-dev python3-pip python3-setuptools python3-wheel
   python3-msgpack build-essential cmake pkg-config libuv1-dev libmsgpack-dev
-  libhttp-parser-dev libxxhash-dev libarchive-dev libzstd-dev libprotobuf-c-dev criu libbsd0 libgnutls30 libnftables1 libprotobuf-c1
-  libnl-3-200 libnet1 libuuid1 libcap2-bin procps ca-certificates)
+  libhttp-parser-dev libxxhash-dev libarchive-dev libzstd-dev libprotobuf-c-dev criu
+  libbsd0 libgnutls30 libnftables1 libprotobuf-c1 libnl-3-200 libnet1 libuuid1
+  libcap2-bin procps ca-certificates)
 # Apps' Debian-packaged dependencies. A user app with PyPI dependencies instead adds
 # `RUN pip install -r requirements.txt` in its own stage (needs network at build time).
 read -r -a EXTRA_PKGS <<<"${BEAM_IMAGE_EXTRA_PKGS-python3-numpy python3-scipy python3-sklearn python3-pandas}"
@@ -113,13 +114,18 @@ criu_line=$("$repo/scripts/install-criu.sh" | tail -n 1)
 criu_bin=$(readlink -f "$(sed -n 's/^criu_bin=\([^ ]*\).*/\1/p' <<<"$criu_line")")
 [ -x "$criu_bin" ] || { echo "build-image: install-criu.sh gave no binary ($criu_line)" >&2; exit 1; }
 
-# Build context: the source as git sees it (tracked + untracked-not-ignored; never .venv
-# or build/, whose binaries embed this host's paths), plus the CRIU binary.
+# Build context: what building beam and the examples reads, as git sees it (tracked +
+# untracked-not-ignored; never .venv or build/, whose binaries embed this host's paths),
+# plus the CRIU binary. Only these paths: editing docs or scripts keeps podman's cached
+# layers (a warm build in seconds, not a rebuild of beam). tests/c and bench: CMakeLists.txt
+# names their sources at configure time.
+SRC_PATHS=(python csrc cmake setup.py pyproject.toml CMakeLists.txt MANIFEST.in tests/c bench
+  examples)
 ctx=$repo/build/image-context
 rm -rf "$ctx"
 mkdir -p "$ctx/src"
-(cd "$repo" && git ls-files -co --exclude-standard -z | xargs -0 tar -cf - --no-recursion) |
-  tar -C "$ctx/src" -xf -
+(cd "$repo" && git ls-files -co --exclude-standard -z -- "${SRC_PATHS[@]}" |
+  xargs -0 tar -cf - --no-recursion) | tar -C "$ctx/src" -xf -
 install -m 0755 "$criu_bin" "$ctx/criu"
 cp "$(dirname "$criu_bin")/BUILDINFO" "$ctx/criu.BUILDINFO" 2>/dev/null || : >"$ctx/criu.BUILDINFO"
 
