@@ -5,6 +5,8 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <gnu/libc-version.h>
+#include <poll.h>
+#include <signal.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/utsname.h>
@@ -16,6 +18,7 @@
 #include "json.h"
 #include "log.h"
 #include "mp.h"
+#include "util.h"
 
 static const char *const field_names[] = {"cpu_flags", "kernel", "criu", "glibc", "gpu"};
 #define NFIELDS (sizeof field_names / sizeof *field_names)
@@ -52,7 +55,29 @@ static void detect_cpu_flags(char *out, size_t cap) {
         fclose(f);
 }
 
-/* First line of `criu --version` ("Version: 4.2.1"), its version number only. */
+/* Bound on `criu --version`: a criu that hangs (docs/criu-provisioning.md) must not
+ * hold the supervisor's start. */
+#define CRIU_VERSION_MS 5000
+
+/* Read what the child writes into fd until EOF or the deadline. */
+static size_t read_until(int fd, char *buf, size_t cap, double deadline) {
+    size_t got = 0;
+    while (got < cap - 1) {
+        struct pollfd pf = {fd, POLLIN, 0};
+        int left = (int)(deadline - bw_now_ms()), r;
+        if (left <= 0 || ((r = poll(&pf, 1, left)) < 0 && errno != EINTR) || r == 0)
+            break;
+        ssize_t n = r > 0 ? read(fd, buf + got, cap - 1 - got) : 0;
+        if (r > 0 && n <= 0)
+            break;
+        got += n > 0 ? (size_t)n : 0;
+    }
+    buf[got] = '\0';
+    return got;
+}
+
+/* The version number of `criu --version` ("Version: 4.2.1"). The child leads its own
+ * process group, so a wrapper and what it forked go with it on a timeout. */
 static void detect_criu(const char *criu, char *out, size_t cap) {
     int p[2];
     snprintf(out, cap, "unknown");
@@ -61,18 +86,23 @@ static void detect_criu(const char *criu, char *out, size_t cap) {
     pid_t pid = fork();
     if (pid == 0) {
         int null = open("/dev/null", O_RDWR);
-        if (null < 0 || dup2(p[1], 1) < 0 || dup2(null, 2) < 0 || dup2(null, 0) < 0)
+        if (setpgid(0, 0) < 0 || null < 0 || dup2(p[1], 1) < 0 || dup2(null, 2) < 0 ||
+            dup2(null, 0) < 0)
             _exit(127);
         execlp(criu, criu, "--version", (char *)NULL);
         _exit(127);
     }
     close(p[1]);
     char buf[256] = "";
-    ssize_t n = pid > 0 ? read(p[0], buf, sizeof buf - 1) : -1;
+    if (pid > 0 && read_until(p[0], buf, sizeof buf, bw_now_ms() + CRIU_VERSION_MS) == 0)
+        bw_warn("%s --version told no version (within %d s): recorded as unknown", criu,
+                CRIU_VERSION_MS / 1000);
     close(p[0]);
-    while (pid > 0 && waitpid(pid, NULL, 0) < 0 && errno == EINTR) {
+    if (pid > 0) {
+        kill(-pid, SIGKILL); /* exited already: its group is gone, or only a zombie */
+        while (waitpid(pid, NULL, 0) < 0 && errno == EINTR) {
+        }
     }
-    buf[n > 0 ? n : 0] = '\0';
     const char *v = strstr(buf, "Version:");
     if (v) {
         v += strspn(v + 8, " \t") + 8;

@@ -3,7 +3,7 @@
  * to become the Python host. */
 #include <stdio.h>
 
-#include "archive.h"
+#include "image_archive.h"
 #include "host.h"
 #include "options.h"
 #include "supervisor.h"

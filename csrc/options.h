@@ -23,7 +23,7 @@ struct bw_options {
     const char *checkpoint_key;
     const char *store;           /* shared store (store.h), or NULL */
     double store_lease_s;        /* term of a store lease */
-    const char *export_key, *export_file; /* --export-checkpoint KEY FILE (archive.h) */
+    const char *export_key, *export_file; /* --export-checkpoint KEY FILE (image_archive.h) */
     const char *import_file;     /* --import-checkpoint FILE */
     bool no_checkpoint, retry_checkpoint;
     const char *criu;

@@ -811,7 +811,9 @@ int bw_replica_restore(struct bw_replica *r) {
     int npairs = 0;
     bool gpu = img.gpu != NULL;
     if (gpu && gpu_compat(&img, &saved, &now, &npairs, &gt.bytes, err, sizeof err) < 0)
-        return restore_failed(&img, NULL, "gpu_incompatible", "cannot restore the checkpoint's GPU state here", err);
+        return restore_failed(&img, NULL, "gpu_incompatible",
+                              "made on an incompatible machine: its GPU state cannot be "
+                              "restored here", err);
     struct host_io io;
     if (io_open(&io, false) < 0) {
         bw_ckpt_image_free(&img);

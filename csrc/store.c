@@ -127,18 +127,22 @@ static int copy_image(const char *src, const char *dst, struct bw_store *s, char
     return rc;
 }
 
-static void fsync_dir(const char *path) {
+static int fsync_dir(const char *path) {
     int fd = open(path, O_DIRECTORY | O_CLOEXEC);
-    if (fd >= 0) {
-        fsync(fd);
+    int rc = fd >= 0 && fsync(fd) == 0 ? 0 : -1;
+    if (fd >= 0)
         close(fd);
-    }
+    return rc;
 }
 
 /* ---- picking the image at start -------------------------------------------------------- */
 
-/* Whether the image in dir can run here: 1 yes, 0 no (said why), -1 no record (said). */
-static int image_runs_here(const struct bw_ckpt *ck, const char *dir, const char *where) {
+/* Whether the image in dir can run here: 1 yes, 0 no (said why, and then: what is done
+ * about it), -1 no record (said). gpu: compare the GPU field too. A local image's GPU state is left to the restore's own
+ * check (cuda_ckpt.c: model, count and CUDA version, before CRIU runs), which says more
+ * precisely what differs; a store's is checked here, so that no unusable image is copied. */
+static int image_runs_here(const struct bw_ckpt *ck, const char *dir, const char *where,
+                           bool gpu, const char *then) {
     struct bw_compat img, here = ck->compat;
     char why[2048];
     if (bw_ckpt_compat_of(dir, &img, why, sizeof why) < 0) {
@@ -146,18 +150,20 @@ static int image_runs_here(const struct bw_ckpt *ck, const char *dir, const char
                 why);
         return -1;
     }
+    if (!gpu)
+        img.gpu[0] = '\0';
     if (img.gpu[0])
         bw_compat_detect_gpu(&here);
     if (bw_compat_check(&img, &here, why, sizeof why))
         return 1;
-    bw_warn("checkpoint %.12s %s was made on an incompatible machine (%s); booting cold",
-            ck->key, where, why);
+    bw_warn("checkpoint %.12s %s was made on an incompatible machine (%s); %s", ck->key, where,
+            why, then);
     return 0;
 }
 
 /* Copy the store's image into the local cache: into a temporary directory, verified
  * (sizes and XXH3 of every file, as before a restore), then renamed into place. */
-static void fetch(const struct bw_store *s, struct bw_ckpt *ck) {
+static void fetch(struct bw_store *s, struct bw_ckpt *ck) {
     char err[1024];
     struct bw_ckpt tmp = *ck;
     snprintf(tmp.dir, sizeof tmp.dir, "%s/.tmp-%s-%d", ck->root, ck->key, (int)getpid());
@@ -172,6 +178,7 @@ static void fetch(const struct bw_store *s, struct bw_ckpt *ck) {
     if (bw_ckpt_load(&tmp, &img, err, sizeof err) < 0) {
         bw_warn("checkpoint %.12s in the store is corrupt (%s): not using it; booting cold "
                 "(remove %s to let a machine publish a new one)", ck->key, err, s->dir);
+        s->unusable = true;
         bw_rm_rf(tmp.dir);
         return;
     }
@@ -185,19 +192,27 @@ static void fetch(const struct bw_store *s, struct bw_ckpt *ck) {
             (double)img.bytes / 1048576.0, bw_now_ms() - t0);
 }
 
-void bw_store_pick_image(const struct bw_store *s, struct bw_ckpt *ck) {
+static bool store_has_image(const struct bw_store *s) {
     char p[PATH_MAX + 300];
+    snprintf(p, sizeof p, "%s/restore.msgpack", s->dir);
+    return access(p, F_OK) == 0;
+}
+
+void bw_store_pick_image(struct bw_store *s, struct bw_ckpt *ck) {
     if (bw_ckpt_exists(ck)) {
         /* Unreadable: bw_ckpt_load judges it at the restore (and discards it), as always. */
-        if (image_runs_here(ck, ck->dir, "in the local cache") != 0)
+        if (image_runs_here(ck, ck->dir, "in the local cache", false,
+                            s->on ? "discarding it, looking in the store"
+                                  : "discarding it; booting cold") != 0)
             return;
         bw_ckpt_discard(ck); /* this machine's cache: make room for an image that runs */
     }
-    snprintf(p, sizeof p, "%s/restore.msgpack", s->dir);
-    if (!s->on || access(p, R_OK) < 0)
+    if (!s->on || !store_has_image(s))
         return;
-    if (image_runs_here(ck, s->dir, "in the store") > 0)
+    if (image_runs_here(ck, s->dir, "in the store", true, "booting cold") > 0)
         fetch(s, ck);
+    else
+        s->unusable = true;
 }
 
 /* ---- the lease ------------------------------------------------------------------------- */
@@ -224,21 +239,28 @@ int bw_lease_parse(const char *text, struct bw_lease *l) {
 
 bool bw_lease_expired(const struct bw_lease *l, double now) { return now >= l->expires; }
 
-/* Read the lease at path. A file that cannot be parsed is one being written (created,
- * not yet filled) or damaged: its expiry is its mtime plus the term. 0, or -1 (errno). */
+/* Read the lease at path. One that cannot be parsed is being written (O_EXCL created
+ * it empty; its holder fills it at once) or damaged: read again a few times, then its
+ * expiry is its mtime plus the term. 0, or -1 (errno). */
 static int read_lease(const char *path, double term_s, struct bw_lease *l) {
     char buf[512];
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
     struct stat st;
-    if (fd < 0)
-        return -1;
-    ssize_t n = read(fd, buf, sizeof buf - 1);
-    int rc = fstat(fd, &st);
-    close(fd);
-    if (rc < 0)
-        return -1;
-    buf[n > 0 ? n : 0] = '\0';
-    if (bw_lease_parse(buf, l) < 0) {
+    int parsed = -1;
+    for (int tries = 0; parsed < 0 && tries < 5; tries++) {
+        if (tries)
+            usleep(10000);
+        int fd = open(path, O_RDONLY | O_CLOEXEC);
+        if (fd < 0)
+            return -1;
+        ssize_t n = read(fd, buf, sizeof buf - 1);
+        int rc = fstat(fd, &st);
+        close(fd);
+        if (rc < 0)
+            return -1;
+        buf[n > 0 ? n : 0] = '\0';
+        parsed = bw_lease_parse(buf, l);
+    }
+    if (parsed < 0) {
         snprintf(l->host, sizeof l->host, "?");
         l->pid = 0;
         l->expires = (double)st.st_mtim.tv_sec + st.st_mtim.tv_nsec / 1e9 + term_s;
@@ -266,17 +288,29 @@ static bool lease_ours(const struct bw_store *s) {
            a.st_dev == b.st_dev;
 }
 
-static void renew(struct bw_store *s) {
+/* 0, -1 the write failed (errno), -2 another machine broke the lease. */
+static int renew(struct bw_store *s) {
     if (write_lease(s) < 0)
-        bw_warn("cannot renew the store lease %s: %s", s->lease, strerror(errno));
-    else if (!lease_ours(s))
+        return -1;
+    return lease_ours(s) ? 0 : -2;
+}
+
+static void say_trouble(const struct bw_store *s, int trouble, int err) {
+    if (trouble == -1)
+        bw_warn("cannot renew the store lease %s: %s", s->lease, strerror(err));
+    else if (trouble == -2)
         bw_warn("the store lease %s was broken by another machine (this one did not renew it "
                 "in time: clocks apart, or the store stalled)", s->lease);
 }
 
+/* The publishing child renews between blocks, and may log: it has no loop. */
 static void lease_tick(struct bw_store *s) {
-    if (s->lease_fd >= 0 && bw_now_ms() - s->renewed > s->term_s * 1000 / 3)
-        renew(s);
+    if (s->lease_fd < 0 || bw_now_ms() - s->renewed <= s->term_s * 1000 / 3)
+        return;
+    int r = renew(s);
+    if (r < 0 && !s->trouble)
+        say_trouble(s, r, errno);
+    s->trouble = s->trouble ? s->trouble : r;
 }
 
 static void *renewer_main(void *arg) {
@@ -288,8 +322,13 @@ static void *renewer_main(void *arg) {
         long long ns = until.tv_nsec + (long long)(s->term_s * 1e9 / 3);
         until.tv_sec += (time_t)(ns / 1000000000LL);
         until.tv_nsec = (long)(ns % 1000000000LL);
-        if (pthread_cond_timedwait(&s->cv, &s->mu, &until) == ETIMEDOUT && !s->stop)
-            renew(s);
+        if (pthread_cond_timedwait(&s->cv, &s->mu, &until) != ETIMEDOUT || s->stop)
+            continue;
+        int r = renew(s);
+        if (r < 0 && !s->trouble) { /* said by the loop's thread: logging is not thread-safe */
+            s->trouble = r;
+            s->trouble_errno = errno;
+        }
     }
     pthread_mutex_unlock(&s->mu);
     return NULL;
@@ -304,6 +343,7 @@ static void renewer_stop(struct bw_store *s) {
     pthread_mutex_unlock(&s->mu);
     pthread_join(s->renewer, NULL);
     s->renewing = false;
+    say_trouble(s, s->trouble, s->trouble_errno);
 }
 
 /* An expired lease: move it aside (rename is atomic, so of two machines breaking it
@@ -378,11 +418,24 @@ bool bw_store_may_dump(struct bw_store *s) {
     if (rc == 0)
         bw_info("another machine (host %s pid %ld) is checkpointing %s; serving cold", who.host,
                 who.pid, s->key);
+    if (rc < 0) /* a read-only store still feeds this machine; its own image stays here */
+        bw_warn("checkpointing into the local cache only: no lease, no publication");
     if (rc <= 0)
+        return rc < 0;
+    if (!s->unusable && store_has_image(s)) { /* published since this start looked */
+        bw_info("checkpoint %.12s is in the store now: serving cold, the next start restores it",
+                s->key);
+        bw_store_lease_release(s);
         return false;
+    }
     remove_abandoned(s);
     s->stop = false;
-    s->renewing = pthread_create(&s->renewer, NULL, renewer_main, s) == 0;
+    s->trouble = 0;
+    int err = pthread_create(&s->renewer, NULL, renewer_main, s);
+    s->renewing = err == 0;
+    if (err)
+        bw_warn("cannot start renewing the store lease (%s): it lapses after %gs, and another "
+                "machine may then dump this key too", strerror(err), s->term_s);
     return true;
 }
 
@@ -413,7 +466,8 @@ static int publish_child(struct bw_store *s, const struct bw_ckpt *ck) {
             rc = -1;
         }
     } else if (rc == 0) {
-        fsync_dir(s->root);
+        if (fsync_dir(s->root) < 0) /* in place, but a crash of the store may lose the name */
+            bw_warn("cannot fsync %s: %s", s->root, strerror(errno));
         bw_info("checkpoint published to store: %s (%.0f ms)", s->dir, bw_now_ms() - t0);
     }
     if (rc < 0)
@@ -424,13 +478,11 @@ static int publish_child(struct bw_store *s, const struct bw_ckpt *ck) {
 }
 
 void bw_store_publish(struct bw_store *s, const struct bw_ckpt *ck) {
-    char p[PATH_MAX + 300];
     if (!s->on || s->lease_fd < 0)
         return;
-    snprintf(p, sizeof p, "%s/restore.msgpack", s->dir);
-    if (access(p, F_OK) == 0) { /* one this machine cannot use (else it was fetched) */
-        bw_info("the store has checkpoint %.12s from an incompatible machine: keeping this "
-                "one local", s->key);
+    if (store_has_image(s)) { /* one this machine could not use (else it was fetched) */
+        bw_info("the store already has checkpoint %.12s, which this machine could not use "
+                "(said above): keeping this one local", s->key);
         bw_store_lease_release(s);
         return;
     }

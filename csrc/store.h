@@ -37,6 +37,7 @@ struct bw_store {
     char key[160];
     char host[256];
     double term_s;
+    bool unusable;              /* its image of the key cannot run here (said why) */
     int lease_fd;               /* the lease we hold, or -1 */
     double renewed;             /* bw_now_ms() of the last renewal */
     /* Renews the lease while the loop is busy booting or dumping (it cannot tick). */
@@ -44,6 +45,7 @@ struct bw_store {
     pthread_mutex_t mu;
     pthread_cond_t cv;
     bool renewing, stop;
+    int trouble, trouble_errno; /* the first failed renewal (store.c renew), said later */
 };
 
 /* Use root as the store for key. 0, or -1 with the reason in err. */
@@ -52,10 +54,11 @@ int bw_store_open(struct bw_store *s, const char *root, const char *key, double 
 
 /* At start, before any replica: keep the local image if it can run here, else drop it;
  * without one, fetch a compatible, verified copy from the store (if s->on). */
-void bw_store_pick_image(const struct bw_store *s, struct bw_ckpt *ck);
+void bw_store_pick_image(struct bw_store *s, struct bw_ckpt *ck);
 
 /* Whether this machine may dump the key now: always without a store; with one, only
- * while holding its lease (taken here if free or expired). */
+ * while holding its lease (taken here if free or expired), and not once another machine
+ * published an image this one can use (its next start restores that). */
 bool bw_store_may_dump(struct bw_store *s);
 /* Give the lease up (no-op if not held, or handed to a publisher). */
 void bw_store_lease_release(struct bw_store *s);

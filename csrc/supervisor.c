@@ -296,12 +296,13 @@ static bool may_dump_now(void) {
     if (bw_ckpt_exists(&bw_sup.ck))
         return false;
     if (bw_ckpt_failed_before(&bw_sup.ck, reason, sizeof reason)) {
-        if (!bw_sup.o->retry_checkpoint) {
-            bw_warn("checkpoint for this key failed before, booting cold without one "
-                    "(--retry-checkpoint tries again): %s", reason);
-            return false;
+        if (bw_sup.o->retry_checkpoint) {
+            bw_ckpt_clear_failed(&bw_sup.ck);
+            return bw_store_may_dump(&bw_sup.store);
         }
-        bw_ckpt_clear_failed(&bw_sup.ck);
+        bw_warn("checkpoint for this key failed before, booting cold without one "
+                "(--retry-checkpoint tries again): %s", reason);
+        return false;
     }
     return bw_store_may_dump(&bw_sup.store); /* with a store: one machine at a time */
 }

@@ -480,11 +480,12 @@ def cmd_checkpoints_ls(args: argparse.Namespace) -> int:
     if not entries:
         print(f"no checkpoints in {directory}")
         return 0
-    rows = [("KEY", "COMPAT", "STATUS", "APP", "SIZE MiB", "AGE")]
+    rows = [("KEY", "COMPAT", "STATUS", "APP / HOLDER", "SIZE MiB", "AGE")]
     for e in entries:
         size = "-" if e.bytes is None else f"{e.bytes / 2**20:.1f}"
         compat = str((e.compat or {}).get("hash") or "-")[:12]
-        rows.append((e.key[:12], compat, e.status, e.app or "-", size,
+        who = e.reason if e.status.startswith("lease") else e.app  # a lease: its holder
+        rows.append((e.key[:12], compat, e.status, who or "-", size,
                      _age(None if e.created is None else now - e.created)))
     widths = [max(len(r[i]) for r in rows) for i in range(6)]
     for r in rows:
@@ -504,7 +505,7 @@ def _one_image(directory: str, prefix: str) -> Entry:
 
 
 def _run_worker(argv: List[str]) -> int:
-    """beam-worker's archive modes (csrc/archive.c) say what they did or why not."""
+    """beam-worker's archive modes (csrc/image_archive.c) say what they did or why not."""
     try:
         return subprocess.run([_binary(), *argv]).returncode
     except OSError as exc:
@@ -576,6 +577,11 @@ def cmd_checkpoints_rm(args: argparse.Namespace) -> int:
                 chosen += [e for e in entries if e.key == keys[0] and e not in chosen]
         if problems:
             raise CLIError("; ".join(problems) + " (nothing removed)")
+    # In a store: a live lease, and the publication it covers, belong to a machine at work.
+    busy = {e.key for e in entries if e.status == "leased"}
+    for e in [e for e in chosen if e.key in busy and e.status in ("leased", "incomplete")]:
+        print(f"keeping {e.key[:12]} ({e.status}) {e.path}: leased by {e.reason}")
+        chosen.remove(e)
     if not chosen:
         print(f"nothing to remove in {directory}")
         return 0

@@ -1,6 +1,8 @@
 /* test_store.c - the pure parts of the shared store: lease files (csrc/store.c) and the
  * compatibility key's comparison, override and record (csrc/compat.c). */
 #include "compat.h"
+#include "cuda_ckpt.h"
+#include "mp.h"
 #include "store.h"
 #include "test_util.h"
 
@@ -102,10 +104,37 @@ static void test_pack_round_trip(void) {
     msgpack_sbuffer_destroy(&sb);
 }
 
+/* An image's GPU field comes from the GPU metadata a GPU dump stores (replica.c). */
+static void test_gpu_field_from_metadata(void) {
+    struct bw_cuda_gpus g;
+    memset(&g, 0, sizeof g);
+    g.n = 2;
+    strcpy(g.gpu[0].name, "NVIDIA H200");
+    strcpy(g.gpu[1].name, "NVIDIA H200");
+    g.gpu[1].uuid[0] = 1;
+    msgpack_sbuffer sb;
+    msgpack_sbuffer_init(&sb);
+    msgpack_packer pk;
+    msgpack_packer_init(&pk, &sb, msgpack_sbuffer_write);
+    msgpack_pack_map(&pk, 2);
+    bw_mp_str(&pk, "gpus");
+    bw_cuda_pack_gpus(&pk, &g);
+    bw_mp_kv_str(&pk, "driver", "570.86.15");
+    struct bw_compat c;
+    machine(&c);
+    bw_compat_set_gpu(&c, sb.data, sb.size);
+    CHECK(strcmp(c.gpu, "NVIDIA H200, driver 570.86.15") == 0);
+    machine(&c);
+    bw_compat_set_gpu(&c, "\xc0", 1); /* nil: no GPU list, no GPU field */
+    CHECK(c.gpu[0] == '\0');
+    msgpack_sbuffer_destroy(&sb);
+}
+
 int main(void) {
     RUN(test_lease_parse);
     RUN(test_compat_check);
     RUN(test_override_and_hash);
     RUN(test_pack_round_trip);
+    RUN(test_gpu_field_from_metadata);
     return TEST_SUMMARY();
 }

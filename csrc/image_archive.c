@@ -1,8 +1,9 @@
-/* archive.c - export and import one image as .tar.zst (archive.h). libarchive writes
- * and reads the tar and the zstd frames; the image's own manifest (sizes and XXH3 of
- * every file in restore.msgpack) is what an import is verified against. */
+/* image_archive.c - export and import one image as .tar.zst (image_archive.h).
+ * libarchive writes and reads the tar and the zstd frames; the image's own manifest
+ * (sizes and XXH3 of every file in restore.msgpack) is what an import is verified
+ * against. */
 #define _GNU_SOURCE
-#include "archive.h"
+#include "image_archive.h"
 
 #include <archive.h>
 #include <archive_entry.h>
