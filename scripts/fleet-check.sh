@@ -42,9 +42,9 @@ done
 if [ -z "${BEAM_FLEET_UNDER_TIMEOUT:-}" ]; then
   BEAM_FLEET_UNDER_TIMEOUT=1 exec timeout -k 15 "${BEAM_FLEET_TIMEOUT:-570}" "$0" "$@"
 fi
+say() { echo "fleet-check: $*" >&2; }
 trap 'say "timed out or interrupted"; exit 124' TERM INT
 t_all=$(date +%s)
-say() { echo "fleet-check: $*" >&2; }
 
 img_line=$("$repo/scripts/build-image.sh" | tail -n 1)
 say "$img_line"
@@ -70,11 +70,11 @@ RUN=(podman run -d --runtime runc --ulimit nofile=1024:1024 --ulimit nproc=1024:
 # The documented checkpoint set (docs/deploy.md "Capabilities"; verified minimal).
 # shellcheck disable=SC2054  # one --cap-add with a comma-separated list
 CKPT=(--cap-add SYS_ADMIN,NET_ADMIN,SYS_TIME --security-opt seccomp=unconfined)
+# B and C need the shared store (--store); a beam without it reports fleet_restore_ok=0.
 has_store=0
-if podman run --rm --runtime runc --ulimit nofile=1024:1024 --ulimit nproc=1024:1024 \
-     "$image" serve --help 2>/dev/null | grep -q -- '--store'; then
-  has_store=1
-fi
+serve_help=$(podman run --rm --runtime runc --ulimit nofile=1024:1024 --ulimit nproc=1024:1024 \
+  "$image" serve --help 2>/dev/null || true)
+if grep -q -- '--store' <<<"$serve_help"; then has_store=1; fi
 store_args=()
 if [ "$has_store" = 1 ]; then store_args=(--store /store); fi
 # The request: its answer depends on on_start's state (the trained model and its skew).
