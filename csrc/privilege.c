@@ -19,20 +19,19 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
-#ifndef CAP_CHECKPOINT_RESTORE
-#define CAP_CHECKPOINT_RESTORE 40 /* Linux 5.9; older headers lack the name */
-#endif
-
-/* What CRIU 4 needs inside a container: the set that dumped and restored in podman +
- * runc on these machines (docs/checkpoint.md lists the run flags that go with it).
- * CAP_SYS_RESOURCE is not in it: this project's CI sandbox lacks it and CRIU works
- * there (it logs a harmless "Can't setup RLIMIT_NOFILE"). */
+/* What CRIU 4 needs inside a container: the smallest set that dumped and restored in
+ * podman + runc on these machines, found by taking one capability away at a time
+ * (scripts/caps-probe.sh; docs/deploy.md, "Capabilities"): without CAP_NET_ADMIN restore
+ * fails on a netlink request, without CAP_SYS_TIME on the time namespace's monotonic
+ * offset. CAP_SYS_ADMIN covers what CAP_CHECKPOINT_RESTORE and CAP_SYS_PTRACE would add
+ * (each could be dropped); CAP_SYS_RESOURCE is not needed (CRIU logs a harmless "Can't
+ * setup RLIMIT_NOFILE"). seccomp must be unconfined too, which capabilities do not show. */
 static const struct {
     int cap;
     const char *name;
 } needed[] = {
-    {CAP_SYS_ADMIN, "CAP_SYS_ADMIN"},       {CAP_CHECKPOINT_RESTORE, "CAP_CHECKPOINT_RESTORE"},
-    {CAP_SYS_PTRACE, "CAP_SYS_PTRACE"}, {CAP_NET_ADMIN, "CAP_NET_ADMIN"},
+    {CAP_SYS_ADMIN, "CAP_SYS_ADMIN"},
+    {CAP_NET_ADMIN, "CAP_NET_ADMIN"},
     {CAP_SYS_TIME, "CAP_SYS_TIME"},
 };
 

@@ -7,10 +7,12 @@ set -euo pipefail
 
 PKGS=(build-essential cmake pkg-config libuv1-dev libmsgpack-dev libhttp-parser-dev
       libxxhash-dev libarchive-dev libzstd-dev python3-dev python3-venv clang libclang-rt-14-dev curl wrk libcap2-bin
-      chromium chromium-driver prometheus)
+      chromium chromium-driver prometheus podman runc debootstrap)
 # chromium + chromium-driver: tests/test_dashboard.py drives the page with Selenium
 # (PyPI selenium, requirements-dev.txt) and never downloads a driver; prometheus: its
-# promtool checks GET /metrics (tests/test_observe.py).
+# promtool checks GET /metrics (tests/test_observe.py). podman + runc + debootstrap:
+# scripts/build-image.sh and scripts/fleet-check.sh (crun refuses this machine's cgroups,
+# so runc; no registry is reachable, so the base image is debootstrapped).
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 

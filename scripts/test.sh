@@ -6,11 +6,14 @@
 #   2. .venv with beam installed          scripts/venv.sh
 #   3. C unit tests (ctest), then again under ASan/UBSan
 #   4. the libFuzzer targets, each for BEAM_FUZZ_SECONDS (default 60) under ASan/UBSan
-#   5. end-to-end tests against the installed beam-worker (pytest), last, so that its
+#   5. deploy/kubernetes/ validated offline          scripts/validate-k8s.sh
+#   6. the container fleet check (image, store, caps) scripts/fleet-check.sh
+#   7. end-to-end tests against the installed beam-worker (pytest), last, so that its
 #      summary is the last line
 #
 #   BEAM_TEST_ARGS="-k foo"   extra pytest arguments
 #   BEAM_FUZZ_SECONDS=0       skip fuzzing (local iterations)
+#   BEAM_SKIP_FLEET=1         skip the fleet check (local iterations; CI runs it)
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -41,6 +44,15 @@ fuzz_seconds=${BEAM_FUZZ_SECONDS:-60}
 if [ "$fuzz_seconds" -gt 0 ]; then
   step "fuzzing: each target ${fuzz_seconds}s under ASan/UBSan (docs/fuzzing.md)"
   make -s fuzz FUZZ_SECONDS="$fuzz_seconds" JOBS="$jobs"
+fi
+
+step "Kubernetes manifests (kubernetes-validate, offline)"
+scripts/validate-k8s.sh
+
+if [ "${BEAM_SKIP_FLEET:-0}" != 1 ]; then
+  step "fleet check: one image, one store, many containers (docs/deploy.md)"
+  # Its own last line is the figures; a failing scenario fails the run here.
+  scripts/fleet-check.sh
 fi
 
 step "end-to-end tests (real beam-worker, real CRIU)"
