@@ -57,19 +57,39 @@ int bw_store_open(struct bw_store *s, const char *root, const char *key, double 
 
 static void lease_tick(struct bw_store *s);
 
-/* Copy one regular file, fsync'd, mode 0600. s (may be NULL) renews its lease between
- * blocks: a copy of a large image may outlast the term. */
-static int copy_file(int sdir, int ddir, const char *name, char *buf, struct bw_store *s) {
-    int in = openat(sdir, name, O_RDONLY | O_CLOEXEC);
-    int out = in < 0 ? -1 : openat(ddir, name, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
-    ssize_t n = in < 0 || out < 0 ? -1 : 0;
-    while (n >= 0 && (n = read(in, buf, COPY_BLOCK)) > 0) {
-        if (bw_write_full(out, buf, (size_t)n) < 0)
+/* Move one file's bytes, COPY_BLOCK at a time so that s (may be NULL) can renew its lease
+ * between blocks: a copy of a large image may outlast the term. copy_file_range keeps the
+ * bytes in the kernel (one copy instead of two); where it is refused (file systems of
+ * other kinds, old kernels) read/write do the same. */
+static int copy_bytes(int in, int out, char *buf, struct bw_store *s) {
+    bool in_kernel = true;
+    for (;;) {
+        ssize_t n = in_kernel ? copy_file_range(in, NULL, out, NULL, COPY_BLOCK, 0) : -1;
+        if (n < 0 && in_kernel && (errno == EXDEV || errno == EINVAL || errno == ENOSYS ||
+                                   errno == EOPNOTSUPP)) {
+            in_kernel = false; /* nothing was copied by the refused call */
+            continue;
+        }
+        if (!in_kernel && (n = read(in, buf, COPY_BLOCK)) > 0 &&
+            bw_write_full(out, buf, (size_t)n) < 0)
             n = -1;
+        if (n <= 0)
+            return n < 0 ? -1 : 0;
         if (s)
             lease_tick(s);
     }
-    int rc = n < 0 || (out >= 0 && fsync(out) < 0) ? -1 : 0;
+}
+
+/* Copy one regular file, mode 0600; durable: fsync'd. A publication must survive a crash
+ * of the store; a fetched copy need not, because every restore checks the image's sizes
+ * and hashes again and discards one that does not match. */
+static int copy_file(int sdir, int ddir, const char *name, char *buf, struct bw_store *s,
+                     bool durable) {
+    int in = openat(sdir, name, O_RDONLY | O_CLOEXEC);
+    int out = in < 0 ? -1 : openat(ddir, name, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+    int rc = in < 0 || out < 0 || copy_bytes(in, out, buf, s) < 0 ? -1 : 0;
+    if (rc == 0 && durable && fsync(out) < 0)
+        rc = -1;
     if (out >= 0 && close(out) < 0)
         rc = -1;
     if (in >= 0)
@@ -78,7 +98,8 @@ static int copy_file(int sdir, int ddir, const char *name, char *buf, struct bw_
 }
 
 /* Copy the image directory src (files and the img/ subdirectory) into dst, which must
- * not exist. 0, or -1 with err naming what failed. */
+ * not exist. s: a publication under s's lease, made durable (copy_file says why only
+ * then). 0, or -1 with err naming what failed. */
 static int copy_tree(const char *src, const char *dst, int depth, char *buf, struct bw_store *s,
                      char *err, size_t errlen) {
     if (mkdir(dst, 0700) < 0) {
@@ -99,12 +120,12 @@ static int copy_tree(const char *src, const char *dst, int depth, char *buf, str
             snprintf(a, sizeof a, "%s/%s", src, e->d_name);
             snprintf(b, sizeof b, "%s/%s", dst, e->d_name);
             rc = copy_tree(a, b, depth + 1, buf, s, err, errlen);
-        } else if (S_ISREG(st.st_mode) && copy_file(dirfd(d), ddir, e->d_name, buf, s) < 0) {
+        } else if (S_ISREG(st.st_mode) && copy_file(dirfd(d), ddir, e->d_name, buf, s, s != NULL) < 0) {
             snprintf(err, errlen, "cannot copy %s/%s: %s", src, e->d_name, strerror(errno));
             rc = -1;
         }
     }
-    if (rc == 0 && fsync(ddir) < 0) { /* the names, not only the data, must survive */
+    if (rc == 0 && s && fsync(ddir) < 0) { /* the names, not only the data, must survive */
         snprintf(err, errlen, "cannot fsync %s: %s", dst, strerror(errno));
         rc = -1;
     }
