@@ -28,6 +28,7 @@ set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 keep=0
+args=("$@") # the bounded re-exec below needs them after the loop has shifted them away
 while [ $# -gt 0 ]; do
   case "$1" in
     --keep) keep=1 ;;
@@ -40,7 +41,7 @@ done
 # The whole check is bounded (CI budget: 10 minutes), image build included; on expiry the
 # containers are still removed (the TERM trap below runs the EXIT trap).
 if [ -z "${BEAM_FLEET_UNDER_TIMEOUT:-}" ]; then
-  BEAM_FLEET_UNDER_TIMEOUT=1 exec timeout -k 15 "${BEAM_FLEET_TIMEOUT:-570}" "$0" "$@"
+  BEAM_FLEET_UNDER_TIMEOUT=1 exec timeout -k 15 "${BEAM_FLEET_TIMEOUT:-570}" "$0" "${args[@]}"
 fi
 say() { echo "fleet-check: $*" >&2; }
 trap 'say "timed out or interrupted"; exit 124' TERM INT
