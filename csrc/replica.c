@@ -74,6 +74,7 @@ void bw_replica_free(struct bw_replica *r) {
     }
     msgpack_sbuffer_destroy(&r->start_profile);
     msgpack_sbuffer_destroy(&r->profile);
+    bw_ctl_reader_reset(&r->ctl_rd);
     free(r);
 }
 
@@ -108,6 +109,16 @@ static void io_detach(struct bw_replica *r) {
     r->ctl_poll = NULL;
     close(r->ctl);
     r->ctl = -1;
+    bw_ctl_reader_reset(&r->ctl_rd);
+}
+
+void bw_replica_check_ctl(struct bw_replica *r, double now) {
+    /* busy: a host frozen by its dump cannot finish a message. */
+    if (r->ctl < 0 || r->busy || bw_ctl_reader_age(&r->ctl_rd, now) < BW_CTL_STALL_MS)
+        return;
+    bw_warn("replica %d sent part of a control message and nothing for %.0f ms; closing its "
+            "channel", r->id, BW_CTL_STALL_MS);
+    io_detach(r); /* the host stops when its channel closes; its exit is handled when reaped */
 }
 
 void bw_replica_reaped(struct bw_replica *r) {
@@ -647,13 +658,13 @@ static void on_ctl(uv_poll_t *p, int status, int events) {
     struct bw_replica *r = p->data;
     char *body = NULL;
     size_t len = 0;
-    int fds[BW_CTL_MAX_FDS], nfds = 0;
-    if (status < 0 || bw_ctl_recv(r->ctl, &body, &len, fds, &nfds, 1000) < 0) {
+    int rc = status < 0 ? -1 : bw_ctl_read_some(&r->ctl_rd, r->ctl, &body, &len);
+    if (rc < 0) {
         io_detach(r); /* the host is gone or going; its exit is handled when reaped */
         return;
     }
-    for (int i = 0; i < nfds; i++)
-        close(fds[i]); /* hosts send none; never keep what arrives */
+    if (rc == 0) /* the rest when it comes; bw_replica_check_ctl bounds the wait */
+        return;
     msgpack_zone z;
     msgpack_zone_init(&z, 4096);
     msgpack_object m;

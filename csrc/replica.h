@@ -11,6 +11,7 @@
 #include <uv.h>
 
 #include "checkpoint.h"
+#include "control.h"
 #include "lazy.h"
 #include "listen.h"
 
@@ -25,6 +26,7 @@ struct bw_replica {
                                 * freed; a stop waits for the job's end */
     int ctl;                   /* our end of the control socket, -1 when closed */
     uv_poll_t *ctl_poll;
+    struct bw_ctl_reader ctl_rd; /* the control message being read */
     struct bw_ckpt_ids ids;    /* of a cold host, for its dump */
     enum bw_replica_phase phase;
     bool restored, may_dump;
@@ -56,6 +58,10 @@ void bw_replica_stop(struct bw_replica *r, double grace_s);
 /* A page daemon still filling memory in after --restore-timeout is stuck: the replica
  * is killed (calls that fault on a missing page would hang). Called on each tick. */
 void bw_replica_check_pager(struct bw_replica *r, double now);
+/* A host that began a control message over BW_CTL_STALL_MS ago and has not finished
+ * it: its channel is closed (it stops), as for one that closed it. Called on each tick. */
+#define BW_CTL_STALL_MS 1000.0
+void bw_replica_check_ctl(struct bw_replica *r, double now);
 /* The page daemon of a lazy restore exited (reaped by the caller). */
 void bw_replica_pager_exited(struct bw_replica *r, int status);
 /* The process is gone (reaped): close the channel. */

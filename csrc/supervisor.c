@@ -256,8 +256,10 @@ static void on_tick(uv_timer_t *t) {
         return;
     }
     retire_idle(now);
-    for (struct bw_replica *r = sup.replicas; r; r = r->next)
+    for (struct bw_replica *r = sup.replicas; r; r = r->next) {
         bw_replica_check_pager(r, now);
+        bw_replica_check_ctl(r, now);
+    }
     if (count_alive() == 0 && !sup.stopping && !sup.pending)
         wake_start();
     status_line(now);

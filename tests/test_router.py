@@ -168,6 +168,31 @@ def test_a_slow_restore_does_not_stall_the_serving_replica(serve, workdir):
     assert len(s.stats()["replicas"]) == 2
 
 
+def test_sigterm_during_a_slow_restore_stops_cleanly(serve, workdir):
+    """A replica whose restore is still running when the supervisor is told to stop is
+    neither served nor left behind: once CRIU is done it is killed, and the supervisor
+    exits 0 (it would wait for good on a restored host never sent "start")."""
+    flag = workdir / "criu-slow-now"
+    fake = workdir / "criu-slow"
+    fake.write_text(f"#!/bin/sh\n[ -e {flag} ] && sleep 2\nexec {real_criu()} \"$@\"\n")
+    fake.chmod(0o755)
+    s = serve("router_app.py:ckpt", "--max-replicas", "2", "--keep-warm", "-1",
+              "--criu", str(fake))
+    flag.write_text("")
+    threads = [threading.Thread(target=s.call, kwargs={"op": "sleep", "seconds": 0.3})
+               for _ in range(3)]
+    for i, t in enumerate(threads):
+        t.start()
+        if i < 2:
+            wait_until(lambda: s.stats()["inflight"] == i + 1, 10, "calls in flight")
+    s.wait_for("starting replica 2")
+    for t in threads:
+        t.join(30)
+    assert s.stop(timeout=20) == 0, s.log()
+    log = s.log()
+    assert log.count("ready:") == 1 and "restored from checkpoint" not in log, log
+
+
 def test_a_slow_dump_does_not_stall_the_supervisor(workdir):
     """As above for a dump: while a criu that takes 3 s more dumps the first replica, the
     supervisor's own HTTP answers (/stats) come at once; the replica then serves."""
