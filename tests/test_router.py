@@ -193,6 +193,36 @@ def test_sigterm_during_a_slow_restore_stops_cleanly(serve, workdir):
     assert log.count("ready:") == 1 and "restored from checkpoint" not in log, log
 
 
+def test_serving_replica_killed_during_a_slow_restore_is_replaced(serve, workdir):
+    """The reaper during a restore job: the serving host is SIGKILLed while CRIU restores
+    a second replica on a pool thread. Its exit is handled at once (a replacement starts,
+    a second restore in parallel) and the first restore is not disturbed: libcriu's own
+    wait for its criu helper is never beaten to it (csrc/job.h)."""
+    flag = workdir / "criu-slow-now"
+    fake = workdir / "criu-slow"
+    fake.write_text(f"#!/bin/sh\n[ -e {flag} ] && sleep 2\nexec {real_criu()} \"$@\"\n")
+    fake.chmod(0o755)
+    s = serve("router_app.py:ckpt", "--max-replicas", "2", "--keep-warm", "-1",
+              "--criu", str(fake))
+    [first] = s.stats()["replicas"]
+    flag.write_text("")
+    threads = [threading.Thread(target=s.call, kwargs={"op": "sleep", "seconds": 1})
+               for _ in range(3)]
+    for i, t in enumerate(threads):
+        t.start()
+        if i < 2:
+            wait_until(lambda: s.stats()["inflight"] == i + 1, 10, "calls in flight")
+    s.wait_for("starting replica 2")
+    os.kill(first["pid"], signal.SIGKILL)
+    log = s.wait_for("restored from checkpoint", count=2, timeout=30)
+    for t in threads:
+        t.join(30)
+    assert "killed by signal 9" in log and "restore failed" not in log, log
+    assert "booting cold" not in log, log
+    assert s.call(op="echo", value=1) == (200, 1)
+    assert len(s.stats()["replicas"]) == 2
+
+
 def test_a_slow_dump_does_not_stall_the_supervisor(workdir):
     """As above for a dump: while a criu that takes 3 s more dumps the first replica, the
     supervisor's own HTTP answers (/stats) come at once; the replica then serves."""
