@@ -9,7 +9,9 @@
  *   duration (bw_sup.o, bw_sup.ck); never a libuv handle, a replica or the fleet
  *   (bw_sup). It may log (output.c writes, never queues, off the loop thread).
  *   done() is the one place the results meet the loop's state.
- * No Python runs in the supervisor, so there is no GIL to mind.
+ * No Python runs in the supervisor, so there is no GIL to mind. libuv's pool has 4
+ * threads unless UV_THREADPOOL_SIZE says otherwise: a fifth job waits for one (CRIU's
+ * watchdog bounds each call from its start, not from its queueing).
  *
  * Children a job forks (`criu swrk`, criu's page daemon, the restored host) are children
  * of its pool thread; the supervisor's reaper never waits for any pid but the ones it

@@ -157,7 +157,8 @@ static bool sink_flush(struct sink *s) {
 
 static void on_retry(uv_timer_t *t) {
     for (int fd = 1; fd <= 2; fd++)
-        sinks.s[fd].dropped += __atomic_exchange_n(&sinks.dropped_off_loop[fd], 0, __ATOMIC_RELAXED);
+        sinks.s[fd].dropped +=
+            __atomic_exchange_n(&sinks.dropped_off_loop[fd], 0, __ATOMIC_RELAXED);
     bool out_idle = sink_flush(&sinks.s[1]); /* both are flushed, whatever the first says */
     bool err_idle = sink_flush(&sinks.s[2]);
     if (out_idle && err_idle) {
