@@ -726,6 +726,7 @@ struct restore_job {
     struct bw_job job;
     struct bw_replica *r;
     bool lazy_allowed;        /* in: lazy_allowed() on the loop */
+    ino_t image;              /* in: image_id() of the image it restores */
     struct bw_host_io io;     /* in: the fresh channels criu hands the host */
     /* results */
     struct bw_ckpt_image img;
@@ -793,6 +794,12 @@ static void restore_work(struct bw_job *j) {
     }
 }
 
+/* Which image <key>/ is: a dump publishes a new one by rename, so a new directory. */
+static ino_t image_id(void) {
+    struct stat st;
+    return stat(bw_sup.ck.dir, &st) == 0 ? st.st_ino : 0;
+}
+
 static void restore_job_free(struct restore_job *rj) {
     if (rj->loaded)
         bw_ckpt_image_free(&rj->img);
@@ -811,7 +818,8 @@ static void restore_failed(struct restore_job *rj) {
     bw_host_io_close(&rj->io);
     if (strcmp(rj->reason, "gpu_restore") == 0 && bw_sup.gpu_resume_failed)
         bw_ckpt_mark_failed(&bw_sup.ck, rj->err); /* GPU restores keep failing: stop dumping */
-    bw_ckpt_discard(&bw_sup.ck);
+    if (image_id() == rj->image) /* not a newer one, dumped while this restore ran */
+        bw_ckpt_discard(&bw_sup.ck);
     restore_job_free(rj);
     bw_sup.owner->restored(r, false);
 }
@@ -879,6 +887,7 @@ int bw_replica_restore(struct bw_replica *r) {
     rj->job.done = restore_done;
     rj->r = r;
     rj->lazy_allowed = lazy_allowed();
+    rj->image = image_id();
     r->t0 = r->last_active = bw_now_ms();
     r->phase = BW_R_RESTORE;
     if (bw_job_start(bw_sup.loop, &rj->job) < 0) {
