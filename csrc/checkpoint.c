@@ -27,15 +27,30 @@
 #define PROVISIONED_CRIU "/usr/local/lib/beam/criu"
 #define MAX_FILES 4096
 
+static bool executable(const char *path) { return path && *path && access(path, X_OK) == 0; }
+
+/* The first executable `criu` in $PATH, into buf; false if there is none. */
+static bool criu_on_path(char *buf, size_t cap) {
+    const char *path = getenv("PATH");
+    while (path && *path) {
+        size_t n = strcspn(path, ":");
+        if (n > 0 && (size_t)snprintf(buf, cap, "%.*s/criu", (int)n, path) < cap && executable(buf))
+            return true;
+        path += n + (path[n] == ':');
+    }
+    return false;
+}
+
 const char *bw_ckpt_find_criu(const char *configured) {
+    static char found[PATH_MAX];
+    const char *env = getenv("BEAM_CRIU");
     if (configured && *configured)
         return configured;
-    const char *env = getenv("BEAM_CRIU");
-    if (env && *env)
+    if (executable(env))
         return env;
-    if (access(PROVISIONED_CRIU, X_OK) == 0)
+    if (executable(PROVISIONED_CRIU))
         return PROVISIONED_CRIU;
-    return "criu";
+    return criu_on_path(found, sizeof found) ? found : NULL;
 }
 
 static int mkdir_private(const char *path) {
@@ -68,7 +83,11 @@ int bw_ckpt_open(struct bw_ckpt *c, const char *root, const char *key, const cha
     snprintf(c->key, sizeof c->key, "%s", key);
     snprintf(c->dir, sizeof c->dir, "%s/%s", root, key);
     snprintf(c->failed, sizeof c->failed, "%s/%s.failed", root, key);
+    /* None found: "criu" still, so that the first dump fails with libcriu's own reason
+     * and the key is marked failed as for any other CRIU failure. */
     c->criu = bw_ckpt_find_criu(criu);
+    if (!c->criu)
+        c->criu = "criu";
     c->timeout_s = timeout_s;
     bw_compat_detect(&c->compat, c->criu);
     struct stat st;
@@ -148,8 +167,10 @@ static void remove_stale_dumps(const char *root) {
  * libcriu forks `criu swrk` from the calling thread and blocks on its socket. A stuck
  * criu (dumps have hung forever on these VMs; docs/criu-provisioning.md) must become an
  * error: a watchdog thread kills the calling thread's `criu` children once the time is
- * up. The calling thread is the supervisor's loop, so its children are also every replica: the ones
- * that existed before the call are snapshotted and never touched. */
+ * up. The calling thread is a job thread of the supervisor (job.h): its children are
+ * criu's and the hosts it restored before (CRIU makes a restored host a sibling of its
+ * helper): the ones that existed before the call are snapshotted and never touched, and
+ * replicas booted cold are the loop thread's children, which it never looks at. */
 
 #define MAX_KIDS 256
 

@@ -48,7 +48,10 @@ struct bw_ckpt_image {
 /* Prepare the root directory. 0, or -1 with a reason in err. */
 int bw_ckpt_open(struct bw_ckpt *c, const char *root, const char *key, const char *criu,
                  double timeout_s, char *err, size_t errlen);
-/* The criu binary to use, resolved from --criu, $BEAM_CRIU, the provisioned path, PATH. */
+/* The criu binary to use: --criu as given, else the first executable of $BEAM_CRIU,
+ * /usr/local/lib/beam/criu (scripts/install-criu.sh), `criu` in $PATH; NULL if none is.
+ * The one place this is decided: Python asks it with `beam-worker --print-criu`. */
+#define BW_CRIU_SEARCH "$BEAM_CRIU, /usr/local/lib/beam/criu, criu in $PATH"
 const char *bw_ckpt_find_criu(const char *configured);
 
 int bw_ckpt_failed_before(const struct bw_ckpt *c, char *reason, size_t cap);

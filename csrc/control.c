@@ -4,6 +4,7 @@
 
 #include <errno.h>
 #include <poll.h>
+#include <stdbool.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
@@ -141,4 +142,75 @@ int bw_ctl_recv(int sock, char **body, size_t *len, int *fds, int *nfds, int tim
         return -1;
     }
     return 0;
+}
+
+/* One recv that cannot wait; fds that came with it are closed. */
+static ssize_t recv_now(int sock, void *buf, size_t n) {
+    union {
+        char buf[CMSG_SPACE(sizeof(int) * BW_CTL_MAX_FDS)];
+        struct cmsghdr align;
+    } u;
+    struct iovec iov = {buf, n};
+    struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = u.buf,
+                         .msg_controllen = sizeof u.buf};
+    ssize_t r;
+    do {
+        r = recvmsg(sock, &msg, MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
+    } while (r < 0 && errno == EINTR);
+    for (struct cmsghdr *c = r >= 0 ? CMSG_FIRSTHDR(&msg) : NULL; c; c = CMSG_NXTHDR(&msg, c))
+        if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS)
+            for (size_t i = 0; i < (c->cmsg_len - CMSG_LEN(0)) / sizeof(int); i++) {
+                int fd;
+                memcpy(&fd, CMSG_DATA(c) + i * sizeof fd, sizeof fd);
+                close(fd);
+            }
+    return r;
+}
+
+void bw_ctl_reader_reset(struct bw_ctl_reader *rd) {
+    free(rd->body);
+    memset(rd, 0, sizeof *rd);
+}
+
+double bw_ctl_reader_age(const struct bw_ctl_reader *rd, double now) {
+    return rd->started > 0 ? now - rd->started : 0;
+}
+
+/* The header is in: room for the body. */
+static int begin_body(struct bw_ctl_reader *rd) {
+    rd->len = bw_load_be32(rd->hdr);
+    if (rd->len > BW_CTL_MAX_MSG) {
+        errno = EMSGSIZE;
+        return -1;
+    }
+    rd->body = malloc(rd->len ? rd->len : 1);
+    return rd->body ? 0 : -1;
+}
+
+int bw_ctl_read_some(struct bw_ctl_reader *rd, int sock, char **body, size_t *len) {
+    for (;;) {
+        size_t hl = sizeof rd->hdr;
+        if (rd->have >= hl && rd->have - hl == rd->len) { /* complete */
+            *body = rd->body;
+            *len = rd->len;
+            rd->body = NULL;
+            bw_ctl_reader_reset(rd);
+            return 1;
+        }
+        bool in_hdr = rd->have < hl;
+        char *dst = in_hdr ? (char *)rd->hdr + rd->have : rd->body + (rd->have - hl);
+        size_t want = in_hdr ? hl - rd->have : rd->len - (rd->have - hl);
+        ssize_t n = recv_now(sock, dst, want);
+        if (n < 0)
+            return errno == EAGAIN || errno == EWOULDBLOCK ? 0 : -1;
+        if (n == 0) {
+            errno = EPIPE;
+            return -1;
+        }
+        if (rd->have == 0)
+            rd->started = bw_now_ms();
+        rd->have += (size_t)n;
+        if (in_hdr && rd->have == hl && begin_body(rd) < 0)
+            return -1;
+    }
 }

@@ -25,6 +25,8 @@
 #include <msgpack.h>
 #include <stddef.h>
 
+#include "frame.h"
+
 #define BW_CTL_FD 3        /* the host's end, at this fd number in the host */
 #define BW_CTL_MAX_FDS 8
 #define BW_CTL_MAX_MSG (16u * 1024u * 1024u)
@@ -36,5 +38,25 @@ int bw_ctl_send(int sock, const char *body, size_t len, const int *fds, int nfds
  * stored in fds[] and counted in *nfds. timeout_ms < 0 waits forever.
  * 0, or -1 with errno (EPIPE when the peer closed, ETIMEDOUT). */
 int bw_ctl_recv(int sock, char **body, size_t *len, int *fds, int *nfds, int timeout_ms);
+
+/* A message read without blocking, a piece per readable event: the supervisor's loop
+ * reads its hosts this way, so that a host that sends a header and stalls holds nobody
+ * (the owner gives up on a message begun too long ago: bw_ctl_reader_age). */
+struct bw_ctl_reader {
+    unsigned char hdr[BW_FRAME_HEADER];
+    size_t have;     /* bytes of this message (header, then body) read so far */
+    char *body;      /* malloc'd once the header is in */
+    size_t len;
+    double started;  /* bw_now_ms() at its first byte; 0 between messages */
+};
+
+/* Read what is there of one message, never past its end. 1: complete (*body malloc'd,
+ * the caller frees; the reader is ready for the next), 0: not yet, -1 with errno
+ * (EPIPE: the peer closed; EMSGSIZE). Fds that arrive are closed: hosts send none. */
+int bw_ctl_read_some(struct bw_ctl_reader *rd, int sock, char **body, size_t *len);
+/* Milliseconds since the message being read began; 0 when none is. */
+double bw_ctl_reader_age(const struct bw_ctl_reader *rd, double now);
+/* Drop a message half read. */
+void bw_ctl_reader_reset(struct bw_ctl_reader *rd);
 
 #endif

@@ -23,6 +23,9 @@ struct bw_fleet_owner {
     void (*set_config)(const msgpack_object *config);
     /* A replica reached "serving". */
     void (*serving)(struct bw_replica *r);
+    /* A restore job ended (bw_replica_restore). ok: r->pid runs (it may have died
+     * already: reap). Not ok: nothing runs; boot r cold or let it go. */
+    void (*restored)(struct bw_replica *r, bool ok);
     /* The replica list, read-only, linked by ->next. */
     struct bw_replica *(*replicas)(void);
 };

@@ -97,7 +97,7 @@ static void write_gauges(msgpack_sbuffer *b) {
     for (size_t i = 0; i < sizeof phases / sizeof *phases; i++) {
         int n = 0;
         for (struct bw_replica *r = bw_sup.owner->replicas(); r; r = r->next)
-            n += r->pid > 0 && r->phase == phases[i];
+            n += (r->pid > 0 || r->busy) && r->phase == phases[i]; /* busy: CRIU at work */
         bw_mp_printf(b, "beam_replicas{state=\"%s\"} %d\n", bw_replica_phase_name(phases[i]), n);
     }
     bw_metrics_family(b, "beam_queued_calls", "gauge", "Calls waiting for a replica.");

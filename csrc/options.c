@@ -10,6 +10,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "checkpoint.h"
 #include "control.h"
 #include "environ.h"
 #include "frame.h"
@@ -78,7 +79,10 @@ static const char usage[] =
     "  --store-lease SEC     term of a store lease, renewed while held (default 30)\n"
     "  --no-checkpoint       never dump nor restore\n"
     "  --retry-checkpoint    try again for a key whose checkpoint failed before\n"
-    "  --criu PATH           criu binary (default: $BEAM_CRIU, /usr/local/lib/beam/criu, criu)\n"
+    "  --criu PATH           criu binary; default: the first of\n"
+    "                        " BW_CRIU_SEARCH "\n"
+    "  --print-criu          print the criu binary checkpoints would use, and exit\n"
+    "                        (status 2 when there is none)\n"
     "  --criu-timeout SEC    bound on one CRIU dump or restore (default 120)\n"
     "  --restore-timeout SEC bound on a restored replica becoming ready (default 30)\n"
     "  --restore MODE        lazy: serve while the page daemon fills memory in; eager: copy\n"
@@ -107,7 +111,7 @@ enum {
     OPT_VOLUME_ROOT, OPT_JSON_LOGS, OPT_CKPT_DIR, OPT_CKPT_KEY, OPT_NO_CKPT, OPT_RETRY_CKPT,
     OPT_CRIU, OPT_CRIU_TIMEOUT, OPT_RESTORE_TIMEOUT, OPT_VERSION, OPT_HOST, OPT_MAY_CKPT,
     OPT_PORT, OPT_HTTP_HOST, OPT_NO_AUTH, OPT_MAX_BODY, OPT_MAX_REPLICAS, OPT_KEEP_WARM,
-    OPT_ALLOW_CPU, OPT_CUDA_LOCK_TIMEOUT, OPT_MAX_CRASHES, OPT_PASS_ENV, OPT_PRINT_IMAGE_ENV, OPT_CHECK_PRIVILEGES, OPT_RESTORE,
+    OPT_ALLOW_CPU, OPT_CUDA_LOCK_TIMEOUT, OPT_MAX_CRASHES, OPT_PASS_ENV, OPT_PRINT_IMAGE_ENV, OPT_PRINT_CRIU, OPT_CHECK_PRIVILEGES, OPT_RESTORE,
     OPT_HEADER_TIMEOUT, OPT_BODY_TIMEOUT, OPT_IDLE_TIMEOUT, OPT_MAX_CONNS,
     OPT_TASK_HISTORY, OPT_ACCESS_LOG, OPT_STORE, OPT_STORE_LEASE, OPT_EXPORT, OPT_IMPORT,
 };
@@ -152,6 +156,7 @@ static const struct option long_opts[] = {
     {"help", no_argument, 0, 'h'},
     {"version", no_argument, 0, OPT_VERSION},
     {"print-image-env", no_argument, 0, OPT_PRINT_IMAGE_ENV},
+    {"print-criu", no_argument, 0, OPT_PRINT_CRIU},
     {"check-privileges", no_argument, 0, OPT_CHECK_PRIVILEGES},
     {"run-host", no_argument, 0, OPT_HOST},         /* internal: be the host */
     {"may-checkpoint", no_argument, 0, OPT_MAY_CKPT}, /* internal */
@@ -199,6 +204,17 @@ static void print_privileges(void) {
 
 /* Line 1 is the version; then the Python this binary embeds, because a worker runs only
  * the stdlib of that one Python (beam doctor compares it with the running interpreter). */
+/* What `beam doctor` reports (python/beam/_paths.py asks here: one search, in C). */
+static int print_criu_path(const char *configured) {
+    const char *criu = bw_ckpt_find_criu(configured);
+    if (!criu) {
+        fprintf(stderr, "no criu binary found (looked at %s)\n", BW_CRIU_SEARCH);
+        return -1;
+    }
+    printf("%s\n", criu);
+    return 1;
+}
+
 static void print_version(void) {
     char lib[PATH_MAX + 256];
     bw_pylib_describe(lib, sizeof lib);
@@ -227,12 +243,11 @@ int bw_options_parse(struct bw_options *o, int argc, char **argv) {
     o->python = getenv("BEAM_PYTHON");
     if (!o->python || !*o->python)
         o->python = BW_BUILD_PYTHON;
-    o->criu = getenv("BEAM_CRIU");
     o->volume_root = cache_path("BEAM_VOLUME_ROOT", "volumes");
     o->checkpoint_dir = cache_path("BEAM_CHECKPOINT_DIR", "checkpoints");
     double d;
     int c;
-    bool print_image_env = false;
+    bool print_image_env = false, print_criu = false;
     optind = 1;
     while ((c = getopt_long(argc, argv, "h", long_opts, NULL)) != -1) {
         switch (c) {
@@ -374,10 +389,13 @@ int bw_options_parse(struct bw_options *o, int argc, char **argv) {
         case 'h': fputs(usage, stdout); return 1;
         case OPT_VERSION: print_version(); return 1;
         case OPT_PRINT_IMAGE_ENV: print_image_env = true; break;
+        case OPT_PRINT_CRIU: print_criu = true; break;
         case OPT_CHECK_PRIVILEGES: print_privileges(); return 1;
         default: fputs(usage, stderr); return -1;
         }
     }
+    if (print_criu) /* after the loop: --criu may come after it */
+        return print_criu_path(o->criu);
     if (print_image_env) {
         bw_env_pass(o->pass_env, o->npass_env);
         return bw_env_print_image(stdout) == 0 ? 1 : -1;

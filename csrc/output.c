@@ -8,7 +8,11 @@
  *   a socket (e.g. the journal's stdout stream): send() with MSG_DONTWAIT;
  *   a regular file: plain write(2), which never waits for a reader.
  * If a reopen fails, writes are made only when poll(2) says the stream is writable and
- * at most PIPE_BUF bytes at a time, which a pipe then takes without waiting. */
+ * at most PIPE_BUF bytes at a time, which a pipe then takes without waiting.
+ *
+ * The queue and its retry timer belong to the loop thread. A job thread (job.h) that logs
+ * gets one write that cannot wait and nothing queued: what does not fit is counted as
+ * dropped and added to the loop's count when the loop next retries a write. */
 #define _GNU_SOURCE
 #include "output.h"
 
@@ -16,6 +20,7 @@
 #include <fcntl.h>
 #include <limits.h>
 #include <poll.h>
+#include <pthread.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -42,7 +47,9 @@ static struct {
     uv_loop_t *loop;
     uv_timer_t retry;
     bool ready, retrying;
+    pthread_t loop_thread;
     struct sink s[3]; /* indexed by fd: 1 and 2 */
+    unsigned long long dropped_off_loop[3]; /* by job threads; atomic adds */
 } sinks;
 
 static void sink_open(struct sink *s, int fd) {
@@ -149,6 +156,9 @@ static bool sink_flush(struct sink *s) {
 }
 
 static void on_retry(uv_timer_t *t) {
+    for (int fd = 1; fd <= 2; fd++)
+        sinks.s[fd].dropped +=
+            __atomic_exchange_n(&sinks.dropped_off_loop[fd], 0, __ATOMIC_RELAXED);
     bool out_idle = sink_flush(&sinks.s[1]); /* both are flushed, whatever the first says */
     bool err_idle = sink_flush(&sinks.s[2]);
     if (out_idle && err_idle) {
@@ -165,6 +175,13 @@ void bw_output_write(int fd, const char *data, size_t len) {
         return;
     }
     struct sink *s = &sinks.s[fd];
+    if (!pthread_equal(pthread_self(), sinks.loop_thread)) {
+        ssize_t n = write_some(s, data, len); /* s->fd and s->way never change once open */
+        size_t lost = n < 0 ? len : len - (size_t)n;
+        if (lost)
+            __atomic_add_fetch(&sinks.dropped_off_loop[fd], lost, __ATOMIC_RELAXED);
+        return;
+    }
     size_t done = 0;
     if (s->len == 0) { /* nothing queued: write directly, keeping the order */
         ssize_t n = write_some(s, data, len);
@@ -183,6 +200,7 @@ void bw_output_write(int fd, const char *data, size_t len) {
 
 void bw_output_init(uv_loop_t *loop) {
     sinks.loop = loop;
+    sinks.loop_thread = pthread_self();
     sink_open(&sinks.s[1], 1);
     sink_open(&sinks.s[2], 2);
     uv_timer_init(loop, &sinks.retry);

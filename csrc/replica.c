@@ -6,7 +6,11 @@
  *        ──▶ "start" (restored?, container id, secrets, listening fds, profile)
  *        ◀── "serving" (workers, full profile), then "activity" while it serves
  *
- * What to do when a replica ends is the supervisor's call (bw_sup_replica_*). */
+ * A restore and a dump run off the event loop (job.h): the replica is busy meanwhile,
+ * and its completion comes back on the loop (restore_done, dump_done). Its GPU steps are
+ * in replica_gpu.c, its channels and output forwarding in hostlog.c. What to do when a
+ * replica ends, or when a restore brought nothing up, is the supervisor's call, through
+ * the callbacks of fleet.h. */
 #define _GNU_SOURCE
 #include "replica.h"
 
@@ -18,7 +22,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -27,19 +30,15 @@
 #include "cuda_ckpt.h"
 #include "environ.h"
 #include "fleet.h"
+#include "hostlog.h"
+#include "job.h"
 #include "json.h"
 #include "leakscan.h"
 #include "log.h"
 #include "metrics.h"
 #include "mp.h"
-#include "output.h"
+#include "replica_gpu.h"
 #include "util.h"
-
-struct host_io {
-    int ctl;                          /* our end of the control socket */
-    int host_ctl, host_out, host_err; /* the host's ends, until handed over */
-    int out_r, err_r;                 /* our read ends of its stdout/stderr */
-};
 
 const char *bw_replica_phase_name(enum bw_replica_phase p) {
     static const char *names[] = {"booting", "restoring", "serving", "stopping"};
@@ -75,93 +74,27 @@ void bw_replica_free(struct bw_replica *r) {
     }
     msgpack_sbuffer_destroy(&r->start_profile);
     msgpack_sbuffer_destroy(&r->profile);
+    bw_ctl_reader_reset(&r->ctl_rd);
     free(r);
 }
 
 /* ---- channels ----------------------------------------------------------------------- */
-
-static int io_open(struct host_io *io, bool cloexec_host_ends) {
-    int sv[2], out[2], err[2];
-    int fl = cloexec_host_ends ? O_CLOEXEC : 0;
-    if (socketpair(AF_UNIX, SOCK_STREAM | (cloexec_host_ends ? SOCK_CLOEXEC : 0), 0, sv) < 0)
-        return -1;
-    if (pipe2(out, fl) < 0) {
-        close(sv[0]);
-        close(sv[1]);
-        return -1;
-    }
-    if (pipe2(err, fl) < 0) {
-        close(sv[0]);
-        close(sv[1]);
-        close(out[0]);
-        close(out[1]);
-        return -1;
-    }
-    io->ctl = sv[0];
-    io->host_ctl = sv[1];
-    io->out_r = out[0];
-    io->host_out = out[1];
-    io->err_r = err[0];
-    io->host_err = err[1];
-    fcntl(io->ctl, F_SETFD, FD_CLOEXEC);
-    fcntl(io->out_r, F_SETFD, FD_CLOEXEC);
-    fcntl(io->err_r, F_SETFD, FD_CLOEXEC);
-    return 0;
-}
-
-static void io_close_fds(struct host_io *io) {
-    int fds[] = {io->ctl, io->host_ctl, io->host_out, io->host_err, io->out_r, io->err_r};
-    for (size_t i = 0; i < sizeof fds / sizeof *fds; i++)
-        close(fds[i]);
-}
 
 static unsigned long inode_of(int fd) {
     struct stat st;
     return fstat(fd, &st) == 0 ? (unsigned long)st.st_ino : 0;
 }
 
-/* Never a blocking write here: a reader of our stdout that stops reading would stall
- * the whole event loop (output.c queues, then drops and counts). The host's pipe is
- * always drained, so the host never blocks either. */
-static void on_output(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf) {
-    int fd = (int)(intptr_t)s->data;
-    if (nread > 0)
-        bw_output_write(fd, buf->base, (size_t)nread);
-    free(buf->base);
-    if (nread < 0)
-        uv_close((uv_handle_t *)s, free_handle);
-}
-
-static void on_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *buf) {
-    (void)h;
-    buf->base = malloc(suggested);
-    buf->len = buf->base ? suggested : 0;
-}
-
-/* Forward one of the host's output pipes to our own fd (1 or 2). Handles are per host:
- * a previous host's may still be draining when the next one starts. */
-static void forward_output(int pipe_fd, int to) {
-    uv_pipe_t *p = malloc(sizeof *p);
-    if (!p || uv_pipe_init(bw_sup.loop, p, 0) < 0) {
-        free(p);
-        close(pipe_fd);
-        return;
-    }
-    p->data = (void *)(intptr_t)to;
-    if (uv_pipe_open(p, pipe_fd) < 0 || uv_read_start((uv_stream_t *)p, on_alloc, on_output) < 0)
-        uv_close((uv_handle_t *)p, free_handle);
-}
-
 static void on_ctl(uv_poll_t *p, int status, int events);
 
 /* Take over our ends: forward output, watch the control socket; drop the host's ends. */
-static void io_attach(struct bw_replica *r, struct host_io *io) {
+static void io_attach(struct bw_replica *r, struct bw_host_io *io) {
     close(io->host_ctl);
     close(io->host_out);
     close(io->host_err);
     r->ctl = io->ctl;
-    forward_output(io->out_r, 1);
-    forward_output(io->err_r, 2);
+    bw_hostlog_forward(bw_sup.loop, io->out_r, 1);
+    bw_hostlog_forward(bw_sup.loop, io->err_r, 2);
     r->ctl_poll = malloc(sizeof *r->ctl_poll);
     uv_poll_init(bw_sup.loop, r->ctl_poll, r->ctl);
     r->ctl_poll->data = r;
@@ -176,6 +109,16 @@ static void io_detach(struct bw_replica *r) {
     r->ctl_poll = NULL;
     close(r->ctl);
     r->ctl = -1;
+    bw_ctl_reader_reset(&r->ctl_rd);
+}
+
+void bw_replica_check_ctl(struct bw_replica *r, double now) {
+    /* busy: a host frozen by its dump cannot finish a message. */
+    if (r->ctl < 0 || r->busy || bw_ctl_reader_age(&r->ctl_rd, now) < BW_CTL_STALL_MS)
+        return;
+    bw_warn("replica %d sent part of a control message and nothing for %.0f ms; closing its "
+            "channel", r->id, BW_CTL_STALL_MS);
+    io_detach(r); /* the host stops when its channel closes; its exit is handled when reaped */
 }
 
 void bw_replica_reaped(struct bw_replica *r) {
@@ -190,7 +133,7 @@ void bw_replica_reaped(struct bw_replica *r) {
 struct child_args {
     char **argv;
     char **envp;
-    const struct host_io *io;
+    const struct bw_host_io *io;
 };
 
 static int host_child(void *arg) {
@@ -207,12 +150,12 @@ static int host_child(void *arg) {
 
 int bw_replica_boot_cold(struct bw_replica *r, bool may_dump) {
     const struct bw_options *o = bw_sup.o;
-    struct host_io io;
+    struct bw_host_io io;
     r->phase = BW_R_BOOT;
     r->restored = false;
     r->may_dump = may_dump;
     r->t0 = r->last_active = bw_now_ms();
-    if (io_open(&io, true) < 0) {
+    if (bw_host_io_open(&io, true) < 0) {
         bw_error("cannot create the host's channels: %s", strerror(errno));
         return -1;
     }
@@ -252,7 +195,7 @@ int bw_replica_boot_cold(struct bw_replica *r, bool may_dump) {
     char **envp = bw_env_host(NULL); /* an allow-list: environ.c says why */
     if (!envp) {
         bw_error("cannot build the host's environment: out of memory");
-        io_close_fds(&io);
+        bw_host_io_close(&io);
         return -1;
     }
     struct child_args a = {argv, envp, &io};
@@ -266,7 +209,7 @@ int bw_replica_boot_cold(struct bw_replica *r, bool may_dump) {
     free(envp);
     if (pid < 0) {
         bw_error("cannot start the host: %s", strerror(errno));
-        io_close_fds(&io);
+        bw_host_io_close(&io);
         return -1;
     }
     r->pid = pid;
@@ -390,41 +333,6 @@ static char *profile_json(const msgpack_object *p) {
     return buf;
 }
 
-/* The host's GPU state before the CRIU dump (docs/gpu.md): 1 checkpointed (meta gets
- * the GPU list for restores), 0 nothing to save, -1 failed (the host is unlocked again). */
-static int gpu_checkpoint(pid_t pid, struct bw_cuda_times *t, msgpack_sbuffer *meta, char *err,
-                          size_t cap) {
-    char why[768];
-    struct bw_cuda_gpus g;
-    if (bw_cuda_load(why, sizeof why) < 0) {
-        snprintf(err, cap, "the app uses CUDA, but GPU checkpointing is unavailable: %s", why);
-        return -1;
-    }
-    if (bw_cuda_list_gpus(&g, err, cap) < 0)
-        return -1;
-    int rc = bw_cuda_checkpoint(pid, bw_sup.o->cuda_lock_timeout_s, t, err, cap);
-    if (rc == -2 && !bw_cuda_process_has_devices(pid)) {
-        bw_info("the host loaded libcuda but holds no GPU (%s): checkpointing its CPU state only",
-                err);
-        return 0;
-    }
-    if (rc < 0)
-        return -1;
-    msgpack_packer pk;
-    msgpack_packer_init(&pk, meta, msgpack_sbuffer_write);
-    msgpack_pack_map(&pk, 4);
-    bw_mp_str(&pk, "gpus");
-    bw_cuda_pack_gpus(&pk, &g);
-    bw_mp_kv_int(&pk, "bytes", t->bytes);
-    bw_mp_kv_int(&pk, "driver_version", bw_cuda_driver_version());
-    bw_mp_kv_str(&pk, "driver", bw_cuda_driver_release()); /* a restore needs the same */
-    char d[512];
-    bw_cuda_describe(&g, d, sizeof d);
-    bw_info("GPU state checkpointed (%s): ~%.1f MiB; lock %.0f ms, checkpoint %.0f ms", d,
-            (double)t->bytes / 1048576.0, t->lock_ms, t->checkpoint_ms);
-    return 1;
-}
-
 static void checkpoint_failed(const char *what, const char *err) {
     /* A failed checkpoint never costs the user a serving worker (docs/checkpoint.md). */
     bw_warn("%s failed, serving without %s: %s", what,
@@ -434,106 +342,215 @@ static void checkpoint_failed(const char *what, const char *err) {
     bw_ckpt_mark_failed(&bw_sup.ck, err);
 }
 
-/* Whether the image just written holds the value of a declared secret (the app or a
- * library kept a copy past on_start): 0 if not; else -1 with the reason, naming the
- * secret, never its value. Values shorter than 8 bytes would match by chance. */
-static int image_holds_secret(char *err, size_t errlen) {
+/* ---- dump (off the loop: job.h) ----------------------------------------------------- */
+
+#define MAX_SECRETS 64
+
+/* A dump: its inputs are copied on the loop before it starts, so that dump_work reads
+ * nothing the loop may change meanwhile (bw_sup.config, the environment). */
+struct dump_job {
+    struct bw_job job;
+    struct bw_replica *r;
+    pid_t pid;
+    struct bw_ckpt_ids ids;
+    char *config, *profile_json;
+    size_t config_len;
+    char *secret_name[MAX_SECRETS], *secret_value[MAX_SECRETS]; /* searched for in the image */
+    size_t nsecrets;
+    msgpack_sbuffer body; /* the start profile's entries so far (nentries of them) */
+    int nentries;
+    /* results */
+    int gpu;              /* bw_gpu_checkpoint's answer, 0 for a host without CUDA */
+    struct bw_cuda_times gt;
+    int rc;               /* bw_ckpt_dump's */
+    double ms;
+    unsigned long long bytes;
+    const char *failed;   /* the step that failed: "GPU checkpoint", "checkpoint"; or NULL */
+    bool resume_failed;   /* the host cannot get its GPU state back */
+    char err[1024], gerr[1024];
+};
+
+/* The declared secrets whose values the image must not hold, copied. Values shorter than
+ * 8 bytes would match by chance and are not searched for. */
+static int copy_secrets(struct dump_job *d) {
     msgpack_zone z;
     msgpack_zone_init(&z, 1024);
     const msgpack_object *names = bw_mp_get(bw_fleet_config(&z), "secrets");
-    const char *values[64];
-    char name[64][256];
-    size_t n = 0;
+    char name[256];
+    int rc = 0;
     for (uint32_t i = 0; names && names->type == MSGPACK_OBJECT_ARRAY &&
-                         i < names->via.array.size && n < 64; i++) {
-        const char *v = bw_mp_strdup(&names->via.array.ptr[i], name[n], sizeof name[n])
-                            ? getenv(name[n]) : NULL;
-        if (v && strlen(v) >= 8)
-            values[n++] = v;
-        else if (v)
-            bw_warn("secret %s is shorter than 8 bytes: the image is not searched for it", name[n]);
+                         i < names->via.array.size && d->nsecrets < MAX_SECRETS && rc == 0; i++) {
+        const char *v = bw_mp_strdup(&names->via.array.ptr[i], name, sizeof name) ? getenv(name)
+                                                                                  : NULL;
+        if (v && strlen(v) < 8) {
+            bw_warn("secret %s is shorter than 8 bytes: the image is not searched for it", name);
+        } else if (v) {
+            d->secret_name[d->nsecrets] = strdup(name);
+            d->secret_value[d->nsecrets] = strdup(v);
+            if (!d->secret_name[d->nsecrets] || !d->secret_value[d->nsecrets])
+                rc = -1;
+            d->nsecrets++; /* counted even when a copy failed: dump_job_free frees it */
+        }
     }
     msgpack_zone_destroy(&z);
-    if (n == 0)
+    return rc;
+}
+
+static void dump_job_free(struct dump_job *d) {
+    for (size_t i = 0; i < d->nsecrets; i++) {
+        if (d->secret_value[i])
+            explicit_bzero(d->secret_value[i], strlen(d->secret_value[i]));
+        free(d->secret_name[i]);
+        free(d->secret_value[i]);
+    }
+    free(d->config);
+    free(d->profile_json);
+    msgpack_sbuffer_destroy(&d->body);
+    free(d);
+}
+
+/* Whether the image just written holds the value of a declared secret (the app or a
+ * library kept a copy past on_start): 0 if not; else -1 with the reason, naming the
+ * secret, never its value. */
+static int image_holds_secret(struct dump_job *d) {
+    if (d->nsecrets == 0)
         return 0;
     char img[PATH_MAX + 210], file[256];
     size_t which = 0;
     snprintf(img, sizeof img, "%s/img", bw_sup.ck.dir);
-    int rc = bw_leakscan_dir(img, values, n, &which, file, sizeof file);
+    int rc = bw_leakscan_dir(img, (const char **)d->secret_value, d->nsecrets, &which, file,
+                             sizeof file);
     if (rc > 0)
-        snprintf(err, errlen, "the value of secret %s is in the image (%s): the app or a "
-                 "library kept a copy past on_start; read it in the handler or an "
-                 "@after_restore hook instead", name[which], file);
+        snprintf(d->err, sizeof d->err, "the value of secret %s is in the image (%s): the app "
+                 "or a library kept a copy past on_start; read it in the handler or an "
+                 "@after_restore hook instead", d->secret_name[which], file);
     else if (rc < 0)
-        snprintf(err, errlen, "cannot search the image for secrets: %s: %s", file, strerror(errno));
+        snprintf(d->err, sizeof d->err, "cannot search the image for secrets: %s: %s", file,
+                 strerror(errno));
     return rc == 0 ? 0 : -1;
 }
 
-/* Dump the host while it waits for "start". Appends the checkpoint's phases to the
- * profile being built (pk, *n entries). */
-static void do_checkpoint(struct bw_replica *r, const msgpack_object *prof, msgpack_packer *pk,
-                          int *n) {
-    char err[1024], *pj = profile_json(prof);
-    double ms = 0;
-    unsigned long long bytes = 0;
-    bw_info("checkpointing %s ...", bw_sup.o->app);
-    /* A host that uses CUDA: its GPU state goes into host memory first, so the CRIU
-     * image carries it; the supervisor drives this from outside (a lock blocks the
-     * target's own CUDA calls). A failure here keeps it serving, without an image. */
-    struct bw_cuda_times gt = {0};
+/* Off the loop. A host that uses CUDA: its GPU state goes into host memory first, so the
+ * CRIU image carries it; the supervisor drives this from outside (a lock blocks the
+ * target's own CUDA calls). A failure here keeps it serving, without an image. */
+static void dump_work(struct bw_job *j) {
+    struct dump_job *d = (struct dump_job *)j;
     msgpack_sbuffer gmeta;
     msgpack_sbuffer_init(&gmeta);
-    int gpu = bw_cuda_process_uses_gpu(r->pid) ? gpu_checkpoint(r->pid, &gt, &gmeta, err, sizeof err)
-                                                 : 0;
-    if (gpu < 0) {
-        free(pj);
+    d->gpu = bw_cuda_process_uses_gpu(d->pid)
+                 ? bw_gpu_checkpoint(d->pid, &d->gt, &gmeta, d->err, sizeof d->err)
+                 : 0;
+    if (d->gpu < 0) {
+        d->failed = "GPU checkpoint";
         msgpack_sbuffer_destroy(&gmeta);
-        checkpoint_failed("GPU checkpoint", err);
         return;
     }
-    int rc = bw_ckpt_dump(&bw_sup.ck, r->pid, &r->ids, bw_sup.config, bw_sup.config_len,
-                          bw_sup.o->app, pj, gpu ? gmeta.data : NULL, gmeta.size, &ms, &bytes, err,
-                          sizeof err);
-    free(pj);
+    d->rc = bw_ckpt_dump(&bw_sup.ck, d->pid, &d->ids, d->config, d->config_len, bw_sup.o->app,
+                         d->profile_json, d->gpu ? gmeta.data : NULL, gmeta.size, &d->ms,
+                         &d->bytes, d->err, sizeof d->err);
     msgpack_sbuffer_destroy(&gmeta);
-    char gerr[1024];
     /* The lock's bound also bounds waiting for RUNNING after the unlock. */
-    if (gpu && bw_cuda_resume(r->pid, bw_sup.o->cuda_lock_timeout_s, &gt, gerr, sizeof gerr) < 0) {
+    if (d->gpu && bw_cuda_resume(d->pid, bw_sup.o->cuda_lock_timeout_s, &d->gt, d->gerr,
+                                 sizeof d->gerr) < 0) {
+        d->resume_failed = true;
+        return;
+    }
+    if (d->rc == 0 && image_holds_secret(d) < 0) {
+        bw_ckpt_discard(&bw_sup.ck);
+        d->rc = -1;
+    }
+    if (d->rc < 0)
+        d->failed = "checkpoint";
+}
+
+/* The profile of a cold start is complete: keep it and send "start". */
+static void send_ready_start(struct bw_replica *r, const msgpack_sbuffer *body, int n) {
+    msgpack_sbuffer_clear(&r->start_profile);
+    msgpack_packer pk;
+    msgpack_packer_init(&pk, &r->start_profile, msgpack_sbuffer_write);
+    msgpack_pack_map(&pk, (size_t)n);
+    msgpack_sbuffer_write(&r->start_profile, body->data, body->size);
+    send_start(r);
+}
+
+static void stop_now(struct bw_replica *r, double grace_s);
+
+/* On the loop. Appends the checkpoint's phases to the start profile, then sends "start". */
+static void dump_done(struct bw_job *j) {
+    struct dump_job *d = (struct dump_job *)j;
+    struct bw_replica *r = d->r;
+    msgpack_packer pk;
+    msgpack_packer_init(&pk, &d->body, msgpack_sbuffer_write);
+    r->busy = false;
+    if (d->resume_failed) {
         /* It cannot use its GPU state again: a replica takes its place (from the image
          * just written, else cold). */
         bw_error("the host cannot get its GPU state back after the checkpoint: %s; replacing it",
-                 gerr);
-        if (rc < 0)
-            bw_ckpt_mark_failed(&bw_sup.ck, err);
+                 d->gerr);
+        if (d->rc < 0)
+            bw_ckpt_mark_failed(&bw_sup.ck, d->err);
         bw_sup.gpu_resume_failed = true;
         r->replace = true;
         kill(r->pid, SIGKILL);
-        return;
+    } else if (d->failed) {
+        checkpoint_failed(d->failed, d->err);
+    } else {
+        bw_info("checkpoint written: %s (%.1f MiB in %.0f ms)", bw_sup.ck.dir,
+                (double)d->bytes / 1048576.0, d->ms);
+        bw_metrics_dump(true, d->bytes, d->ms);
+        bw_store_publish(&bw_sup.store, &bw_sup.ck); /* in a child: the loop goes on */
+        bw_mp_kv_double(&pk, "checkpoint_ms", d->ms);
+        bw_mp_kv_int(&pk, "image_bytes", (long long)d->bytes);
+        d->nentries += 2;
+        if (d->gpu) {
+            bw_gpu_pack_dump_times(&pk, &d->gt);
+            d->nentries += BW_GPU_DUMP_ENTRIES;
+        }
     }
-    if (rc == 0 && image_holds_secret(err, sizeof err) < 0) {
-        bw_ckpt_discard(&bw_sup.ck);
-        rc = -1;
+    if (r->phase == BW_R_STOPPING) /* asked to stop during the dump */
+        stop_now(r, bw_sup.o->grace_s);
+    else if (!r->replace)
+        send_ready_start(r, &d->body, d->nentries);
+    dump_job_free(d);
+}
+
+/* Dump the host while it waits for "start", off the loop; dump_done sends "start". The
+ * profile being built (body, n entries) goes with the job. 0, or -1: nothing started
+ * (the dump is skipped, body is left to the caller). */
+static int do_checkpoint(struct bw_replica *r, const msgpack_object *prof,
+                         msgpack_sbuffer *body, int n) {
+    struct dump_job *d = calloc(1, sizeof *d);
+    if (!d)
+        return -1;
+    d->job.work = dump_work;
+    d->job.done = dump_done;
+    d->r = r;
+    d->pid = r->pid;
+    d->ids = r->ids;
+    d->profile_json = profile_json(prof);
+    d->config = bw_sup.config ? malloc(bw_sup.config_len) : NULL;
+    d->config_len = bw_sup.config_len;
+    msgpack_sbuffer_init(&d->body);
+    if (!d->profile_json || (bw_sup.config && !d->config) || copy_secrets(d) < 0) {
+        dump_job_free(d);
+        return -1;
     }
-    if (rc < 0) {
-        checkpoint_failed("checkpoint", err);
-        return;
+    if (d->config)
+        memcpy(d->config, bw_sup.config, bw_sup.config_len);
+    msgpack_sbuffer swap = d->body; /* the job owns the profile once it starts */
+    d->body = *body;
+    *body = swap;
+    d->nentries = n;
+    if (bw_job_start(bw_sup.loop, &d->job) < 0) {
+        swap = d->body;
+        d->body = *body;
+        *body = swap;
+        dump_job_free(d);
+        return -1;
     }
-    bw_info("checkpoint written: %s (%.1f MiB in %.0f ms)", bw_sup.ck.dir,
-            (double)bytes / 1048576.0, ms);
-    bw_metrics_dump(true, bytes, ms);
-    bw_store_publish(&bw_sup.store, &bw_sup.ck); /* in a child: the loop goes on */
-    bw_mp_kv_double(pk, "checkpoint_ms", ms);
-    bw_mp_kv_int(pk, "image_bytes", (long long)bytes);
-    *n += 2;
-    if (gpu) {
-        bw_mp_kv_double(pk, "gpu_lock_ms", gt.lock_ms);
-        bw_mp_kv_double(pk, "gpu_checkpoint_ms", gt.checkpoint_ms);
-        bw_mp_kv_double(pk, "gpu_restore_ms", gt.restore_ms);
-        bw_mp_kv_double(pk, "gpu_unlock_ms", gt.unlock_ms);
-        bw_mp_kv_int(pk, "gpu_bytes", gt.bytes);
-        bw_mp_kv_int(pk, "gpu_restore_tid", gt.restore_tid);
-        *n += 6;
-    }
+    r->busy = true;
+    bw_info("checkpointing %s ...", bw_sup.o->app);
+    return 0;
 }
 
 /* Say once, by name only, which variables of the caller's environment the app does not
@@ -583,19 +600,12 @@ static void handle_ready(struct bw_replica *r, const msgpack_object *m) {
         bw_warn("not checkpointing, serving without one: %s", why);
         bw_ckpt_mark_failed(&bw_sup.ck, why);
     } else if (bw_mp_true(bw_mp_get(m, "checkpoint")) && r->may_dump) {
-        do_checkpoint(r, prof, &bp, &n);
+        if (do_checkpoint(r, prof, &body, n) == 0)
+            return; /* dump_done sends "start" */
+        checkpoint_failed("checkpoint", "cannot start the dump off the event loop (out of memory)");
     }
-    if (r->replace) { /* killed after a failed GPU resume: the supervisor goes on */
-        msgpack_sbuffer_destroy(&body);
-        return;
-    }
-    msgpack_sbuffer_clear(&r->start_profile);
-    msgpack_packer pk;
-    msgpack_packer_init(&pk, &r->start_profile, msgpack_sbuffer_write);
-    msgpack_pack_map(&pk, (size_t)n);
-    msgpack_sbuffer_write(&r->start_profile, body.data, body.size);
+    send_ready_start(r, &body, n);
     msgpack_sbuffer_destroy(&body);
-    send_start(r);
 }
 
 static void print_profile(const struct bw_replica *r, const msgpack_object *p) {
@@ -649,13 +659,13 @@ static void on_ctl(uv_poll_t *p, int status, int events) {
     struct bw_replica *r = p->data;
     char *body = NULL;
     size_t len = 0;
-    int fds[BW_CTL_MAX_FDS], nfds = 0;
-    if (status < 0 || bw_ctl_recv(r->ctl, &body, &len, fds, &nfds, 1000) < 0) {
+    int rc = status < 0 ? -1 : bw_ctl_read_some(&r->ctl_rd, r->ctl, &body, &len);
+    if (rc < 0) {
         io_detach(r); /* the host is gone or going; its exit is handled when reaped */
         return;
     }
-    for (int i = 0; i < nfds; i++)
-        close(fds[i]); /* hosts send none; never keep what arrives */
+    if (rc == 0) /* the rest when it comes; bw_replica_check_ctl bounds the wait */
+        return;
     msgpack_zone z;
     msgpack_zone_init(&z, 4096);
     msgpack_object m;
@@ -681,7 +691,7 @@ static void on_ctl(uv_poll_t *p, int status, int events) {
     free(body);
 }
 
-/* ---- restore ------------------------------------------------------------------------ */
+/* ---- restore (off the loop: job.h) -------------------------------------------------- */
 
 static void on_restore_timeout(uv_timer_t *t) {
     struct bw_replica *r = t->data;
@@ -692,52 +702,17 @@ static void on_restore_timeout(uv_timer_t *t) {
     kill(r->pid, SIGKILL);
 }
 
-/* The image's GPU metadata against this machine's GPUs (before any CRIU work). */
-static int gpu_compat(const struct bw_ckpt_image *img, struct bw_cuda_gpus *saved,
-                      struct bw_cuda_gpus *now, int *npairs, long long *bytes, char *err,
-                      size_t cap) {
-    msgpack_zone z;
-    msgpack_zone_init(&z, 1024);
-    msgpack_object m;
-    int rc = -1;
-    if (bw_mp_unpack_exact(img->gpu, img->gpu_len, &z, &m) < 0 ||
-        bw_cuda_unpack_gpus(bw_mp_get(&m, "gpus"), saved) < 0) {
-        snprintf(err, cap, "the image's GPU metadata is corrupt");
-    } else {
-        *bytes = (long long)bw_mp_num(bw_mp_get(&m, "bytes"), 0);
-        char rel[96];
-        if (!bw_mp_strdup(bw_mp_get(&m, "driver"), rel, sizeof rel))
-            rel[0] = '\0'; /* an image from before the release was recorded */
-        rc = bw_cuda_check_compat(saved, (int)bw_mp_num(bw_mp_get(&m, "driver_version"), 0),
-                                  rel, now, npairs, err, cap);
-    }
-    msgpack_zone_destroy(&z);
-    return rc;
-}
-
-/* reason: the label of beam_restore_failures_total (metrics.h) */
-static int restore_failed(struct bw_ckpt_image *img, struct host_io *io, const char *reason,
-                          const char *what, const char *err) {
-    bw_warn("%s (%s); discarding the checkpoint and booting cold", what, err);
-    bw_metrics_restore_failure(reason);
-    if (io)
-        io_close_fds(io);
-    bw_ckpt_image_free(img);
-    bw_ckpt_discard(&bw_sup.ck);
-    return -1;
-}
-
 /* auto restores lazily from this image size up. Below it, starting the page daemon
  * costs more than it saves: bench/coldstart.py, docs/performance.md (113 MiB: eager
  * 80 ms, lazy 92 ms; 520 MiB: eager 240 ms, lazy 80 ms). */
 #define LAZY_MIN_BYTES (256ull << 20)
 
-/* Lazy where it works, pays and has not failed here; eager otherwise (lazy.c). */
-static bool want_lazy(unsigned long long image_bytes) {
+/* Whether a lazy restore may be tried: where it works and has not failed here. Asked on
+ * the loop, which owns bw_sup.lazy_broken; the image's size is weighed in the job. */
+static bool lazy_allowed(void) {
     static bool said;
     enum bw_restore_mode m = bw_sup.o->restore_mode;
-    if (m == BW_RESTORE_EAGER || bw_sup.lazy_broken ||
-        (m == BW_RESTORE_AUTO && image_bytes < LAZY_MIN_BYTES))
+    if (m == BW_RESTORE_EAGER || bw_sup.lazy_broken)
         return false;
     if (bw_lazy_supported())
         return true;
@@ -748,22 +723,184 @@ static bool want_lazy(unsigned long long image_bytes) {
     return false;
 }
 
-/* CRIU restore, lazy or eager; a failed lazy restore is retried eagerly at once. */
-static int criu_restore(struct bw_replica *r, const struct bw_ckpt_image *img,
-                        const struct host_io *io, pid_t *pid, char *err, size_t errlen) {
-    if (want_lazy(img->bytes)) {
-        if (bw_lazy_restore(&bw_sup.ck, img, io->host_out, io->host_err, io->host_ctl, pid,
-                            &r->lazy, err, errlen) == 0) {
-            if (r->lazy.pager == 0) /* every page was in before the restore returned */
-                bw_lazy_finished(&r->lazy);
+struct restore_job {
+    struct bw_job job;
+    struct bw_replica *r;
+    bool lazy_allowed;        /* in: lazy_allowed() on the loop */
+    ino_t image;              /* in: image_id() of the image it restores */
+    struct bw_host_io io;     /* in: the fresh channels criu hands the host */
+    /* results */
+    struct bw_ckpt_image img;
+    bool loaded, gpu;
+    const char *reason;       /* NULL, or the label of beam_restore_failures_total */
+    const char *what;         /* what failed, for the log */
+    char err[1024];
+    bool lazy_failed;         /* a lazy restore failed (lazy_err), then eager was tried */
+    char lazy_err[1024];
+    int mode;                 /* 1 lazy, 0 eager */
+    pid_t pid;
+    struct bw_lazy lz;        /* copied into the replica by restore_done */
+    struct bw_gpu_restore g;
+    double restore_ms, restored_at;
+};
+
+/* CRIU restore, lazy or eager; a failed lazy restore is retried eagerly at once.
+ * 1 lazy, 0 eager, -1 failed. */
+static int criu_restore(struct restore_job *rj) {
+    const struct bw_host_io *io = &rj->io;
+    if (rj->lazy_allowed &&
+        (bw_sup.o->restore_mode != BW_RESTORE_AUTO || rj->img.bytes >= LAZY_MIN_BYTES)) {
+        if (bw_lazy_restore(&bw_sup.ck, &rj->img, io->host_out, io->host_err, io->host_ctl,
+                            &rj->pid, &rj->lz, rj->lazy_err, sizeof rj->lazy_err) == 0) {
+            if (rj->lz.pager == 0) /* every page was in before the restore returned */
+                bw_lazy_finished(&rj->lz);
             return 1;
         }
-        bw_warn("lazy restore failed (%s); restoring eagerly from now on", err);
+        rj->lazy_failed = true;
+    }
+    return bw_ckpt_restore(&bw_sup.ck, &rj->img, io->host_out, io->host_err, io->host_ctl,
+                           &rj->pid, rj->err, sizeof rj->err);
+}
+
+/* Off the loop: check the image (its hash over every file), check its GPUs, restore it
+ * with CRIU, bring its GPU state back. Everything that takes time in a restore. */
+static void restore_work(struct bw_job *j) {
+    struct restore_job *rj = (struct restore_job *)j;
+    if (bw_ckpt_load(&bw_sup.ck, &rj->img, rj->err, sizeof rj->err) < 0) {
+        rj->reason = "unusable";
+        rj->what = "checkpoint unusable";
+        return;
+    }
+    rj->loaded = true;
+    /* An image with GPU state needs the same GPUs here (other cards of the same type are
+     * remapped by UUID). Checked before CRIU does any work. */
+    rj->gpu = rj->img.gpu != NULL;
+    if (rj->gpu && bw_gpu_compat(&rj->img, &rj->g, rj->err, sizeof rj->err) < 0) {
+        rj->reason = "gpu_incompatible";
+        rj->what = "made on an incompatible machine: its GPU state cannot be restored here";
+        return;
+    }
+    double t = bw_now_ms();
+    rj->mode = criu_restore(rj);
+    rj->restored_at = bw_now_ms();
+    rj->restore_ms = rj->restored_at - t;
+    if (rj->mode < 0) {
+        rj->reason = "criu";
+        rj->what = "restore failed";
+    } else if (rj->gpu && bw_gpu_restore(rj->pid, &rj->g, rj->err, sizeof rj->err) < 0) {
+        /* Left CHECKPOINTED or LOCKED its first CUDA call would hang: it is gone. */
+        bw_lazy_abort(&rj->lz);
+        rj->reason = "gpu_restore";
+        rj->what = "GPU restore failed";
+    }
+}
+
+/* Which image <key>/ is: a dump publishes a new one by rename, so a new directory. */
+static ino_t image_id(void) {
+    struct stat st;
+    return stat(bw_sup.ck.dir, &st) == 0 ? st.st_ino : 0;
+}
+
+static void restore_job_free(struct restore_job *rj) {
+    if (rj->loaded)
+        bw_ckpt_image_free(&rj->img);
+    free(rj);
+}
+
+/* Nothing runs: the image goes (the next start makes a new one), the supervisor boots a
+ * cold host in this replica's place. */
+static void restore_failed(struct restore_job *rj) {
+    struct bw_replica *r = rj->r;
+    if (!rj->loaded)
+        bw_warn("checkpoint unusable (%s); discarding it and booting cold", rj->err);
+    else
+        bw_warn("%s (%s); discarding the checkpoint and booting cold", rj->what, rj->err);
+    bw_metrics_restore_failure(rj->reason);
+    bw_host_io_close(&rj->io);
+    if (strcmp(rj->reason, "gpu_restore") == 0 && bw_sup.gpu_resume_failed)
+        bw_ckpt_mark_failed(&bw_sup.ck, rj->err); /* GPU restores keep failing: stop dumping */
+    if (image_id() == rj->image) /* not a newer one, dumped while this restore ran */
+        bw_ckpt_discard(&bw_sup.ck);
+    restore_job_free(rj);
+    bw_sup.owner->restored(r, false);
+}
+
+/* The start profile of a restored host: what this supervisor measured. */
+static void pack_restore_profile(struct bw_replica *r, const struct restore_job *rj) {
+    msgpack_sbuffer_clear(&r->start_profile);
+    msgpack_packer pk;
+    msgpack_packer_init(&pk, &r->start_profile, msgpack_sbuffer_write);
+    msgpack_pack_map(&pk, rj->gpu ? 4 + BW_GPU_RESTORE_ENTRIES : 4);
+    bw_mp_kv_str(&pk, "mode", "restore");
+    bw_mp_kv_str(&pk, "restore", rj->mode == 1 ? "lazy" : "eager");
+    bw_mp_kv_double(&pk, "criu_restore_ms", rj->restore_ms);
+    bw_mp_kv_int(&pk, "image_bytes", (long long)rj->img.bytes);
+    if (rj->gpu)
+        bw_gpu_pack_restore_times(&pk, &rj->g.t);
+}
+
+/* On the loop, once restore_work returned. */
+static void restore_done(struct bw_job *j) {
+    struct restore_job *rj = (struct restore_job *)j;
+    struct bw_replica *r = rj->r;
+    r->busy = false;
+    if (rj->lazy_failed) {
+        bw_warn("lazy restore failed (%s); restoring eagerly from now on", rj->lazy_err);
         bw_sup.lazy_broken = true;
     }
-    return bw_ckpt_restore(&bw_sup.ck, img, io->host_out, io->host_err, io->host_ctl, pid, err,
-                           errlen);
+    if (rj->reason) {
+        restore_failed(rj);
+        return;
+    }
+    msgpack_zone z;
+    msgpack_zone_init(&z, 1024);
+    msgpack_object cfg;
+    if (bw_mp_unpack_exact(rj->img.config, rj->img.config_len, &z, &cfg) == 0)
+        bw_sup.owner->set_config(&cfg);
+    msgpack_zone_destroy(&z);
+    r->pid = rj->pid;
+    r->lazy = rj->lz;
+    r->restored = true;
+    r->restored_at = rj->restored_at;
+    io_attach(r, &rj->io);
+    pack_restore_profile(r, rj);
+    restore_job_free(rj);
+    if (r->phase == BW_R_STOPPING) { /* asked to stop meanwhile: it never served */
+        kill(r->pid, SIGKILL);
+    } else {
+        send_start(r);
+        uv_timer_start(r->timer, on_restore_timeout,
+                       (uint64_t)(bw_sup.o->restore_timeout_s * 1000), 0);
+    }
+    bw_sup.owner->restored(r, true);
 }
+
+int bw_replica_restore(struct bw_replica *r) {
+    struct restore_job *rj = calloc(1, sizeof *rj);
+    if (!rj)
+        return -1;
+    if (bw_host_io_open(&rj->io, false) < 0) {
+        bw_error("cannot create the host's channels: %s", strerror(errno));
+        free(rj);
+        return -1;
+    }
+    rj->job.work = restore_work;
+    rj->job.done = restore_done;
+    rj->r = r;
+    rj->lazy_allowed = lazy_allowed();
+    rj->image = image_id();
+    r->t0 = r->last_active = bw_now_ms();
+    r->phase = BW_R_RESTORE;
+    if (bw_job_start(bw_sup.loop, &rj->job) < 0) {
+        bw_host_io_close(&rj->io);
+        free(rj);
+        return -1;
+    }
+    r->busy = true;
+    return 0;
+}
+
+/* ---- lazy restore's page daemon ------------------------------------------------------ */
 
 void bw_replica_check_pager(struct bw_replica *r, double now) {
     if (r->lazy.pager <= 0 || now - r->restored_at < bw_sup.o->restore_timeout_s * 1000)
@@ -794,90 +931,6 @@ void bw_replica_pager_exited(struct bw_replica *r, int status) {
     }
 }
 
-int bw_replica_restore(struct bw_replica *r) {
-    char err[1024];
-    struct bw_ckpt_image img;
-    r->t0 = r->last_active = bw_now_ms();
-    if (bw_ckpt_load(&bw_sup.ck, &img, err, sizeof err) < 0) {
-        bw_warn("checkpoint unusable (%s); discarding it and booting cold", err);
-        bw_metrics_restore_failure("unusable");
-        bw_ckpt_discard(&bw_sup.ck);
-        return -1;
-    }
-    /* An image with GPU state needs the same GPUs here (other cards of the same type are
-     * remapped by UUID). Checked before CRIU does any work. */
-    struct bw_cuda_gpus saved, now;
-    struct bw_cuda_times gt = {0};
-    int npairs = 0;
-    bool gpu = img.gpu != NULL;
-    if (gpu && gpu_compat(&img, &saved, &now, &npairs, &gt.bytes, err, sizeof err) < 0)
-        return restore_failed(&img, NULL, "gpu_incompatible",
-                              "made on an incompatible machine: its GPU state cannot be "
-                              "restored here", err);
-    struct host_io io;
-    if (io_open(&io, false) < 0) {
-        bw_ckpt_image_free(&img);
-        return -1;
-    }
-    pid_t pid;
-    double t = bw_now_ms();
-    int rc = criu_restore(r, &img, &io, &pid, err, sizeof err);
-    r->restored_at = bw_now_ms();
-    double restore_ms = r->restored_at - t;
-    if (rc < 0)
-        return restore_failed(&img, &io, "criu", "restore failed", err);
-    if (gpu) {
-        if (npairs)
-            bw_info("this machine's GPUs have other UUIDs than the image's: remapping %d GPU(s)",
-                    npairs);
-        if (bw_cuda_restore_replica(pid, &saved, &now, npairs > 0, bw_sup.o->cuda_lock_timeout_s,
-                                    &gt, err, sizeof err) < 0) {
-            /* As Modal does: a replica whose GPU state cannot come back boots cold. Left
-             * CHECKPOINTED (a restore that failed on OOM stays so for good) or LOCKED,
-             * its first CUDA call would hang: it never gets a request. */
-            kill(pid, SIGKILL);
-            while (waitpid(pid, NULL, 0) < 0 && errno == EINTR) {
-            }
-            if (bw_sup.gpu_resume_failed) /* GPU restores keep failing here: stop dumping */
-                bw_ckpt_mark_failed(&bw_sup.ck, err);
-            return restore_failed(&img, &io, "gpu_restore", "GPU restore failed", err);
-        }
-        bw_info("GPU state restored on pid %d: restore %.0f ms, unlock %.0f ms (%d state "
-                "poll(s)), driver restore thread %d", (int)pid, gt.restore_ms, gt.unlock_ms,
-                gt.unlock_polls, gt.restore_tid);
-    }
-    msgpack_zone z;
-    msgpack_zone_init(&z, 1024);
-    msgpack_object cfg;
-    if (bw_mp_unpack_exact(img.config, img.config_len, &z, &cfg) == 0)
-        bw_sup.owner->set_config(&cfg);
-    msgpack_zone_destroy(&z);
-    unsigned long long image_bytes = img.bytes;
-    bw_ckpt_image_free(&img);
-    r->pid = pid;
-    r->restored = true;
-    r->phase = BW_R_RESTORE;
-    io_attach(r, &io);
-
-    msgpack_sbuffer_clear(&r->start_profile);
-    msgpack_packer pk;
-    msgpack_packer_init(&pk, &r->start_profile, msgpack_sbuffer_write);
-    msgpack_pack_map(&pk, gpu ? 8 : 4);
-    bw_mp_kv_str(&pk, "mode", "restore");
-    bw_mp_kv_str(&pk, "restore", rc == 1 ? "lazy" : "eager");
-    bw_mp_kv_double(&pk, "criu_restore_ms", restore_ms);
-    bw_mp_kv_int(&pk, "image_bytes", (long long)image_bytes);
-    if (gpu) {
-        bw_mp_kv_double(&pk, "gpu_restore_ms", gt.restore_ms);
-        bw_mp_kv_double(&pk, "gpu_unlock_ms", gt.unlock_ms);
-        bw_mp_kv_int(&pk, "gpu_bytes", gt.bytes);
-        bw_mp_kv_int(&pk, "gpu_restore_tid", gt.restore_tid);
-    }
-    send_start(r);
-    uv_timer_start(r->timer, on_restore_timeout, (uint64_t)(bw_sup.o->restore_timeout_s * 1000), 0);
-    return 0;
-}
-
 /* ---- stopping ----------------------------------------------------------------------- */
 
 static void on_stop_timeout(uv_timer_t *t) {
@@ -888,15 +941,23 @@ static void on_stop_timeout(uv_timer_t *t) {
     }
 }
 
+static void stop_now(struct bw_replica *r, double grace_s) {
+    r->phase = BW_R_STOPPING;
+    kill(r->pid, SIGTERM);
+    uv_timer_stop(r->timer);
+    uv_timer_start(r->timer, on_stop_timeout, (uint64_t)((grace_s + 5) * 1000), 0);
+}
+
 void bw_replica_stop(struct bw_replica *r, double grace_s) {
+    if (r->busy) { /* mid-restore or mid-dump: its job's done() stops it */
+        r->phase = BW_R_STOPPING;
+        return;
+    }
     if (r->pid <= 0)
         return;
     if (r->phase == BW_R_STOPPING) {
         kill(r->pid, SIGKILL); /* asked twice: no more waiting */
         return;
     }
-    r->phase = BW_R_STOPPING;
-    kill(r->pid, SIGTERM);
-    uv_timer_stop(r->timer);
-    uv_timer_start(r->timer, on_stop_timeout, (uint64_t)((grace_s + 5) * 1000), 0);
+    stop_now(r, grace_s);
 }

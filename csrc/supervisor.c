@@ -28,6 +28,7 @@
 
 #include "environ.h"
 #include "http.h"
+#include "job.h"
 #include "json.h"
 #include "log.h"
 #include "metrics.h"
@@ -84,22 +85,26 @@ static struct {
 } sup;
 
 static struct bw_replica *start_replica(const char *why);
+static struct bw_replica *boot_cold(struct bw_replica *r, bool tried);
 
 /* ---- bookkeeping -------------------------------------------------------------------- */
 
 static struct bw_replica *replicas(void) { return sup.replicas; }
 
+/* A replica mid-restore has no pid yet but counts: it is being started. */
+static bool exists(const struct bw_replica *r) { return r->pid > 0 || r->busy; }
+
 static int count_alive(void) {
     int n = 0;
     for (struct bw_replica *r = sup.replicas; r; r = r->next)
-        n += r->pid > 0 && r->phase != BW_R_STOPPING;
+        n += exists(r) && r->phase != BW_R_STOPPING;
     return n;
 }
 
 static int count_starting(void) {
     int n = 0;
     for (struct bw_replica *r = sup.replicas; r; r = r->next)
-        n += r->pid > 0 && (r->phase == BW_R_BOOT || r->phase == BW_R_RESTORE);
+        n += exists(r) && (r->phase == BW_R_BOOT || r->phase == BW_R_RESTORE);
     return n;
 }
 
@@ -241,7 +246,7 @@ static void status_line(double now) {
  * when told to stop), or when the grace period is over. */
 static void stop_drained(double now) {
     for (struct bw_replica *r = sup.replicas; r; r = r->next)
-        if (r->pid > 0 && r->phase != BW_R_STOPPING &&
+        if (exists(r) && r->phase != BW_R_STOPPING &&
             (!sup.http || bw_router_inflight(r) == 0 || now >= sup.stop_deadline))
             bw_replica_stop(r, bw_sup.o->grace_s);
 }
@@ -254,8 +259,10 @@ static void on_tick(uv_timer_t *t) {
         return;
     }
     retire_idle(now);
-    for (struct bw_replica *r = sup.replicas; r; r = r->next)
+    for (struct bw_replica *r = sup.replicas; r; r = r->next) {
         bw_replica_check_pager(r, now);
+        bw_replica_check_ctl(r, now);
+    }
     if (count_alive() == 0 && !sup.stopping && !sup.pending)
         wake_start();
     status_line(now);
@@ -331,10 +338,13 @@ static struct bw_replica *start_replica(const char *why) {
     if (why)
         bw_info("starting replica %d: %s", r->id, why);
     bool tried = bw_sup.ckpt_on && bw_ckpt_exists(&bw_sup.ck);
-    if (tried && bw_replica_restore(r) == 0) {
-        bw_obs_replica_started(r, "restore");
-        return r;
-    }
+    if (tried && bw_replica_restore(r) == 0)
+        return r; /* replica_restored follows */
+    return boot_cold(r, tried);
+}
+
+/* r (new, or its restore failed): boot it cold. tried: a restore was tried for it. */
+static struct bw_replica *boot_cold(struct bw_replica *r, bool tried) {
     bool dump = may_dump_now();
     if (dump)
         sup.dumper = r->id;
@@ -351,6 +361,18 @@ static struct bw_replica *start_replica(const char *why) {
         return NULL;
     }
     return r;
+}
+
+static void replica_restored(struct bw_replica *r, bool ok) {
+    if (ok) {
+        bw_obs_replica_started(r, "restore");
+    } else if (sup.stopping || r->phase == BW_R_STOPPING) {
+        unlink_replica(r); /* stopped meanwhile: nothing to start in its place */
+        if (sup.stopping && count_alive() == 0 && !sup.replicas)
+            shutdown_loop(sup.exit_code);
+    } else {
+        boot_cold(r, true);
+    }
 }
 
 static void on_backoff(uv_timer_t *t) {
@@ -452,12 +474,37 @@ static void replica_exited(struct bw_replica *r, int status) {
     }
 }
 
-static void on_sigchld(uv_signal_t *h, int sig) {
-    (void)h;
-    (void)sig;
+/* One exited child we know (a replica not mid-job, or a page daemon), reaped and
+ * handled; false when none is waiting. Handling changes the list: callers start over. */
+static bool reap_known(void) {
+    int status;
+    for (struct bw_replica *r = sup.replicas; r; r = r->next) {
+        if (r->pid > 0 && !r->busy && waitpid(r->pid, &status, WNOHANG) == r->pid) {
+            replica_exited(r, status);
+            return true;
+        }
+        if (r->lazy.pager > 0 && waitpid(r->lazy.pager, &status, WNOHANG) == r->lazy.pager) {
+            bw_replica_pager_exited(r, status);
+            return true;
+        }
+    }
+    return false;
+}
+
+/* Reap by pid, never waitpid(-1) while a job is in flight (job.h): a job thread's
+ * children are criu's (libcriu waits for its `criu swrk` itself; lazy.c waits for its
+ * criu and page daemon) or a host whose pid the loop learns only when the job is done.
+ * A host mid-dump is reaped once its dump is over. With no job in flight, what else
+ * exited (orphans reparented to us, the child subreaper) is reaped and dropped;
+ * __WNOTHREAD: only this thread's children, whatever a pool thread may have left. */
+static void reap(void) {
+    while (reap_known()) {
+    }
+    if (bw_jobs_in_flight() > 0)
+        return;
     int status;
     pid_t pid;
-    while ((pid = waitpid(-1, &status, WNOHANG)) > 0)
+    while ((pid = waitpid(-1, &status, WNOHANG | __WNOTHREAD)) > 0)
         for (struct bw_replica *r = sup.replicas; r; r = r->next)
             if (r->pid == pid) {
                 replica_exited(r, status);
@@ -466,6 +513,12 @@ static void on_sigchld(uv_signal_t *h, int sig) {
                 bw_replica_pager_exited(r, status);
                 break;
             }
+}
+
+static void on_sigchld(uv_signal_t *h, int sig) {
+    (void)h;
+    (void)sig;
+    reap();
 }
 
 /* First signal: stop dispatching (new HTTP requests get 503), let calls in flight
@@ -690,7 +743,8 @@ static void log_to_stderr(const char *line, size_t len) { bw_output_write(2, lin
 int bw_supervisor_main(const struct bw_options *o, int argc, char **argv) {
     (void)argc;
     (void)argv;
-    static const struct bw_fleet_owner owner = {set_config, replica_serving, replicas};
+    static const struct bw_fleet_owner owner = {set_config, replica_serving, replica_restored,
+                                                replicas};
     bw_sup.o = o;
     bw_sup.owner = &owner;
     bw_log_init("beam", o->json_logs);
@@ -726,6 +780,7 @@ int bw_supervisor_main(const struct bw_options *o, int argc, char **argv) {
     uv_signal_start(&sup.sigterm, on_signal, SIGTERM);
     uv_signal_start(&sup.sigint, on_signal, SIGINT);
     uv_signal_start(&sup.sigchld, on_sigchld, SIGCHLD);
+    bw_job_set_after(reap);
     uv_timer_start(&sup.tick, on_tick, TICK_MS, TICK_MS);
     if (start_replica(NULL))
         uv_run(bw_sup.loop, UV_RUN_DEFAULT);

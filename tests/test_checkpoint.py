@@ -32,6 +32,28 @@ def test_criu_is_usable():
     assert r.returncode == 0, r.stdout + r.stderr
 
 
+def test_one_criu_search_for_the_worker_and_python(tmp_path):
+    """The criu path is decided once, in C (bw_ckpt_find_criu): `beam doctor` and the
+    tests ask `beam-worker --print-criu`. $BEAM_CRIU counts only when executable;
+    --criu wins over everything."""
+    from beam._paths import find_criu, worker_binary
+
+    def ask(*args, **env):
+        p = subprocess.run([worker_binary(), "--print-criu", *args], capture_output=True,
+                           text=True, env={**os.environ, **env})
+        return p.returncode, p.stdout.strip()
+
+    rc, default = ask()
+    assert rc == 0 and os.access(default, os.X_OK)
+    assert find_criu() == (default, "")
+    mine = tmp_path / "criu"
+    mine.write_text("#!/bin/sh\n")
+    assert ask(BEAM_CRIU=str(mine)) == (0, default)  # not executable: skipped
+    mine.chmod(0o755)
+    assert ask(BEAM_CRIU=str(mine)) == (0, str(mine))
+    assert ask("--criu", "/opt/x/criu", BEAM_CRIU=str(mine)) == (0, "/opt/x/criu")
+
+
 @pytest.fixture
 def ckpt_env(workdir):
     return {

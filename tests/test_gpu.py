@@ -82,7 +82,10 @@ def start_gpu(start_worker, workdir, run, name, *extra, app="gpu_app.py:predict"
 
 
 def host_pid(w) -> str:
-    kids = Path(f"/proc/{w.proc.pid}/task/{w.proc.pid}/children").read_text().split()
+    # Every thread's: a restored host is a child of the pool thread that restored it
+    # (csrc/job.h), a cold one of the supervisor's main thread.
+    kids = [k for t in Path(f"/proc/{w.proc.pid}/task").iterdir()
+            for k in (t / "children").read_text().split()]
     assert len(kids) == 1, kids
     return kids[0]
 

@@ -43,7 +43,7 @@ def cold_then(serve_cli, app, *flags, ready=True):
 def fake_criu(workdir: Path, lazy_pages_script: str) -> str:
     """A criu that runs the real one, except for what `lazy_pages_script` does when
     called as `criu lazy-pages ...` (bash, with $REAL and "$@")."""
-    real = find_criu()
+    real, _ = find_criu()
     path = workdir / "criu"
     path.write_text(f"#!/bin/bash\nREAL={real}\n"
                     f'if [ "$1" = lazy-pages ]; then\n{lazy_pages_script}\nfi\n'
@@ -127,7 +127,7 @@ def test_slow_dump_and_restore_report_progress_as_json_events(serve_cli, app, wo
     """A CRIU call that takes over a second shows progress: JSON events with --json-logs
     (on a terminal, a line redrawn in place). This criu starts 1.5 s late."""
     slow = workdir / "slow-criu"
-    slow.write_text(f"#!/bin/bash\nsleep 1.5\nexec {find_criu()} \"$@\"\n")
+    slow.write_text(f"#!/bin/bash\nsleep 1.5\nexec {find_criu()[0]} \"$@\"\n")
     slow.chmod(0o755)
     env = {"MEMORY_APP_MB": "64"}
     flags = ("--pass-env", "MEMORY_APP_MB", "--json-logs", "--criu", str(slow), "--restore",

@@ -22,6 +22,7 @@ from typing import List
 import pytest
 
 import usercli
+from beam._paths import find_criu
 from usercli import APPS, serve_fixture, wait_until
 
 pytestmark = pytest.mark.timeout(120)
@@ -78,15 +79,19 @@ def test_result_larger_than_max_frame_is_an_error_and_the_next_call_works(serve)
 # ---- a CRIU timeout kills criu, not the replicas that serve -----------------------------
 
 
+def real_criu() -> str:
+    path, why = find_criu()  # what beam-worker --print-criu says
+    assert path, why
+    return path
+
+
 def test_criu_timeout_of_a_second_replica_spares_the_serving_one(serve, workdir):
     """As test_checkpoint.py::test_hanging_criu_times_out, with a criu that hangs only
     once a flag file exists: the first replica dumps with the real criu and serves; then
     HTTP calls queue up, a second replica is restored, and that restore (and the dump of
     the cold boot that replaces it) hangs past --criu-timeout. The watchdog must kill
     criu alone: the serving replica's calls are answered."""
-    real = subprocess.run([sys.executable, "-c",
-                           "from beam._paths import find_criu; print(find_criu())"],
-                          capture_output=True, text=True).stdout.strip() or "/usr/sbin/criu"
+    real = real_criu()
     flag = workdir / "criu-hangs-now"
     fake = workdir / "criu-maybe-hangs"
     fake.write_text(f"#!/bin/sh\n[ -e {flag} ] && exec sleep 600\nexec {real} \"$@\"\n")
@@ -117,6 +122,129 @@ def test_criu_timeout_of_a_second_replica_spares_the_serving_one(serve, workdir)
     assert first["id"] in replicas and replicas[first["id"]]["pid"] == first["pid"], (replicas, log)
     assert replicas[first["id"]]["state"] == "serving"
     assert "killed by signal" not in log, log
+
+
+def test_a_slow_restore_does_not_stall_the_serving_replica(serve, workdir):
+    """Issue 12, defect 2: CRIU runs off the supervisor's event loop. A criu that takes
+    3 s more once a flag file exists (after the first replica's dump): calls queue up, a
+    second replica is restored with it, and meanwhile the HTTP calls to the first are
+    answered as fast as ever. On the loop, the restore held every one of them 3 s."""
+    flag = workdir / "criu-slow-now"
+    fake = workdir / "criu-slow"
+    fake.write_text(f"#!/bin/sh\n[ -e {flag} ] && sleep 3\nexec {real_criu()} \"$@\"\n")
+    fake.chmod(0o755)
+    s = serve("router_app.py:ckpt", "--max-replicas", "2", "--keep-warm", "-1",
+              "--criu", str(fake))
+    assert "checkpoint written" in s.log(), s.log()
+    flag.write_text("")
+    results: List = [None] * 3
+
+    def call(i):
+        results[i] = s.call(timeout=60, op="sleep", seconds=0.3, i=i)
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(3)]
+    for i, t in enumerate(threads):
+        t.start()
+        if i < 2:  # the first two are in the replica before the third queues
+            wait_until(lambda: s.stats()["inflight"] == i + 1, 10, "calls in flight")
+    s.wait_for("starting replica 2")
+    t0 = time.monotonic()
+    for t in threads:
+        t.join(60)
+    joined = time.monotonic() - t0
+    latencies = []
+    while time.monotonic() - t0 < 2.5:
+        t = time.monotonic()
+        assert s.call(timeout=30, op="echo", value=len(latencies)) == (200, len(latencies))
+        latencies.append(time.monotonic() - t)
+    log = s.log()
+    assert log.count("ready:") == 1, "the slow restore was over before the calls: " + log
+    for i, r in enumerate(results):
+        assert r is not None and r[0] == 200 and r[1]["i"] == i, (results, log)
+    assert joined < 2.0, f"the calls in flight waited {joined:.1f}s for the restore"
+    assert max(latencies) < 0.5, latencies
+    log = s.wait_for("ready:", count=2, timeout=30)  # the restore itself still succeeds
+    assert "restored from checkpoint" in log, log
+    assert len(s.stats()["replicas"]) == 2
+
+
+def test_sigterm_during_a_slow_restore_stops_cleanly(serve, workdir):
+    """A replica whose restore is still running when the supervisor is told to stop is
+    neither served nor left behind: once CRIU is done it is killed, and the supervisor
+    exits 0 (it would wait for good on a restored host never sent "start")."""
+    flag = workdir / "criu-slow-now"
+    fake = workdir / "criu-slow"
+    fake.write_text(f"#!/bin/sh\n[ -e {flag} ] && sleep 2\nexec {real_criu()} \"$@\"\n")
+    fake.chmod(0o755)
+    s = serve("router_app.py:ckpt", "--max-replicas", "2", "--keep-warm", "-1",
+              "--criu", str(fake))
+    flag.write_text("")
+    threads = [threading.Thread(target=s.call, kwargs={"op": "sleep", "seconds": 0.3})
+               for _ in range(3)]
+    for i, t in enumerate(threads):
+        t.start()
+        if i < 2:
+            wait_until(lambda: s.stats()["inflight"] == i + 1, 10, "calls in flight")
+    s.wait_for("starting replica 2")
+    for t in threads:
+        t.join(30)
+    assert s.stop(timeout=20) == 0, s.log()
+    log = s.log()
+    assert log.count("ready:") == 1 and "restored from checkpoint" not in log, log
+
+
+def test_serving_replica_killed_during_a_slow_restore_is_replaced(serve, workdir):
+    """The reaper during a restore job: the serving host is SIGKILLed while CRIU restores
+    a second replica on a pool thread. Its exit is handled at once (a replacement starts,
+    a second restore in parallel) and the first restore is not disturbed: libcriu's own
+    wait for its criu helper is never beaten to it (csrc/job.h)."""
+    flag = workdir / "criu-slow-now"
+    fake = workdir / "criu-slow"
+    fake.write_text(f"#!/bin/sh\n[ -e {flag} ] && sleep 2\nexec {real_criu()} \"$@\"\n")
+    fake.chmod(0o755)
+    s = serve("router_app.py:ckpt", "--max-replicas", "2", "--keep-warm", "-1",
+              "--criu", str(fake))
+    [first] = s.stats()["replicas"]
+    flag.write_text("")
+    threads = [threading.Thread(target=s.call, kwargs={"op": "sleep", "seconds": 1})
+               for _ in range(3)]
+    for i, t in enumerate(threads):
+        t.start()
+        if i < 2:
+            wait_until(lambda: s.stats()["inflight"] == i + 1, 10, "calls in flight")
+    s.wait_for("starting replica 2")
+    os.kill(first["pid"], signal.SIGKILL)
+    log = s.wait_for("restored from checkpoint", count=2, timeout=30)
+    for t in threads:
+        t.join(30)
+    assert "killed by signal 9" in log and "restore failed" not in log, log
+    assert "booting cold" not in log, log
+    assert s.call(op="echo", value=1) == (200, 1)
+    assert len(s.stats()["replicas"]) == 2
+
+
+def test_a_slow_dump_does_not_stall_the_supervisor(workdir):
+    """As above for a dump: while a criu that takes 3 s more dumps the first replica, the
+    supervisor's own HTTP answers (/stats) come at once; the replica then serves."""
+    fake = workdir / "criu-slow"
+    fake.write_text(f"#!/bin/sh\nsleep 3\nexec {real_criu()} \"$@\"\n")
+    fake.chmod(0o755)
+    cmd = [sys.executable, "-m", "beam", "serve", str(APPS / "router_app.py") + ":ckpt",
+           "--port", "0", "--no-auth", "--criu", str(fake)]
+    s = usercli.ServeProcess(cmd, usercli.serve_env(workdir), workdir, workdir / "dump.log")
+    try:
+        log = s.wait_for("checkpointing")
+        port = int(re.search(r"HTTP on http://127\.0\.0\.1:(\d+)", log).group(1))
+        t = time.monotonic()
+        c = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        c.request("GET", "/stats")
+        assert c.getresponse().status == 200
+        took = time.monotonic() - t
+        assert "checkpoint written" not in s.log(), "the dump was over before /stats"
+        assert took < 0.5, f"/stats waited {took:.1f}s for the dump"
+        assert "checkpoint written" in s.wait_for("ready:", timeout=60)
+    finally:
+        s.kill()
 
 
 # ---- stopping: no errors for calls that never ran ---------------------------------------

@@ -2,14 +2,10 @@
 from __future__ import annotations
 
 import os
-import shutil
+import subprocess
 import sys
 from pathlib import Path
-from typing import List, Optional, Tuple
-
-#: Places ``find_criu`` looks, after ``$BEAM_CRIU``, before ``$PATH``.
-CRIU_DEFAULT = "/usr/local/lib/beam/criu"
-
+from typing import Optional, Tuple
 
 class WorkerNotFound(FileNotFoundError):
     """The ``beam-worker`` binary is not where it should be."""
@@ -54,18 +50,15 @@ def default_checkpoint_dir() -> str:
     return os.path.abspath(base / "beam" / "checkpoints")
 
 
-def criu_candidates() -> List[Tuple[str, Optional[str]]]:
-    """``(where it came from, path or None)`` in search order."""
-    return [
-        ("$BEAM_CRIU", os.environ.get("BEAM_CRIU") or None),
-        (CRIU_DEFAULT, CRIU_DEFAULT),
-        ("$PATH", shutil.which("criu")),
-    ]
-
-
-def find_criu() -> Optional[str]:
-    """First executable of ``$BEAM_CRIU``, ``/usr/local/lib/beam/criu``, ``criu`` on PATH."""
-    for _, path in criu_candidates():
-        if path and os.path.isfile(path) and os.access(path, os.X_OK):
-            return path
-    return None
+def find_criu() -> Tuple[Optional[str], str]:
+    """``(path, why)``: the criu binary beam-worker would use, asked of it
+    (``beam-worker --print-criu``: the search is written once, in C); path is None when
+    there is none or the worker cannot say, and why says so."""
+    try:
+        p = subprocess.run([worker_binary(), "--print-criu"], capture_output=True, text=True,
+                           timeout=30)
+    except (OSError, subprocess.TimeoutExpired, WorkerNotFound) as exc:
+        return None, f"cannot ask beam-worker: {exc}"
+    if p.returncode != 0:
+        return None, p.stderr.strip() or f"beam-worker --print-criu exit {p.returncode}"
+    return p.stdout.strip(), ""

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
 
 from . import __version__
-from ._paths import WorkerNotFound, criu_candidates, default_checkpoint_dir, find_criu, worker_binary
+from ._paths import WorkerNotFound, default_checkpoint_dir, find_criu, worker_binary
 
 #: CRIU fault-injection code 130 (FI_NO_BREAKPOINTS): makes ``criu check`` and dumps skip
 #: hardware breakpoints, which many VMs do not virtualise.
@@ -794,10 +794,9 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     if euid == 0 and binary_ok:
         _report_privileges(report, binary)
 
-    criu = find_criu()
+    criu, why = find_criu()
     if criu is None:
-        looked = ", ".join(f"{src}={p}" if p and p != src else src for src, p in criu_candidates())
-        report("criu", False, f"no criu binary found (looked at {looked}); run scripts/install-criu.sh")
+        report("criu", False, f"{why}; run scripts/install-criu.sh")
     else:
         try:
             v = subprocess.run([criu, "--version"], capture_output=True, text=True, timeout=30)

@@ -530,7 +530,7 @@ static void test_id_reseed(void) {
 /* ---- bw_ctl_recv --------------------------------------------------------------- */
 
 /* A peer that sends a header and part of the body, then stalls: the timeout bounds the
- * whole message (the supervisor reads control messages inside its event loop). Run in a
+ * whole message (the host reads its supervisor's messages with it). Run in a
  * child so that a receive that blocks for good fails the test instead of hanging it. */
 static void test_ctl_recv_timeout_covers_the_body(void) {
     int sv[2];
@@ -557,6 +557,59 @@ static void test_ctl_recv_timeout_covers_the_body(void) {
     close(sv[1]);
 }
 
+/* The supervisor's loop reads its hosts with bw_ctl_read_some: a header and part of the
+ * body, then silence, must return at once (0, the age of the message known), and the
+ * rest, when it comes, complete the message; a frame announcing more than
+ * BW_CTL_MAX_MSG is refused; a closed peer is EPIPE. In a child: a read that blocks
+ * fails the test instead of hanging it. */
+static int read_some_child(int sock, int peer) {
+    struct bw_ctl_reader rd = {0};
+    char *body = NULL, msg[4 + 10] = {0}, rest[90];
+    size_t len = 0;
+    put_header(msg, 100); /* 100 announced, 10 sent */
+    memset(rest, 'x', sizeof rest);
+    if (write(peer, msg, sizeof msg) != (ssize_t)sizeof msg)
+        return 1;
+    double t = bw_now_ms();
+    if (bw_ctl_read_some(&rd, sock, &body, &len) != 0 || bw_now_ms() - t > 100)
+        return 2;
+    if (bw_ctl_reader_age(&rd, bw_now_ms() + 1000) < 1000)
+        return 3;
+    if (write(peer, rest, sizeof rest) != (ssize_t)sizeof rest ||
+        bw_ctl_read_some(&rd, sock, &body, &len) != 1 || len != 100 || body[99] != 'x')
+        return 4;
+    free(body);
+    if (bw_ctl_reader_age(&rd, bw_now_ms()) != 0 || bw_ctl_read_some(&rd, sock, &body, &len) != 0)
+        return 5;
+    put_header(msg, BW_CTL_MAX_MSG + 1);
+    if (write(peer, msg, 4) != 4 || bw_ctl_read_some(&rd, sock, &body, &len) != -1 ||
+        errno != EMSGSIZE)
+        return 6;
+    bw_ctl_reader_reset(&rd);
+    close(peer);
+    if (bw_ctl_read_some(&rd, sock, &body, &len) != -1 || errno != EPIPE)
+        return 7;
+    return 0;
+}
+
+static void test_ctl_read_some_never_waits(void) {
+    int sv[2];
+    if (!CHECK(socketpair(AF_UNIX, SOCK_STREAM, 0, sv) == 0))
+        return;
+    pid_t pid = fork();
+    if (pid == 0) {
+        alarm(5);
+        _exit(read_some_child(sv[0], sv[1]));
+    }
+    close(sv[0]); /* the child's peer end must be the last one open: EPIPE at its close */
+    close(sv[1]);
+    int status = 0;
+    waitpid(pid, &status, 0);
+    CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+    if (WIFEXITED(status) && WEXITSTATUS(status) != 0)
+        fprintf(stderr, "  read_some_child failed at step %d\n", WEXITSTATUS(status));
+}
+
 int main(void) {
     RUN(test_frame_empty_and_partial_header);
     RUN(test_frame_partial_body);
@@ -574,5 +627,6 @@ int main(void) {
     RUN(test_id_format_and_uniqueness);
     RUN(test_id_reseed);
     RUN(test_ctl_recv_timeout_covers_the_body);
+    RUN(test_ctl_read_some_never_waits);
     return TEST_SUMMARY();
 }
