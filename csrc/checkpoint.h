@@ -32,8 +32,11 @@ struct bw_ckpt_ids {
     unsigned long out_ino, err_ino, ctl_ino;
 };
 
+struct bw_ckpt_verify;
+
 struct bw_ckpt_image {
     struct bw_ckpt_ids ids;
+    struct bw_ckpt_verify *pages; /* the page files' XXH3 check, run beside the restore */
     char *config; /* packed msgpack map (the endpoint configuration); malloc'd */
     size_t config_len;
     unsigned long long bytes;
@@ -59,12 +62,25 @@ int bw_ckpt_dump(const struct bw_ckpt *c, pid_t pid, const struct bw_ckpt_ids *i
                  const char *gpu, size_t gpu_len, double *ms, unsigned long long *bytes,
                  char *err, size_t errlen);
 
-/* Read and verify an image (sizes of all files, CRC32 of all but page data). */
+/* Read and check an image: sizes of all files, XXH3 of all but the page data, whose
+ * check (img->pages) runs beside the restore instead. */
 int bw_ckpt_load(const struct bw_ckpt *c, struct bw_ckpt_image *img, char *err, size_t errlen);
 void bw_ckpt_image_free(struct bw_ckpt_image *img);
 
-/* Restore a replica as our child, with fresh stdout/stderr/control fds (not CLOEXEC). */
-int bw_ckpt_restore(const struct bw_ckpt *c, const struct bw_ckpt_image *img, int out_fd,
+/* The page data's check: started (a thread; NULL is a no-op), polled (1 still hashing,
+ * 0 good, -1 corrupt), ended (waits; 0, or -1 naming the corrupt file in err) or
+ * cancelled. end and cancel free it and set the pointer to NULL. */
+void bw_ckpt_verify_start(struct bw_ckpt_verify *v);
+int bw_ckpt_verify_poll(const struct bw_ckpt_verify *v);
+int bw_ckpt_verify_end(struct bw_ckpt_verify **v, char *err, size_t errlen);
+void bw_ckpt_verify_cancel(struct bw_ckpt_verify **v);
+
+/* A restore whose image turned out corrupt: its process was killed; boot cold. */
+#define BW_CKPT_CORRUPT (-2)
+
+/* Restore a replica as our child, with fresh stdout/stderr/control fds (not CLOEXEC).
+ * The page data is checked while CRIU restores: 0, -1 (err says why) or BW_CKPT_CORRUPT. */
+int bw_ckpt_restore(const struct bw_ckpt *c, struct bw_ckpt_image *img, int out_fd,
                     int err_fd, int ctl_fd, pid_t *pid, char *err, size_t errlen);
 
 /* Remove an image that failed to restore, so the next start makes a new one. */

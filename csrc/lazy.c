@@ -270,7 +270,7 @@ static int run_restore(const struct bw_ckpt *c, const struct bw_ckpt_image *img,
     return 0;
 }
 
-int bw_lazy_restore(const struct bw_ckpt *c, const struct bw_ckpt_image *img, int out_fd,
+int bw_lazy_restore(const struct bw_ckpt *c, struct bw_ckpt_image *img, int out_fd,
                     int err_fd, int ctl_fd, pid_t *pid, struct bw_lazy *lz, char *err,
                     size_t errlen) {
     char imgdir[PATH_MAX + 300];
@@ -288,6 +288,9 @@ int bw_lazy_restore(const struct bw_ckpt *c, const struct bw_ckpt_image *img, in
     /* The criu children inherit our environment: CRIU_FAULT was set by checkpoint.c. */
     double deadline = bw_now_ms() + c->timeout_s * 1000;
     int fds[3] = {out_fd, err_fd, ctl_fd};
+    /* Hashing 2 GB of pages takes ~280 ms, CRIU's lazy restore ~20: the check goes on
+     * while the replica serves, and a mismatch replaces it (bw_lazy_pages_corrupt). */
+    bw_ckpt_verify_start(img->pages);
     if (start_daemon(c, lz, imgdir) < 0) {
         snprintf(err, errlen, "cannot start criu lazy-pages: %s", strerror(errno));
         return -1;
@@ -305,10 +308,19 @@ int bw_lazy_restore(const struct bw_ckpt *c, const struct bw_ckpt_image *img, in
         bw_lazy_abort(lz);
         return -1;
     }
+    lz->verify = img->pages;
+    img->pages = NULL;
     return 0;
 }
 
+bool bw_lazy_pages_corrupt(struct bw_lazy *lz, char *err, size_t errlen) {
+    if (bw_ckpt_verify_poll(lz->verify) > 0)
+        return false;
+    return bw_ckpt_verify_end(&lz->verify, err, errlen) < 0;
+}
+
 void bw_lazy_abort(struct bw_lazy *lz) {
+    bw_ckpt_verify_cancel(&lz->verify);
     release_uffds(lz);
     if (lz->pager > 0) {
         kill(lz->pager, SIGKILL);

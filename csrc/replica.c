@@ -748,7 +748,7 @@ static bool want_lazy(unsigned long long image_bytes) {
 }
 
 /* CRIU restore, lazy or eager; a failed lazy restore is retried eagerly at once. */
-static int criu_restore(struct bw_replica *r, const struct bw_ckpt_image *img,
+static int criu_restore(struct bw_replica *r, struct bw_ckpt_image *img,
                         const struct host_io *io, pid_t *pid, char *err, size_t errlen) {
     if (want_lazy(img->bytes)) {
         if (bw_lazy_restore(&bw_sup.ck, img, io->host_out, io->host_err, io->host_ctl, pid,
@@ -765,6 +765,15 @@ static int criu_restore(struct bw_replica *r, const struct bw_ckpt_image *img,
 }
 
 void bw_replica_check_pager(struct bw_replica *r, double now) {
+    char err[320];
+    if (bw_lazy_pages_corrupt(&r->lazy, err, sizeof err) && r->pid > 0) {
+        bw_error("replica %d: checkpoint unusable (%s, found while it served); killing it, "
+                 "discarding the checkpoint and booting cold", r->id, err);
+        bw_metrics_restore_failure("unusable");
+        bw_ckpt_discard(&bw_sup.ck);
+        r->replace = true;
+        kill(r->pid, SIGKILL);
+    }
     if (r->lazy.pager <= 0 || now - r->restored_at < bw_sup.o->restore_timeout_s * 1000)
         return;
     bw_error("replica %d: the page daemon has not filled its memory in %gs; killing both, "
@@ -821,6 +830,8 @@ int bw_replica_restore(struct bw_replica *r) {
     int rc = criu_restore(r, &img, &io, &pid, err, sizeof err);
     r->restored_at = bw_now_ms();
     double restore_ms = r->restored_at - t;
+    if (rc == BW_CKPT_CORRUPT)
+        return restore_failed(&img, &io, "unusable", "checkpoint unusable", err);
     if (rc < 0)
         return restore_failed(&img, &io, "criu", "restore failed", err);
     if (gpu) {

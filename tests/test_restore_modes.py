@@ -115,6 +115,26 @@ def test_page_daemon_killed_mid_fill_kills_the_replica_and_restores_eagerly(serv
     assert s.call(i=12345) == first
 
 
+def test_lazy_restore_of_corrupt_page_data_replaces_the_replica_with_a_cold_boot(serve_cli, app,
+                                                                               workdir):
+    """Page data is hashed while a lazy replica already serves (csrc/checkpoint.c): a
+    mismatch found then kills it, discards the image and boots cold."""
+    env = {"MEMORY_APP_MB": "256"}
+    serve_cli(app, env, "--pass-env", "MEMORY_APP_MB").stop()
+    pages = max((workdir / "checkpoints").glob("*/img/pages-*.img"), key=lambda p: p.stat().st_size)
+    with open(pages, "r+b") as f:
+        f.seek(pages.stat().st_size // 2)
+        b = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([b[0] ^ 0x01]))
+    s = serve_cli(app, env, "--pass-env", "MEMORY_APP_MB", "--restore", "lazy", ready=False)
+    log = s.wait_for("(cold boot)", 60)
+    assert f"checkpoint unusable (image file {pages.name} is corrupt (XXH3 mismatch)" in log, log
+    assert "booting cold" in log and "restore=lazy" in log, log
+    s.wait_for("checkpoint written", 60)
+    assert s.call(full=True) is True
+
+
 def test_without_a_working_page_daemon_restore_is_eager(serve_cli, app, workdir):
     criu = fake_criu(workdir, 'echo "userfaultfd: Operation not permitted" >&2\nexit 1')
     s, first = cold_then(serve_cli, app, "--restore", "lazy", "--criu", criu)
