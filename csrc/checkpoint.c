@@ -15,6 +15,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <time.h>
@@ -641,6 +642,7 @@ struct bw_ckpt_verify {
     bool started;
     atomic_bool cancel; /* the replica is gone: stop reading */
     atomic_int state;   /* VERIFY_RUNNING, VERIFY_OK, VERIFY_BAD */
+    bool background; /* the replica may already serve: yield the CPU to it */
     int dirfd;
     int n;
     struct file_entry files[MAX_FILES];
@@ -702,6 +704,8 @@ static int verify_files(const char *img, const msgpack_object *files, unsigned l
 
 static void *verify_main(void *arg) {
     struct bw_ckpt_verify *v = arg;
+    if (v->background && v->started) /* a thread's own nice value (Linux): ours stays 0 */
+        setpriority(PRIO_PROCESS, (id_t)gettid(), 19);
     char *buf = malloc(HASH_BLOCK);
     double t0 = bw_now_ms();
     int state = buf ? VERIFY_OK : VERIFY_BAD;
@@ -721,9 +725,10 @@ static void *verify_main(void *arg) {
 }
 
 /* Start hashing the page files; a thread that cannot start hashes them here and now. */
-void bw_ckpt_verify_start(struct bw_ckpt_verify *v) {
+void bw_ckpt_verify_start(struct bw_ckpt_verify *v, bool background) {
     if (!v || v->started)
         return;
+    v->background = background;
     v->started = pthread_create(&v->thread, NULL, verify_main, v) == 0;
     if (!v->started)
         verify_main(v);
@@ -748,7 +753,7 @@ int bw_ckpt_verify_end(struct bw_ckpt_verify **vp, char *err, size_t errlen) {
     struct bw_ckpt_verify *v = *vp;
     if (!v)
         return 0;
-    bw_ckpt_verify_start(v); /* nothing started it: check now */
+    bw_ckpt_verify_start(v, false); /* nothing started it: check now */
     if (v->started)
         pthread_join(v->thread, NULL);
     v->started = false;
@@ -837,6 +842,82 @@ out:
     return rc;
 }
 
+/* restore.msgpack with the size and hash of one file as it is now. */
+static int pack_rehashed(msgpack_packer *pk, const msgpack_object *m, const char *name,
+                         unsigned long long size, unsigned long long hash) {
+    int found = 0;
+    msgpack_pack_map(pk, m->via.map.size);
+    for (uint32_t i = 0; i < m->via.map.size; i++) {
+        const msgpack_object_kv *kv = &m->via.map.ptr[i];
+        msgpack_pack_object(pk, kv->key);
+        if (kv->key.type != MSGPACK_OBJECT_STR || kv->key.via.str.size != 5 ||
+            memcmp(kv->key.via.str.ptr, "files", 5) != 0 || kv->val.type != MSGPACK_OBJECT_ARRAY) {
+            msgpack_pack_object(pk, kv->val);
+            continue;
+        }
+        msgpack_pack_array(pk, kv->val.via.array.size);
+        for (uint32_t j = 0; j < kv->val.via.array.size; j++) {
+            const msgpack_object *e = &kv->val.via.array.ptr[j];
+            char n[256];
+            if (e->type != MSGPACK_OBJECT_ARRAY || e->via.array.size != 3 ||
+                !bw_mp_strdup(&e->via.array.ptr[0], n, sizeof n) || strcmp(n, name) != 0) {
+                msgpack_pack_object(pk, *e);
+                continue;
+            }
+            msgpack_pack_array(pk, 3);
+            bw_mp_str(pk, name);
+            msgpack_pack_unsigned_long_long(pk, size);
+            msgpack_pack_unsigned_long_long(pk, hash);
+            found = 1;
+        }
+    }
+    return found ? 0 : -1;
+}
+
+int bw_ckpt_rehash(const struct bw_ckpt *c, const char *name, char *err, size_t errlen) {
+    char meta[PATH_MAX + 300], imgdir[PATH_MAX + 300], tmp[PATH_MAX + 320];
+    snprintf(meta, sizeof meta, "%s/restore.msgpack", c->dir);
+    snprintf(tmp, sizeof tmp, "%s.tmp", meta);
+    snprintf(imgdir, sizeof imgdir, "%s/img", c->dir);
+    size_t len = 0;
+    char *buf = read_file(meta, &len), *hb = malloc(HASH_BLOCK);
+    int dfd = open(imgdir, O_DIRECTORY | O_CLOEXEC), rc = -1;
+    struct stat st;
+    unsigned long long hash = 0;
+    msgpack_zone zone;
+    msgpack_zone_init(&zone, 4096);
+    msgpack_object m;
+    msgpack_sbuffer sb;
+    msgpack_sbuffer_init(&sb);
+    msgpack_packer pk;
+    msgpack_packer_init(&pk, &sb, msgpack_sbuffer_write);
+    if (!buf || !hb || dfd < 0 || fstatat(dfd, name, &st, 0) < 0 ||
+        file_hash(dfd, name, hb, &hash, NULL) < 0 ||
+        bw_mp_unpack_exact(buf, len, &zone, &m) < 0 || m.type != MSGPACK_OBJECT_MAP ||
+        pack_rehashed(&pk, &m, name, (unsigned long long)st.st_size, hash) < 0) {
+        snprintf(err, errlen, "cannot rehash %s in %s", name, meta);
+        goto out;
+    }
+    int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+    rc = fd >= 0 ? bw_write_full(fd, sb.data, sb.size) : -1;
+    if (fd >= 0 && (fsync(fd) < 0 || close(fd) < 0))
+        rc = -1;
+    if (rc == 0 && rename(tmp, meta) < 0)
+        rc = -1;
+    if (rc < 0) {
+        snprintf(err, errlen, "cannot write %s: %s", meta, strerror(errno));
+        unlink(tmp);
+    }
+out:
+    msgpack_sbuffer_destroy(&sb);
+    msgpack_zone_destroy(&zone);
+    if (dfd >= 0)
+        close(dfd);
+    free(hb);
+    free(buf);
+    return rc;
+}
+
 void bw_ckpt_image_free(struct bw_ckpt_image *img) {
     bw_ckpt_verify_cancel(&img->pages);
     free(img->config);
@@ -880,7 +961,7 @@ int bw_ckpt_restore(const struct bw_ckpt *c, struct bw_ckpt_image *img, int out_
 
     struct watchdog w;
     watchdog_start(&w, c->timeout_s, 0, NULL, img->bytes);
-    bw_ckpt_verify_start(img->pages); /* the other core hashes while CRIU copies */
+    bw_ckpt_verify_start(img->pages, false); /* the other core hashes while CRIU copies */
     mode_t old_umask = umask(077);
     int r = criu_local_restore_child(o);
     umask(old_umask);

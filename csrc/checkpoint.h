@@ -14,6 +14,7 @@
 #define BW_CHECKPOINT_H
 
 #include <limits.h>
+#include <stdbool.h>
 #include <stddef.h>
 #include <sys/types.h>
 
@@ -67,10 +68,11 @@ int bw_ckpt_dump(const struct bw_ckpt *c, pid_t pid, const struct bw_ckpt_ids *i
 int bw_ckpt_load(const struct bw_ckpt *c, struct bw_ckpt_image *img, char *err, size_t errlen);
 void bw_ckpt_image_free(struct bw_ckpt_image *img);
 
-/* The page data's check: started (a thread; NULL is a no-op), polled (1 still hashing,
+/* The page data's check: started (a thread, at the lowest priority when background;
+ * NULL is a no-op), polled (1 still hashing,
  * 0 good, -1 corrupt), ended (waits; 0, or -1 naming the corrupt file in err) or
  * cancelled. end and cancel free it and set the pointer to NULL. */
-void bw_ckpt_verify_start(struct bw_ckpt_verify *v);
+void bw_ckpt_verify_start(struct bw_ckpt_verify *v, bool background);
 int bw_ckpt_verify_poll(const struct bw_ckpt_verify *v);
 int bw_ckpt_verify_end(struct bw_ckpt_verify **v, char *err, size_t errlen);
 void bw_ckpt_verify_cancel(struct bw_ckpt_verify **v);
@@ -82,6 +84,10 @@ void bw_ckpt_verify_cancel(struct bw_ckpt_verify **v);
  * The page data is checked while CRIU restores: 0, -1 (err says why) or BW_CKPT_CORRUPT. */
 int bw_ckpt_restore(const struct bw_ckpt *c, struct bw_ckpt_image *img, int out_fd,
                     int err_fd, int ctl_fd, pid_t *pid, char *err, size_t errlen);
+
+/* After img/<name> was rewritten in place (workingset.c): record its new size and XXH3
+ * in restore.msgpack. 0, or -1 with a reason. */
+int bw_ckpt_rehash(const struct bw_ckpt *c, const char *name, char *err, size_t errlen);
 
 /* Remove an image that failed to restore, so the next start makes a new one. */
 void bw_ckpt_discard(const struct bw_ckpt *c);

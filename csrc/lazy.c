@@ -41,6 +41,7 @@
 
 #include "log.h"
 #include "util.h"
+#include "workingset.h"
 
 /* fd numbers the restore criu gets the host's fresh pipes and control socket at. */
 enum { FD_OUT = 10, FD_ERR = 11, FD_CTL = 12 };
@@ -220,9 +221,12 @@ static pid_t read_pidfile(const char *path) {
     return (pid_t)pid;
 }
 
+/* The first lazy restore of an image logs every fault (-v4: `#PF at`), its working set. */
 static int start_daemon(const struct bw_ckpt *c, struct bw_lazy *lz, const char *imgdir) {
+    lz->ck = c;
+    lz->record = !bw_ws_recorded(c->dir);
     char *argv[] = {(char *)c->criu, "lazy-pages", "-D", (char *)imgdir, "-W", lz->workdir,
-                    "-o", "lazy-pages.log", "-v2", NULL};
+                    "-o", "lazy-pages.log", lz->record ? "-v4" : "-v2", NULL};
     lz->pager = spawn_criu(argv, NULL);
     return lz->pager > 0 ? 0 : -1;
 }
@@ -288,19 +292,21 @@ int bw_lazy_restore(const struct bw_ckpt *c, struct bw_ckpt_image *img, int out_
     /* The criu children inherit our environment: CRIU_FAULT was set by checkpoint.c. */
     double deadline = bw_now_ms() + c->timeout_s * 1000;
     int fds[3] = {out_fd, err_fd, ctl_fd};
-    /* Hashing 2 GB of pages takes ~280 ms, CRIU's lazy restore ~20: the check goes on
-     * while the replica serves, and a mismatch replaces it (bw_lazy_pages_corrupt). */
-    bw_ckpt_verify_start(img->pages);
     if (start_daemon(c, lz, imgdir) < 0) {
         snprintf(err, errlen, "cannot start criu lazy-pages: %s", strerror(errno));
         return -1;
     }
-    if (wait_daemon_ready(lz, deadline, err, errlen) < 0 ||
+    double t0 = bw_now_ms(), t1 = 0, t2 = 0;
+    if (wait_daemon_ready(lz, deadline, err, errlen) < 0 || (t1 = bw_now_ms()) < 0 ||
         run_restore(c, img, imgdir, fds, lz, pid, deadline, err, errlen) < 0) {
         bw_lazy_abort(lz);
         return -1;
     }
-    if (hold_all_uffds(lz, imgdir, deadline) < 0) {
+    t2 = bw_now_ms();
+    int held = hold_all_uffds(lz, imgdir, deadline);
+    bw_debug("lazy restore: page daemon listening %.1f ms, criu restore %.1f ms, "
+             "userfaultfds held %.1f ms", t1 - t0, t2 - t1, bw_now_ms() - t2);
+    if (held < 0) {
         kill(*pid, SIGKILL);
         waitpid(*pid, NULL, 0);
         snprintf(err, errlen, "criu restore --lazy-pages: the page daemon exited during the "
@@ -308,6 +314,10 @@ int bw_lazy_restore(const struct bw_ckpt *c, struct bw_ckpt_image *img, int out_
         bw_lazy_abort(lz);
         return -1;
     }
+    /* Hashing 2 GB of pages takes ~280 ms, CRIU's lazy restore ~40: the check starts
+     * now, below the replica's priority, and goes on while it serves; a mismatch
+     * replaces it (bw_lazy_pages_corrupt). */
+    bw_ckpt_verify_start(img->pages, true);
     lz->verify = img->pages;
     img->pages = NULL;
     return 0;
@@ -331,6 +341,11 @@ void bw_lazy_abort(struct bw_lazy *lz) {
 }
 
 void bw_lazy_finished(struct bw_lazy *lz) {
+    char log[sizeof lz->workdir + 32], err[512] = "";
+    snprintf(log, sizeof log, "%s/lazy-pages.log", lz->workdir);
+    if (lz->record && bw_ws_record(lz->ck, log, err, sizeof err) < 0)
+        bw_warn("working set not recorded (%s); lazy restores fault every page in", err);
+    lz->record = false;
     DIR *d = opendir(lz->workdir); /* flat: the socket, logs, pidfile, criu's stats */
     if (d) {
         struct dirent *e;

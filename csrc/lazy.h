@@ -15,6 +15,8 @@ struct bw_lazy {
     int uffd[BW_LAZY_MAX_UFFD]; /* our copies of its userfaultfds (lazy.c says why) */
     int nuffd;
     struct bw_ckpt_verify *verify; /* the page data's XXH3 check, still running */
+    const struct bw_ckpt *ck;      /* the image's, to record its working set in */
+    bool record;                   /* the daemon logs its faults: the working set */
     char workdir[PATH_MAX + 32]; /* its socket and logs; "" once removed */
 };
 
@@ -30,7 +32,8 @@ int bw_lazy_restore(const struct bw_ckpt *c, struct bw_ckpt_image *img, int out_
 /* Kill and reap the page daemon (its logs stay for diagnosis); let its userfaultfds go;
  * stop checking the page data. Call it once the restored process is dead. */
 void bw_lazy_abort(struct bw_lazy *lz);
-/* The daemon exited 0 (reaped by the caller): remove its work directory. */
+/* The daemon exited 0 (reaped by the caller): record the image's working set if this
+ * restore was the one to (workingset.c); remove its work directory. */
 void bw_lazy_finished(struct bw_lazy *lz);
 /* Whether the page data's check, which goes on while the replica serves, found it
  * corrupt (err names the file). Poll it; the check's state is freed when it is done. */

@@ -62,6 +62,27 @@ def test_lazy_restore_serves_first_and_ends_bit_exact(serve_cli, app):
         "a finished page daemon's work directory was left behind"
 
 
+def test_working_set_of_the_first_lazy_restore_is_restored_eagerly_and_bit_exact(serve_cli, app,
+                                                                                 workdir):
+    """The first lazy restore records the pages it faulted in; later restores, lazy and
+    eager, read those from the rewritten pagemap themselves (csrc/workingset.c)."""
+    s, first = cold_then(serve_cli, app, "--restore", "lazy")
+    s.wait_for("working set recorded", timeout=60)
+    assert s.stop() == 0
+    assert list((workdir / "checkpoints").glob("*/workingset.bin"))
+    env = {"MEMORY_APP_MB": "256"}
+    for mode in ("lazy", "eager"):
+        s = serve_cli(app, env, "--pass-env", "MEMORY_APP_MB", "--restore", mode)
+        log = s.log()
+        assert f"restore={mode}" in log and "restored from checkpoint" in log, log
+        assert s.call(i=12345) == first
+        if mode == "lazy":
+            s.wait_for("all memory in", timeout=60)
+            assert "working set recorded" not in s.log()
+        assert s.call(full=True) is True, "a page of the image did not come back"
+        assert s.stop() == 0
+
+
 def test_eager_restore_is_still_there(serve_cli, app):
     s, first = cold_then(serve_cli, app, "--restore", "eager")
     assert "restore=eager" in s.log() and "all memory in" not in s.log()
