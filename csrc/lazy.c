@@ -40,6 +40,7 @@
 #include <unistd.h>
 
 #include "log.h"
+#include "thp.h"
 #include "util.h"
 #include "workingset.h"
 
@@ -320,6 +321,7 @@ int bw_lazy_restore(const struct bw_ckpt *c, struct bw_ckpt_image *img, int out_
     bw_ckpt_verify_start(img->pages, true);
     lz->verify = img->pages;
     img->pages = NULL;
+    lz->host = *pid;
     return 0;
 }
 
@@ -357,5 +359,8 @@ void bw_lazy_finished(struct bw_lazy *lz) {
     rmdir(lz->workdir);
     lz->workdir[0] = '\0';
     lz->pager = 0;
-    release_uffds(lz);
+    release_uffds(lz); /* first: MADV_COLLAPSE skips memory still registered with them */
+    if (lz->host > 0)
+        bw_thp_collapse_async(lz->host);
+    lz->host = 0;
 }

@@ -17,6 +17,7 @@ struct bw_lazy {
     struct bw_ckpt_verify *verify; /* the page data's XXH3 check, still running */
     const struct bw_ckpt *ck;      /* the image's, to record its working set in */
     bool record;                   /* the daemon logs its faults: the working set */
+    pid_t host;                    /* the restored host, once restored */
     char workdir[PATH_MAX + 32]; /* its socket and logs; "" once removed */
 };
 
@@ -33,7 +34,8 @@ int bw_lazy_restore(const struct bw_ckpt *c, struct bw_ckpt_image *img, int out_
  * stop checking the page data. Call it once the restored process is dead. */
 void bw_lazy_abort(struct bw_lazy *lz);
 /* The daemon exited 0 (reaped by the caller): record the image's working set if this
- * restore was the one to (workingset.c); remove its work directory. */
+ * restore was the one to (workingset.c); remove its work directory; collapse the
+ * host's memory, all 4 KiB pages so far, into huge pages (thp.c). */
 void bw_lazy_finished(struct bw_lazy *lz);
 /* Whether the page data's check, which goes on while the replica serves, found it
  * corrupt (err names the file). Poll it; the check's state is freed when it is done. */
