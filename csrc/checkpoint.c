@@ -26,6 +26,7 @@
 #include "log.h"
 #include "mp.h"
 #include "progress.h"
+#include "thp.h"
 #include "util.h"
 
 #define PROVISIONED_CRIU "/usr/local/lib/beam/criu"
@@ -976,6 +977,7 @@ int bw_ckpt_restore(const struct bw_ckpt *c, struct bw_ckpt_image *img, int out_
         *pid = r;
         rc = 0;
         unlink(log);
+        bw_thp_collapse_async(r); /* CRIU filled it with 4 KiB pages (thp.c) */
     }
 out:
     criu_call_done(o, img_fd, work_fd);

@@ -1,13 +1,14 @@
-/* thp.c - huge pages for a replica restored lazily.
+/* thp.c - huge pages for a restored replica.
  *
- * The page daemon fills a lazy restore's memory with UFFDIO_COPY, which installs 4 KiB
- * pages whatever the region's MADV_HUGEPAGE (seen here: AnonHugePages 0 kB once a lazy
- * restore of the 500 MB app was complete; an eager restore of the same image had
- * 498 MiB of it in huge pages, restored by CRIU with numpy's MADV_HUGEPAGE). With THP at
- * `madvise`, khugepaged would take minutes to collapse them, if ever. MADV_COLLAPSE
- * (Linux 6.1), applied from the supervisor with process_madvise once every page is in,
- * collapses them now, without the replica's help and whatever the THP sysfs settings
- * other than `never`: ~1 s of one core per 500 MiB here, at nice 19 while it serves. */
+ * Restored memory comes back in 4 KiB pages, whatever MADV_HUGEPAGE the process had set
+ * (numpy sets it on large arrays): CRIU's restorer reads all page data with one preadv
+ * into freshly mapped memory, and a lazy restore's page daemon fills it with UFFDIO_COPY,
+ * which installs 4 KiB pages. Seen here with the 500 MB app: AnonHugePages 0 kB after an
+ * eager restore and after a complete lazy one. With THP at `madvise`, khugepaged would
+ * take minutes to collapse them, if ever. MADV_COLLAPSE (Linux 6.1), applied from the
+ * supervisor with process_madvise (once every page is in, for a lazy restore), collapses
+ * them now, without the replica's help and whatever the THP sysfs settings other than
+ * `never`: 0.3-1.8 s of one core per 500 MiB here, at nice 19 while the replica serves. */
 #define _GNU_SOURCE
 #include "thp.h"
 
