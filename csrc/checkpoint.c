@@ -634,7 +634,7 @@ static char *read_file(const char *path, size_t *len) {
 }
 
 /* Page data is hashed off the restore's path (bw_ckpt_verify_*): at 7 GB/s a 2 GB
- * image would otherwise add ~280 ms before every restore. */
+ * image would otherwise add ~0.3 s before every restore. */
 static bool is_pages(const char *name) { return strncmp(name, "pages-", 6) == 0; }
 
 /* The page files of an image, hashed by a thread while CRIU restores from them. */

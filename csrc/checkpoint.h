@@ -6,6 +6,8 @@
  *   <key>/restore.msgpack  what a restore needs: fd identities, file sizes and CRCs,
  *                          the endpoint configuration
  *   <key>/manifest.json    the same for people and `beam checkpoints ls`, plus timings
+ *   <key>/workingset.bin   the pages the first lazy restore faulted in, since restored
+ *                          eagerly (workingset.c)
  *   <key>.failed           a checkpoint of this key failed: boot cold, don't retry
  *   .tmp-<key>-<pid>/      a dump in progress; renamed to <key> only when complete,
  *                          so a half-written image is never used

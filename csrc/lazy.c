@@ -315,7 +315,7 @@ int bw_lazy_restore(const struct bw_ckpt *c, struct bw_ckpt_image *img, int out_
         bw_lazy_abort(lz);
         return -1;
     }
-    /* Hashing 2 GB of pages takes ~280 ms, CRIU's lazy restore ~40: the check starts
+    /* Hashing 2 GB of pages takes ~0.3 s, CRIU's lazy restore 20-50 ms: the check starts
      * now, below the replica's priority, and goes on while it serves; a mismatch
      * replaces it (bw_lazy_pages_corrupt). */
     bw_ckpt_verify_start(img->pages, true);
