@@ -240,17 +240,15 @@ static int write_replace(const char *path, const void *buf, size_t len) {
 
 #define MAX_ENTRY 40 /* the longest PagemapEntry put_entry writes, with its length */
 
-/* Room in *out for an entry of e->nr_pages split by the working set: at most one run
- * per page. */
-static int reserve(uint8_t **out, size_t *cap, size_t o, uint64_t nr_pages) {
-    size_t need = o + (size_t)(nr_pages + 1) * MAX_ENTRY;
-    if (need <= *cap)
+/* Room in *out for `more` bytes after the first o. */
+static int reserve(uint8_t **out, size_t *cap, size_t o, size_t more) {
+    if (o + more <= *cap)
         return 0;
-    uint8_t *g = realloc(*out, need * 2);
+    uint8_t *g = realloc(*out, (o + more) * 2);
     if (!g)
         return -1;
     *out = g;
-    *cap = need * 2;
+    *cap = (o + more) * 2;
     return 0;
 }
 
@@ -263,7 +261,7 @@ static int tune_pagemap(const char *imgdir, uint32_t pid, const struct ws_page *
     size_t len = 0, cap = 0, o = 8, i = 8;
     uint8_t *in = read_all(path, &len), *out = NULL;
     int rc = -1;
-    if (!in || reserve(&out, &cap, 0, len / MAX_ENTRY + 1) < 0)
+    if (!in || reserve(&out, &cap, 0, len) < 0)
         goto done;
     memcpy(out, in, 8);
     for (int first = 1; i + 4 <= len; first = 0) {
@@ -273,7 +271,11 @@ static int tune_pagemap(const char *imgdir, uint32_t pid, const struct ws_page *
         if (l > len - i - 4 || (!first && parse_entry(in + i + 4, in + i + 4 + l, &e) < 0))
             goto done;
         bool lazy = !first && (e.flags & (PE_LAZY | PE_PRESENT)) == (PE_LAZY | PE_PRESENT);
-        if (reserve(&out, &cap, o, lazy ? e.nr_pages : 1) < 0)
+        /* Split, an entry becomes at most one run per page and two more per window; a
+         * count over 2^32 pages (16 TiB) is a corrupt file, left alone. */
+        uint64_t runs = e.nr_pages < 2 * n + 1 ? e.nr_pages : 2 * n + 1;
+        if (e.nr_pages > UINT32_MAX ||
+            reserve(&out, &cap, o, lazy ? (size_t)(runs + 1) * MAX_ENTRY : l + 4) < 0)
             goto done;
         if (lazy) {
             o += split_entry(out + o, &e, ws, n, eager);
