@@ -644,9 +644,10 @@ struct bw_ckpt_verify {
     atomic_bool cancel; /* the replica is gone: stop reading */
     atomic_int state;   /* VERIFY_RUNNING, VERIFY_OK, VERIFY_BAD */
     bool background; /* the replica may already serve: yield the CPU to it */
+    bool in_thread;  /* else hashed by the caller, whose priority is left alone */
     int dirfd;
     int n;
-    struct file_entry files[MAX_FILES];
+    struct file_entry *files; /* as many as the image lists */
     char bad[256]; /* the first corrupt file */
     unsigned long long bytes;
     double ms;
@@ -683,7 +684,7 @@ static int verify_files(const char *img, const msgpack_object *files, unsigned l
             snprintf(err, errlen, "image file %s has %lld bytes, expected %llu (truncated?)",
                      name, (long long)st.st_size, size);
             rc = -1;
-        } else if (is_pages(name) && pages->n < MAX_FILES) {
+        } else if (is_pages(name)) {
             struct file_entry *f = &pages->files[pages->n++];
             snprintf(f->name, sizeof f->name, "%s", name);
             f->size = size;
@@ -705,14 +706,15 @@ static int verify_files(const char *img, const msgpack_object *files, unsigned l
 
 static void *verify_main(void *arg) {
     struct bw_ckpt_verify *v = arg;
-    if (v->background && v->started) /* a thread's own nice value (Linux): ours stays 0 */
+    if (v->background && v->in_thread) /* a thread's own nice value (Linux); best effort */
         setpriority(PRIO_PROCESS, (id_t)gettid(), 19);
     char *buf = malloc(HASH_BLOCK);
     double t0 = bw_now_ms();
     int state = buf ? VERIFY_OK : VERIFY_BAD;
     for (int i = 0; state == VERIFY_OK && i < v->n && !atomic_load(&v->cancel); i++) {
         unsigned long long got = 0;
-        if (file_hash(v->dirfd, v->files[i].name, buf, &got, &v->cancel) < 0 || got != v->files[i].hash) {
+        if (file_hash(v->dirfd, v->files[i].name, buf, &got, &v->cancel) < 0 ||
+            got != v->files[i].hash) {
             snprintf(v->bad, sizeof v->bad, "%s", v->files[i].name);
             state = VERIFY_BAD;
         }
@@ -730,9 +732,12 @@ void bw_ckpt_verify_start(struct bw_ckpt_verify *v, bool background) {
     if (!v || v->started)
         return;
     v->background = background;
+    v->in_thread = true; /* before the thread reads it */
     v->started = pthread_create(&v->thread, NULL, verify_main, v) == 0;
-    if (!v->started)
+    if (!v->started) {
+        v->in_thread = false;
         verify_main(v);
+    }
 }
 
 int bw_ckpt_verify_poll(const struct bw_ckpt_verify *v) {
@@ -747,6 +752,7 @@ static void verify_free(struct bw_ckpt_verify *v) {
         pthread_join(v->thread, NULL);
     if (v->dirfd >= 0)
         close(v->dirfd);
+    free(v->files);
     free(v);
 }
 
@@ -809,11 +815,14 @@ int bw_ckpt_load(const struct bw_ckpt *c, struct bw_ckpt_image *img, char *err, 
     img->ids.err_ino = (unsigned long)ids->via.array.ptr[1].via.u64;
     img->ids.ctl_ino = (unsigned long)ids->via.array.ptr[2].via.u64;
     img->pages = calloc(1, sizeof *img->pages);
-    if (!img->pages) {
+    if (img->pages) {
+        img->pages->dirfd = -1;
+        img->pages->files = calloc(files->via.array.size + 1, sizeof *img->pages->files);
+    }
+    if (!img->pages || !img->pages->files) {
         snprintf(err, errlen, "out of memory");
         goto out;
     }
-    img->pages->dirfd = -1;
     double t0 = bw_now_ms();
     if (verify_files(imgdir, files, &img->bytes, img->pages, err, errlen) < 0)
         goto out;

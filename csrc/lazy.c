@@ -297,13 +297,17 @@ int bw_lazy_restore(const struct bw_ckpt *c, struct bw_ckpt_image *img, int out_
         snprintf(err, errlen, "cannot start criu lazy-pages: %s", strerror(errno));
         return -1;
     }
-    double t0 = bw_now_ms(), t1 = 0, t2 = 0;
-    if (wait_daemon_ready(lz, deadline, err, errlen) < 0 || (t1 = bw_now_ms()) < 0 ||
-        run_restore(c, img, imgdir, fds, lz, pid, deadline, err, errlen) < 0) {
+    double t0 = bw_now_ms();
+    if (wait_daemon_ready(lz, deadline, err, errlen) < 0) {
         bw_lazy_abort(lz);
         return -1;
     }
-    t2 = bw_now_ms();
+    double t1 = bw_now_ms();
+    if (run_restore(c, img, imgdir, fds, lz, pid, deadline, err, errlen) < 0) {
+        bw_lazy_abort(lz);
+        return -1;
+    }
+    double t2 = bw_now_ms();
     int held = hold_all_uffds(lz, imgdir, deadline);
     bw_debug("lazy restore: page daemon listening %.1f ms, criu restore %.1f ms, "
              "userfaultfds held %.1f ms", t1 - t0, t2 - t1, bw_now_ms() - t2);
