@@ -16,6 +16,7 @@
 #define _GNU_SOURCE
 #include "workingset.h"
 
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <stdbool.h>
@@ -290,6 +291,45 @@ done:
     free(in);
     free(out);
     return rc;
+}
+
+/* Pages of imgdir/name (a pagemap) marked PE_LAZY, added to *lazy. */
+static int count_lazy(const char *imgdir, const char *name, unsigned long long *lazy) {
+    char path[PATH_MAX + 600];
+    snprintf(path, sizeof path, "%s/%s", imgdir, name);
+    size_t len = 0, i = 8;
+    uint8_t *in = read_all(path, &len);
+    for (int first = 1; in && i + 4 <= len; first = 0) {
+        uint32_t l;
+        struct pm_entry e;
+        memcpy(&l, in + i, 4);
+        if (l > len - i - 4 || (!first && parse_entry(in + i + 4, in + i + 4 + l, &e) < 0))
+            break;
+        if (!first && (e.flags & PE_LAZY))
+            *lazy += e.nr_pages;
+        i += 4 + l;
+    }
+    free(in);
+    return in && i == len ? 0 : -1;
+}
+
+void bw_ws_check_dump(const char *imgdir) {
+    DIR *d = opendir(imgdir);
+    unsigned long long lazy = 0;
+    int rc = d ? 0 : -1;
+    struct dirent *e;
+    while (d && rc == 0 && (e = readdir(d)) != NULL)
+        if (strncmp(e->d_name, "pagemap-", 8) == 0)
+            rc = count_lazy(imgdir, e->d_name, &lazy);
+    if (d)
+        closedir(d);
+    if (rc < 0)
+        bw_warn("cannot read the pagemaps in %s: lazy restores may not work", imgdir);
+    else if (lazy == 0)
+        bw_warn("CRIU marked no page of this image lazy (seen now and then here, cause "
+                "unknown): a lazy restore of it is in fact eager");
+    else
+        bw_debug("%.1f MiB of the image can be restored lazily", lazy * PAGE / 1048576.0);
 }
 
 static int write_ws(const char *ckdir, const struct ws_page *ws, size_t n) {

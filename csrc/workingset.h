@@ -14,4 +14,7 @@ int bw_ws_recorded(const char *ckdir);
  * a reason (the image stays as it was, or is rewritten consistently). */
 int bw_ws_record(const struct bw_ckpt *c, const char *daemon_log, char *err, size_t errlen);
 
+/* After a dump: warn when CRIU marked no page of the image in imgdir lazy. */
+void bw_ws_check_dump(const char *imgdir);
+
 #endif
