@@ -7,6 +7,8 @@
  *                          the endpoint configuration
  *   <key>/manifest.json    the same for people and `beam checkpoints ls`, plus timings
  *                          (both carry the compatibility key, compat.h)
+ *   <key>/workingset.bin   the pages the first lazy restore faulted in, since restored
+ *                          eagerly (workingset.c)
  *   <key>.failed           a checkpoint of this key failed: boot cold, don't retry
  *   .tmp-<key>-<pid>/      a dump in progress; renamed to <key> only when complete,
  *                          so a half-written image is never used
@@ -15,6 +17,7 @@
 #define BW_CHECKPOINT_H
 
 #include <limits.h>
+#include <stdbool.h>
 #include <stddef.h>
 #include <sys/types.h>
 
@@ -36,8 +39,11 @@ struct bw_ckpt_ids {
     unsigned long out_ino, err_ino, ctl_ino;
 };
 
+struct bw_ckpt_verify;
+
 struct bw_ckpt_image {
     struct bw_ckpt_ids ids;
+    struct bw_ckpt_verify *pages; /* the page files' XXH3 check, run beside the restore */
     char *config; /* packed msgpack map (the endpoint configuration); malloc'd */
     size_t config_len;
     unsigned long long bytes;
@@ -66,7 +72,8 @@ int bw_ckpt_dump(const struct bw_ckpt *c, pid_t pid, const struct bw_ckpt_ids *i
                  const char *gpu, size_t gpu_len, double *ms, unsigned long long *bytes,
                  char *err, size_t errlen);
 
-/* Read and verify an image (sizes of all files, CRC32 of all but page data). */
+/* Read and check an image: sizes of all files, XXH3 of all but the page data, whose
+ * check (img->pages) runs beside the restore instead. */
 int bw_ckpt_load(const struct bw_ckpt *c, struct bw_ckpt_image *img, char *err, size_t errlen);
 void bw_ckpt_image_free(struct bw_ckpt_image *img);
 
@@ -74,9 +81,26 @@ void bw_ckpt_image_free(struct bw_ckpt_image *img);
  * the reason in err (an image from before records were kept has none). */
 int bw_ckpt_compat_of(const char *dir, struct bw_compat *c, char *err, size_t errlen);
 
-/* Restore a replica as our child, with fresh stdout/stderr/control fds (not CLOEXEC). */
-int bw_ckpt_restore(const struct bw_ckpt *c, const struct bw_ckpt_image *img, int out_fd,
+/* The page data's check: started (a thread, at the lowest priority when background;
+ * NULL is a no-op), polled (1 still hashing,
+ * 0 good, -1 corrupt), ended (waits; 0, or -1 naming the corrupt file in err) or
+ * cancelled. end and cancel free it and set the pointer to NULL. */
+void bw_ckpt_verify_start(struct bw_ckpt_verify *v, bool background);
+int bw_ckpt_verify_poll(const struct bw_ckpt_verify *v);
+int bw_ckpt_verify_end(struct bw_ckpt_verify **v, char *err, size_t errlen);
+void bw_ckpt_verify_cancel(struct bw_ckpt_verify **v);
+
+/* A restore whose image turned out corrupt: its process was killed; boot cold. */
+#define BW_CKPT_CORRUPT (-2)
+
+/* Restore a replica as our child, with fresh stdout/stderr/control fds (not CLOEXEC).
+ * The page data is checked while CRIU restores: 0, -1 (err says why) or BW_CKPT_CORRUPT. */
+int bw_ckpt_restore(const struct bw_ckpt *c, struct bw_ckpt_image *img, int out_fd,
                     int err_fd, int ctl_fd, pid_t *pid, char *err, size_t errlen);
+
+/* After img/<name> was rewritten in place (workingset.c): record its new size and XXH3
+ * in restore.msgpack. 0, or -1 with a reason. */
+int bw_ckpt_rehash(const struct bw_ckpt *c, const char *name, char *err, size_t errlen);
 
 /* Remove an image that failed to restore, so the next start makes a new one. */
 void bw_ckpt_discard(const struct bw_ckpt *c);

@@ -40,7 +40,9 @@
 #include <unistd.h>
 
 #include "log.h"
+#include "thp.h"
 #include "util.h"
+#include "workingset.h"
 
 /* fd numbers the restore criu gets the host's fresh pipes and control socket at. */
 enum { FD_OUT = 10, FD_ERR = 11, FD_CTL = 12 };
@@ -220,9 +222,12 @@ static pid_t read_pidfile(const char *path) {
     return (pid_t)pid;
 }
 
+/* The first lazy restore of an image logs every fault (-v4: `#PF at`), its working set. */
 static int start_daemon(const struct bw_ckpt *c, struct bw_lazy *lz, const char *imgdir) {
+    lz->ck = c;
+    lz->record = !bw_ws_recorded(c->dir);
     char *argv[] = {(char *)c->criu, "lazy-pages", "-D", (char *)imgdir, "-W", lz->workdir,
-                    "-o", "lazy-pages.log", "-v2", NULL};
+                    "-o", "lazy-pages.log", lz->record ? "-v4" : "-v2", NULL};
     lz->pager = spawn_criu(argv, NULL);
     return lz->pager > 0 ? 0 : -1;
 }
@@ -270,7 +275,7 @@ static int run_restore(const struct bw_ckpt *c, const struct bw_ckpt_image *img,
     return 0;
 }
 
-int bw_lazy_restore(const struct bw_ckpt *c, const struct bw_ckpt_image *img, int out_fd,
+int bw_lazy_restore(const struct bw_ckpt *c, struct bw_ckpt_image *img, int out_fd,
                     int err_fd, int ctl_fd, pid_t *pid, struct bw_lazy *lz, char *err,
                     size_t errlen) {
     char imgdir[PATH_MAX + 300];
@@ -292,12 +297,21 @@ int bw_lazy_restore(const struct bw_ckpt *c, const struct bw_ckpt_image *img, in
         snprintf(err, errlen, "cannot start criu lazy-pages: %s", strerror(errno));
         return -1;
     }
-    if (wait_daemon_ready(lz, deadline, err, errlen) < 0 ||
-        run_restore(c, img, imgdir, fds, lz, pid, deadline, err, errlen) < 0) {
+    double t0 = bw_now_ms();
+    if (wait_daemon_ready(lz, deadline, err, errlen) < 0) {
         bw_lazy_abort(lz);
         return -1;
     }
-    if (hold_all_uffds(lz, imgdir, deadline) < 0) {
+    double t1 = bw_now_ms();
+    if (run_restore(c, img, imgdir, fds, lz, pid, deadline, err, errlen) < 0) {
+        bw_lazy_abort(lz);
+        return -1;
+    }
+    double t2 = bw_now_ms();
+    int held = hold_all_uffds(lz, imgdir, deadline);
+    bw_debug("lazy restore: page daemon listening %.1f ms, criu restore %.1f ms, "
+             "userfaultfds held %.1f ms", t1 - t0, t2 - t1, bw_now_ms() - t2);
+    if (held < 0) {
         kill(*pid, SIGKILL);
         waitpid(*pid, NULL, 0);
         snprintf(err, errlen, "criu restore --lazy-pages: the page daemon exited during the "
@@ -305,10 +319,24 @@ int bw_lazy_restore(const struct bw_ckpt *c, const struct bw_ckpt_image *img, in
         bw_lazy_abort(lz);
         return -1;
     }
+    /* Hashing 2 GB of pages takes ~0.3 s, CRIU's lazy restore 20-50 ms: the check starts
+     * now, below the replica's priority, and goes on while it serves; a mismatch
+     * replaces it (bw_lazy_pages_corrupt). */
+    bw_ckpt_verify_start(img->pages, true);
+    lz->verify = img->pages;
+    img->pages = NULL;
+    lz->host = *pid;
     return 0;
 }
 
+bool bw_lazy_pages_corrupt(struct bw_lazy *lz, char *err, size_t errlen) {
+    if (bw_ckpt_verify_poll(lz->verify) > 0)
+        return false;
+    return bw_ckpt_verify_end(&lz->verify, err, errlen) < 0;
+}
+
 void bw_lazy_abort(struct bw_lazy *lz) {
+    bw_ckpt_verify_cancel(&lz->verify);
     release_uffds(lz);
     if (lz->pager > 0) {
         kill(lz->pager, SIGKILL);
@@ -319,6 +347,11 @@ void bw_lazy_abort(struct bw_lazy *lz) {
 }
 
 void bw_lazy_finished(struct bw_lazy *lz) {
+    char log[sizeof lz->workdir + 32], err[512] = "";
+    snprintf(log, sizeof log, "%s/lazy-pages.log", lz->workdir);
+    if (lz->record && bw_ws_record(lz->ck, log, err, sizeof err) < 0)
+        bw_warn("working set not recorded (%s); lazy restores fault every page in", err);
+    lz->record = false;
     DIR *d = opendir(lz->workdir); /* flat: the socket, logs, pidfile, criu's stats */
     if (d) {
         struct dirent *e;
@@ -330,5 +363,8 @@ void bw_lazy_finished(struct bw_lazy *lz) {
     rmdir(lz->workdir);
     lz->workdir[0] = '\0';
     lz->pager = 0;
-    release_uffds(lz);
+    release_uffds(lz); /* first: MADV_COLLAPSE skips memory still registered with them */
+    if (lz->host > 0)
+        bw_thp_collapse_async(lz->host);
+    lz->host = 0;
 }

@@ -784,7 +784,10 @@ static void restore_work(struct bw_job *j) {
     rj->mode = criu_restore(rj);
     rj->restored_at = bw_now_ms();
     rj->restore_ms = rj->restored_at - t;
-    if (rj->mode < 0) {
+    if (rj->mode == BW_CKPT_CORRUPT) { /* the page data's check failed; the host is dead */
+        rj->reason = "unusable";
+        rj->what = "checkpoint unusable";
+    } else if (rj->mode < 0) {
         rj->reason = "criu";
         rj->what = "restore failed";
     } else if (rj->gpu && bw_gpu_restore(rj->pid, &rj->g, rj->err, sizeof rj->err) < 0) {
@@ -903,6 +906,15 @@ int bw_replica_restore(struct bw_replica *r) {
 /* ---- lazy restore's page daemon ------------------------------------------------------ */
 
 void bw_replica_check_pager(struct bw_replica *r, double now) {
+    char err[320];
+    if (bw_lazy_pages_corrupt(&r->lazy, err, sizeof err) && r->pid > 0) {
+        bw_error("replica %d: checkpoint unusable (%s, found while it served); killing it, "
+                 "discarding the checkpoint and booting cold", r->id, err);
+        bw_metrics_restore_failure("unusable");
+        bw_ckpt_discard(&bw_sup.ck);
+        r->replace = true;
+        kill(r->pid, SIGKILL);
+    }
     if (r->lazy.pager <= 0 || now - r->restored_at < bw_sup.o->restore_timeout_s * 1000)
         return;
     bw_error("replica %d: the page daemon has not filled its memory in %gs; killing both, "

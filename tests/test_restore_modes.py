@@ -62,6 +62,27 @@ def test_lazy_restore_serves_first_and_ends_bit_exact(serve_cli, app):
         "a finished page daemon's work directory was left behind"
 
 
+def test_working_set_of_the_first_lazy_restore_is_restored_eagerly_and_bit_exact(serve_cli, app,
+                                                                                 workdir):
+    """The first lazy restore records the pages it faulted in; later restores, lazy and
+    eager, read those from the rewritten pagemap themselves (csrc/workingset.c)."""
+    s, first = cold_then(serve_cli, app, "--restore", "lazy")
+    s.wait_for("working set recorded", timeout=60)
+    assert s.stop() == 0
+    assert list((workdir / "checkpoints").glob("*/workingset.bin"))
+    env = {"MEMORY_APP_MB": "256"}
+    for mode in ("lazy", "eager"):
+        s = serve_cli(app, env, "--pass-env", "MEMORY_APP_MB", "--restore", mode)
+        log = s.log()
+        assert f"restore={mode}" in log and "restored from checkpoint" in log, log
+        assert s.call(i=12345) == first
+        if mode == "lazy":
+            s.wait_for("all memory in", timeout=60)
+            assert "working set recorded" not in s.log()
+        assert s.call(full=True) is True, "a page of the image did not come back"
+        assert s.stop() == 0
+
+
 def test_eager_restore_is_still_there(serve_cli, app):
     s, first = cold_then(serve_cli, app, "--restore", "eager")
     assert "restore=eager" in s.log() and "all memory in" not in s.log()
@@ -113,6 +134,26 @@ def test_page_daemon_killed_mid_fill_kills_the_replica_and_restores_eagerly(serv
     assert log.count("restore=lazy") <= 1 and "restored from checkpoint" in s.wait_for("ready:", 30)
     assert s.call(full=True) is True
     assert s.call(i=12345) == first
+
+
+def test_lazy_restore_of_corrupt_page_data_replaces_the_replica_with_a_cold_boot(serve_cli, app,
+                                                                               workdir):
+    """Page data is hashed while a lazy replica already serves (csrc/checkpoint.c): a
+    mismatch found then kills it, discards the image and boots cold."""
+    env = {"MEMORY_APP_MB": "256"}
+    serve_cli(app, env, "--pass-env", "MEMORY_APP_MB").stop()
+    pages = max((workdir / "checkpoints").glob("*/img/pages-*.img"), key=lambda p: p.stat().st_size)
+    with open(pages, "r+b") as f:
+        f.seek(pages.stat().st_size // 2)
+        b = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([b[0] ^ 0x01]))
+    s = serve_cli(app, env, "--pass-env", "MEMORY_APP_MB", "--restore", "lazy", ready=False)
+    log = s.wait_for("(cold boot)", 60)
+    assert f"checkpoint unusable (image file {pages.name} is corrupt (XXH3 mismatch)" in log, log
+    assert "booting cold" in log and "restore=lazy" in log, log
+    s.wait_for("checkpoint written", 60)
+    assert s.call(full=True) is True
 
 
 def test_without_a_working_page_daemon_restore_is_eager(serve_cli, app, workdir):
