@@ -977,6 +977,18 @@ int bw_ckpt_compat_of(const char *dir, struct bw_compat *c, char *err, size_t er
     return rc;
 }
 
+int bw_ckpt_check(const struct bw_ckpt *c, unsigned long long *bytes, char *err,
+                  size_t errlen) {
+    struct bw_ckpt_image img;
+    if (bw_ckpt_load(c, &img, err, errlen) < 0)
+        return -1;
+    int rc = bw_ckpt_verify_end(&img.pages, err, errlen); /* starts it and waits */
+    if (bytes)
+        *bytes = img.bytes;
+    bw_ckpt_image_free(&img);
+    return rc;
+}
+
 void bw_ckpt_image_free(struct bw_ckpt_image *img) {
     bw_ckpt_verify_cancel(&img->pages);
     free(img->config);

@@ -76,6 +76,10 @@ int bw_ckpt_dump(const struct bw_ckpt *c, pid_t pid, const struct bw_ckpt_ids *i
  * check (img->pages) runs beside the restore instead. */
 int bw_ckpt_load(const struct bw_ckpt *c, struct bw_ckpt_image *img, char *err, size_t errlen);
 void bw_ckpt_image_free(struct bw_ckpt_image *img);
+/* Check a whole image now, page data included, as before it travels (the store, an
+ * export) or is installed from elsewhere. 0 (*bytes: its size), or -1 with a reason. */
+int bw_ckpt_check(const struct bw_ckpt *c, unsigned long long *bytes, char *err,
+                  size_t errlen);
 
 /* The compatibility record of the image in dir (its restore.msgpack). 0, or -1 with
  * the reason in err (an image from before records were kept has none). */

@@ -32,15 +32,11 @@ static void say(const char *fmt, const char *a, const char *b) {
  * the other end. The root and key are those of the local cache. */
 static int verify(const char *root, const char *key, const char *dir, char *err, size_t cap) {
     struct bw_ckpt c;
-    struct bw_ckpt_image img;
     memset(&c, 0, sizeof c);
     snprintf(c.root, sizeof c.root, "%s", root);
     snprintf(c.key, sizeof c.key, "%s", key);
     snprintf(c.dir, sizeof c.dir, "%s", dir);
-    if (bw_ckpt_load(&c, &img, err, cap) < 0)
-        return -1;
-    bw_ckpt_image_free(&img);
-    return 0;
+    return bw_ckpt_check(&c, NULL, err, cap);
 }
 
 /* ---- export ------------------------------------------------------------------------- */

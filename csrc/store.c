@@ -195,22 +195,21 @@ static void fetch(struct bw_store *s, struct bw_ckpt *ck) {
         bw_rm_rf(tmp.dir);
         return;
     }
-    struct bw_ckpt_image img;
-    if (bw_ckpt_load(&tmp, &img, err, sizeof err) < 0) {
+    unsigned long long bytes = 0;
+    if (bw_ckpt_check(&tmp, &bytes, err, sizeof err) < 0) {
         bw_warn("checkpoint %.12s in the store is corrupt (%s): not using it; booting cold "
                 "(remove %s to let a machine publish a new one)", ck->key, err, s->dir);
         s->unusable = true;
         bw_rm_rf(tmp.dir);
         return;
     }
-    bw_ckpt_image_free(&img);
     if (rename(tmp.dir, ck->dir) < 0) {
         bw_warn("cannot install %s: %s; booting cold", ck->dir, strerror(errno));
         bw_rm_rf(tmp.dir);
         return;
     }
     bw_info("checkpoint fetched from store: %s -> %s (%.1f MiB in %.0f ms)", s->dir, ck->dir,
-            (double)img.bytes / 1048576.0, bw_now_ms() - t0);
+            (double)bytes / 1048576.0, bw_now_ms() - t0);
 }
 
 static bool store_has_image(const struct bw_store *s) {
