@@ -255,15 +255,9 @@ static unsigned long long pages_written(const char *dir) {
 /* Bytes read so far by a process and what it forked: during a restore the process
  * being restored reads its own pages from the image. */
 static unsigned long long tree_read(pid_t pid, int depth) {
-    char path[64], line[128];
-    unsigned long long n = 0, v;
+    char path[64];
     snprintf(path, sizeof path, "/proc/%d/io", (int)pid);
-    FILE *f = fopen(path, "r");
-    while (f && fgets(line, sizeof line, f))
-        if (sscanf(line, "rchar: %llu", &v) == 1)
-            n += v;
-    if (f)
-        fclose(f);
+    unsigned long long n = bw_proc_sum(path, "rchar: %llu");
     pid_t kids[MAX_KIDS];
     int k = depth < 8 ? children_of(pid, pid, kids, MAX_KIDS) : 0;
     for (int i = 0; i < k; i++)
@@ -657,6 +651,28 @@ static char *read_file(const char *path, size_t *len) {
     return buf;
 }
 
+/* dir's restore.msgpack, read and unpacked into m (its path left in path). The buffer
+ * (which m points into) to free and the zone to destroy after use, or NULL with err set
+ * (nothing to free). */
+static char *read_record(const char *dir, char *path, size_t pathcap, msgpack_zone *zone,
+                         msgpack_object *m, char *err, size_t errlen) {
+    snprintf(path, pathcap, "%s/restore.msgpack", dir);
+    size_t len = 0;
+    char *buf = read_file(path, &len);
+    if (!buf) {
+        snprintf(err, errlen, "cannot read %s: %s", path, strerror(errno));
+        return NULL;
+    }
+    msgpack_zone_init(zone, 4096);
+    if (bw_mp_unpack_exact(buf, len, zone, m) < 0) {
+        snprintf(err, errlen, "%s is corrupt", path);
+        msgpack_zone_destroy(zone);
+        free(buf);
+        return NULL;
+    }
+    return buf;
+}
+
 /* Page data is hashed off the restore's path (bw_ckpt_verify_*): at 7 GB/s a 2 GB
  * image would otherwise add ~0.3 s before every restore. */
 static bool is_pages(const char *name) { return strncmp(name, "pages-", 6) == 0; }
@@ -810,20 +826,15 @@ void bw_ckpt_verify_cancel(struct bw_ckpt_verify **vp) {
 int bw_ckpt_load(const struct bw_ckpt *c, struct bw_ckpt_image *img, char *err, size_t errlen) {
     char path[PATH_MAX + 300], imgdir[PATH_MAX + 300];
     memset(img, 0, sizeof *img);
-    snprintf(path, sizeof path, "%s/restore.msgpack", c->dir);
     snprintf(imgdir, sizeof imgdir, "%s/img", c->dir);
-    size_t len = 0;
-    char *buf = read_file(path, &len);
-    if (!buf) {
-        snprintf(err, errlen, "cannot read %s: %s", path, strerror(errno));
-        return -1;
-    }
     msgpack_zone zone;
-    msgpack_zone_init(&zone, 4096);
     msgpack_object m;
+    char *buf = read_record(c->dir, path, sizeof path, &zone, &m, err, errlen);
+    if (!buf)
+        return -1;
     int rc = -1;
     const msgpack_object *ids, *files, *config;
-    if (bw_mp_unpack_exact(buf, len, &zone, &m) < 0 || !(ids = bw_mp_get(&m, "ids")) ||
+    if (!(ids = bw_mp_get(&m, "ids")) ||
         ids->type != MSGPACK_OBJECT_ARRAY || ids->via.array.size != 3 ||
         !(files = bw_mp_get(&m, "files")) || files->type != MSGPACK_OBJECT_ARRAY ||
         !(config = bw_mp_get(&m, "config"))) {
@@ -954,21 +965,13 @@ out:
 
 int bw_ckpt_compat_of(const char *dir, struct bw_compat *c, char *err, size_t errlen) {
     char path[PATH_MAX + 300];
-    snprintf(path, sizeof path, "%s/restore.msgpack", dir);
-    size_t len = 0;
-    char *buf = read_file(path, &len);
-    if (!buf) {
-        snprintf(err, errlen, "cannot read %s: %s", path, strerror(errno));
-        return -1;
-    }
     msgpack_zone zone;
-    msgpack_zone_init(&zone, 4096);
     msgpack_object m;
+    char *buf = read_record(dir, path, sizeof path, &zone, &m, err, errlen);
+    if (!buf)
+        return -1;
     int rc = 0;
-    if (bw_mp_unpack_exact(buf, len, &zone, &m) < 0) {
-        snprintf(err, errlen, "%s is corrupt", path);
-        rc = -1;
-    } else if (bw_compat_unpack(bw_mp_get(&m, "compat"), c) < 0) {
+    if (bw_compat_unpack(bw_mp_get(&m, "compat"), c) < 0) {
         snprintf(err, errlen, "%s records no compatibility key (made by an older worker)", path);
         rc = -1;
     }

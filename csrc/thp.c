@@ -36,16 +36,9 @@ struct collapse {
 };
 
 static unsigned long long anon_huge_kib(pid_t pid) {
-    char path[64], line[256];
-    unsigned long long sum = 0, kib;
+    char path[64];
     snprintf(path, sizeof path, "/proc/%d/smaps_rollup", (int)pid);
-    FILE *f = fopen(path, "r");
-    while (f && fgets(line, sizeof line, f))
-        if (sscanf(line, "AnonHugePages: %llu", &kib) == 1)
-            sum += kib;
-    if (f)
-        fclose(f);
-    return sum;
+    return bw_proc_sum(path, "AnonHugePages: %llu");
 }
 
 /* Collapse one "lo-hi rw-p off dev inode [path]" line of /proc/PID/maps if it is

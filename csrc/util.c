@@ -122,3 +122,15 @@ static int rm_entry(const char *path, const struct stat *st, int flag, struct FT
 }
 
 void bw_rm_rf(const char *path) { nftw(path, rm_entry, 16, FTW_DEPTH | FTW_PHYS); }
+
+unsigned long long bw_proc_sum(const char *path, const char *fmt) {
+    char line[256];
+    unsigned long long sum = 0, v;
+    FILE *f = fopen(path, "r");
+    while (f && fgets(line, sizeof line, f))
+        if (sscanf(line, fmt, &v) == 1)
+            sum += v;
+    if (f)
+        fclose(f);
+    return sum;
+}

@@ -32,6 +32,10 @@ void bw_describe_status(int status, char *buf, size_t cap);
 /* rm -rf: a directory tree, or a file; errors are ignored (what is left stays). */
 void bw_rm_rf(const char *path);
 
+/* The sum of the values of the lines of a /proc file that match a scanf format with
+ * one %llu (e.g. "AnonHugePages: %llu"); 0 when the file cannot be read. */
+unsigned long long bw_proc_sum(const char *path, const char *fmt);
+
 /* Big-endian 32-bit helpers for frame headers. */
 static inline uint32_t bw_load_be32(const unsigned char *p) {
     return ((uint32_t)p[0] << 24) | ((uint32_t)p[1] << 16) | ((uint32_t)p[2] << 8) | p[3];

@@ -85,32 +85,46 @@ def real_criu() -> str:
     return path
 
 
+def criu_after_flag(workdir, then: str):
+    """A criu wrapper that runs `then` (a shell command: `sleep 3`, `exec sleep 600`)
+    before the real criu once the returned flag file exists; until then it is criu."""
+    flag, fake = workdir / "criu-flag-now", workdir / "criu-after-flag"
+    fake.write_text(f"#!/bin/sh\n[ -e {flag} ] && {then}\nexec {real_criu()} \"$@\"\n")
+    fake.chmod(0o755)
+    return flag, fake
+
+
+def queue_three(s, **call) -> tuple:
+    """Three concurrent calls (keyword arguments `call`, and i=0..2 when i is given): the
+    first two are in the replica before the third queues, which makes the supervisor
+    start a second replica. Returns (threads, results)."""
+    results: List = [None] * 3
+
+    def one(i):
+        kw = dict(call, i=i) if "i" in call else call
+        results[i] = s.call(timeout=60, **kw)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(3)]
+    for i, t in enumerate(threads):
+        t.start()
+        if i < 2:
+            wait_until(lambda: s.stats()["inflight"] == i + 1, 10, "calls in flight")
+    return threads, results
+
+
 def test_criu_timeout_of_a_second_replica_spares_the_serving_one(serve, workdir):
     """As test_checkpoint.py::test_hanging_criu_times_out, with a criu that hangs only
     once a flag file exists: the first replica dumps with the real criu and serves; then
     HTTP calls queue up, a second replica is restored, and that restore (and the dump of
     the cold boot that replaces it) hangs past --criu-timeout. The watchdog must kill
     criu alone: the serving replica's calls are answered."""
-    real = real_criu()
-    flag = workdir / "criu-hangs-now"
-    fake = workdir / "criu-maybe-hangs"
-    fake.write_text(f"#!/bin/sh\n[ -e {flag} ] && exec sleep 600\nexec {real} \"$@\"\n")
-    fake.chmod(0o755)
+    flag, fake = criu_after_flag(workdir, "exec sleep 600")
     s = serve("router_app.py:ckpt", "--max-replicas", "2", "--keep-warm", "-1",
               "--criu", str(fake), "--criu-timeout", "2")
     assert "checkpoint written" in s.log(), s.log()
     [first] = s.stats()["replicas"]
     flag.write_text("")
-    results: List = [None] * 3
-
-    def call(i):
-        results[i] = s.call(timeout=60, op="sleep", seconds=3, i=i)
-
-    threads = [threading.Thread(target=call, args=(i,)) for i in range(3)]
-    for i, t in enumerate(threads):
-        t.start()
-        if i < 2:  # the first two are in the replica before the third queues
-            wait_until(lambda: s.stats()["inflight"] == i + 1, 10, "calls in flight")
+    threads, results = queue_three(s, op="sleep", seconds=3, i=0)
     for t in threads:
         t.join(60)
     log = s.log()
@@ -129,24 +143,12 @@ def test_a_slow_restore_does_not_stall_the_serving_replica(serve, workdir):
     3 s more once a flag file exists (after the first replica's dump): calls queue up, a
     second replica is restored with it, and meanwhile the HTTP calls to the first are
     answered as fast as ever. On the loop, the restore held every one of them 3 s."""
-    flag = workdir / "criu-slow-now"
-    fake = workdir / "criu-slow"
-    fake.write_text(f"#!/bin/sh\n[ -e {flag} ] && sleep 3\nexec {real_criu()} \"$@\"\n")
-    fake.chmod(0o755)
+    flag, fake = criu_after_flag(workdir, "sleep 3")
     s = serve("router_app.py:ckpt", "--max-replicas", "2", "--keep-warm", "-1",
               "--criu", str(fake))
     assert "checkpoint written" in s.log(), s.log()
     flag.write_text("")
-    results: List = [None] * 3
-
-    def call(i):
-        results[i] = s.call(timeout=60, op="sleep", seconds=0.3, i=i)
-
-    threads = [threading.Thread(target=call, args=(i,)) for i in range(3)]
-    for i, t in enumerate(threads):
-        t.start()
-        if i < 2:  # the first two are in the replica before the third queues
-            wait_until(lambda: s.stats()["inflight"] == i + 1, 10, "calls in flight")
+    threads, results = queue_three(s, op="sleep", seconds=0.3, i=0)
     s.wait_for("starting replica 2")
     t0 = time.monotonic()
     for t in threads:
@@ -172,19 +174,11 @@ def test_sigterm_during_a_slow_restore_stops_cleanly(serve, workdir):
     """A replica whose restore is still running when the supervisor is told to stop is
     neither served nor left behind: once CRIU is done it is killed, and the supervisor
     exits 0 (it would wait for good on a restored host never sent "start")."""
-    flag = workdir / "criu-slow-now"
-    fake = workdir / "criu-slow"
-    fake.write_text(f"#!/bin/sh\n[ -e {flag} ] && sleep 2\nexec {real_criu()} \"$@\"\n")
-    fake.chmod(0o755)
+    flag, fake = criu_after_flag(workdir, "sleep 2")
     s = serve("router_app.py:ckpt", "--max-replicas", "2", "--keep-warm", "-1",
               "--criu", str(fake))
     flag.write_text("")
-    threads = [threading.Thread(target=s.call, kwargs={"op": "sleep", "seconds": 0.3})
-               for _ in range(3)]
-    for i, t in enumerate(threads):
-        t.start()
-        if i < 2:
-            wait_until(lambda: s.stats()["inflight"] == i + 1, 10, "calls in flight")
+    threads, _ = queue_three(s, op="sleep", seconds=0.3)
     s.wait_for("starting replica 2")
     for t in threads:
         t.join(30)
@@ -198,20 +192,12 @@ def test_serving_replica_killed_during_a_slow_restore_is_replaced(serve, workdir
     a second replica on a pool thread. Its exit is handled at once (a replacement starts,
     a second restore in parallel) and the first restore is not disturbed: libcriu's own
     wait for its criu helper is never beaten to it (csrc/job.h)."""
-    flag = workdir / "criu-slow-now"
-    fake = workdir / "criu-slow"
-    fake.write_text(f"#!/bin/sh\n[ -e {flag} ] && sleep 2\nexec {real_criu()} \"$@\"\n")
-    fake.chmod(0o755)
+    flag, fake = criu_after_flag(workdir, "sleep 2")
     s = serve("router_app.py:ckpt", "--max-replicas", "2", "--keep-warm", "-1",
               "--criu", str(fake))
     [first] = s.stats()["replicas"]
     flag.write_text("")
-    threads = [threading.Thread(target=s.call, kwargs={"op": "sleep", "seconds": 1})
-               for _ in range(3)]
-    for i, t in enumerate(threads):
-        t.start()
-        if i < 2:
-            wait_until(lambda: s.stats()["inflight"] == i + 1, 10, "calls in flight")
+    threads, _ = queue_three(s, op="sleep", seconds=1)
     s.wait_for("starting replica 2")
     os.kill(first["pid"], signal.SIGKILL)
     log = s.wait_for("restored from checkpoint", count=2, timeout=30)

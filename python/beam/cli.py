@@ -826,6 +826,11 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------------------ parser
+def _add_dir_argument(p: argparse.ArgumentParser,
+                      text: str = "checkpoint dir (default: as for serve)") -> None:
+    p.add_argument("--dir", "--checkpoint-dir", dest="dir", metavar="DIR", help=text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="beam", description="Serve a @beam.endpoint function from a checkpointed worker.")
@@ -928,8 +933,7 @@ def build_parser() -> argparse.ArgumentParser:
     ksub = k.add_subparsers(dest="ckpt_command", metavar="ACTION")
     ls = ksub.add_parser("ls", help="list checkpoints", description="List checkpoints, failure "
                          "markers and incomplete dumps.")
-    ls.add_argument("--dir", "--checkpoint-dir", dest="dir", metavar="DIR",
-                    help="checkpoint dir (default: as for serve)")
+    _add_dir_argument(ls)
     ls.add_argument("--store", metavar="DIR", help="list this shared store instead")
     ls.add_argument("--json", action="store_true", help="machine-readable output")
     ls.set_defaults(func=cmd_checkpoints_ls)
@@ -938,16 +942,14 @@ def build_parser() -> argparse.ArgumentParser:
                          "a zstd-compressed tar (beam-worker --export-checkpoint).")
     ex.add_argument("key", metavar="KEY-PREFIX")
     ex.add_argument("file", metavar="FILE")
-    ex.add_argument("--dir", "--checkpoint-dir", dest="dir", metavar="DIR",
-                    help="checkpoint dir (default: as for serve)")
+    _add_dir_argument(ex)
     ex.set_defaults(func=cmd_checkpoints_export)
     im = ksub.add_parser("import", help="add a checkpoint from an exported file",
                          description="Verify FILE (sizes and XXH3 of every image file) and add its "
                          "image to the checkpoint dir; a corrupt or truncated file is refused "
                          "and leaves nothing behind.")
     im.add_argument("file", metavar="FILE")
-    im.add_argument("--dir", "--checkpoint-dir", dest="dir", metavar="DIR",
-                    help="checkpoint dir (default: as for serve)")
+    _add_dir_argument(im)
     im.set_defaults(func=cmd_checkpoints_import)
     rm = ksub.add_parser("rm", help="remove checkpoints",
                          description="Remove checkpoints by key prefix, or by kind. --stale removes "
@@ -961,8 +963,7 @@ def build_parser() -> argparse.ArgumentParser:
     rm.add_argument("--workers", metavar="N", type=_positive_int,
                     help="with --app: the --workers the app is served with (part of the key)")
     rm.add_argument("--volume-root", metavar="DIR", help="with --app: the --volume-root it is served with")
-    rm.add_argument("--dir", "--checkpoint-dir", dest="dir", metavar="DIR",
-                    help="checkpoint dir, or a store (default: as for serve)")
+    _add_dir_argument(rm, "checkpoint dir, or a store (default: as for serve)")
     rm.add_argument("-n", "--dry-run", action="store_true", help="print what would be removed")
     rm.set_defaults(func=cmd_checkpoints_rm)
     k.set_defaults(func=None, subparser=k)
