@@ -27,7 +27,6 @@
 #include "progress.h"
 #include "thp.h"
 #include "util.h"
-#include "workingset.h"
 
 #define PROVISIONED_CRIU "/usr/local/lib/beam/criu"
 #define MAX_FILES 4096
@@ -611,7 +610,6 @@ int bw_ckpt_dump(const struct bw_ckpt *c, pid_t pid, const struct bw_ckpt_ids *i
     }
     write_manifest(man, c, app, config, config_len, profile_json, gpu, gpu_len, n, *bytes, *ms,
                    &compat);
-    bw_ws_check_dump(img);
     syncfs(img_fd);
     /* Only a complete image gets the key's name. If another supervisor got there
      * first, theirs is as good as ours. */

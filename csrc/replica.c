@@ -39,6 +39,7 @@
 #include "mp.h"
 #include "replica_gpu.h"
 #include "util.h"
+#include "workingset.h"
 
 const char *bw_replica_phase_name(enum bw_replica_phase p) {
     static const char *names[] = {"booting", "restoring", "serving", "stopping"};
@@ -454,6 +455,11 @@ static void dump_work(struct bw_job *j) {
                                  sizeof d->gerr) < 0) {
         d->resume_failed = true;
         return;
+    }
+    if (d->rc == 0) {
+        char imgdir[sizeof bw_sup.ck.dir + 8];
+        snprintf(imgdir, sizeof imgdir, "%s/img", bw_sup.ck.dir);
+        bw_ws_check_dump(imgdir);
     }
     if (d->rc == 0 && image_holds_secret(d) < 0) {
         bw_ckpt_discard(&bw_sup.ck);
