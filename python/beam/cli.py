@@ -27,30 +27,36 @@ class CLIError(Exception):
 
 
 # ---------------------------------------------------------------------------- helpers
-def _worker_version(binary: str) -> str:
+def _start_worker_query(binary: str, args: Sequence[str]) -> subprocess.Popen:
     try:
-        p = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=30)
+        return subprocess.Popen([binary, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
     except OSError as exc:
         raise CLIError(f"cannot run {binary}: {exc}") from exc
+
+
+def _worker_answer(p: subprocess.Popen, what: str) -> str:
+    """The output of a query started by _start_worker_query (``what``: its flag)."""
+    try:
+        out, err = p.communicate(timeout=30)
     except subprocess.TimeoutExpired as exc:
-        raise CLIError(f"{binary} --version did not answer within 30s") from exc
+        p.kill()
+        p.communicate()
+        raise CLIError(f"beam-worker {what} did not answer within 30s") from exc
     if p.returncode != 0:
-        raise CLIError(f"{binary} --version failed (exit {p.returncode}): {(p.stderr or p.stdout).strip()}")
-    return p.stdout.strip()
+        raise CLIError(f"beam-worker {what} failed (exit {p.returncode}): {(err or out).strip()}")
+    return out
 
 
-def _image_env(binary: str, pass_env: Sequence[str]) -> str:
+def _worker_version(binary: str) -> str:
+    return _worker_answer(_start_worker_query(binary, ["--version"]), "--version").strip()
+
+
+def _image_env_query(binary: str, pass_env: Sequence[str]) -> subprocess.Popen:
     """The variables of our environment that an image depends on, as the worker decides
     (``beam-worker --print-image-env``): a changed ``OMP_NUM_THREADS`` means a new image,
     since a restored process keeps what its libraries read at import."""
-    argv = [binary, "--print-image-env"] + [f"--pass-env={n}" for n in pass_env]
-    try:
-        p = subprocess.run(argv, capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise CLIError(f"cannot run {binary} --print-image-env: {exc}") from exc
-    if p.returncode != 0:
-        raise CLIError(f"{binary} --print-image-env failed: {(p.stderr or p.stdout).strip()}")
-    return p.stdout
+    return _start_worker_query(binary, ["--print-image-env"] + [f"--pass-env={n}" for n in pass_env])
 
 
 def _key_extra(workers: Optional[int], volume_root: Optional[str], image_env: str) -> Dict[str, Any]:
@@ -64,10 +70,13 @@ def _current_key(app: str, workers: Optional[int], volume_root: Optional[str],
     from .checkpoint_key import AppSpecError, compute_key
 
     binary = binary or _binary()
-    extra = _key_extra(workers, volume_root, _image_env(binary, pass_env))
+    # Both queries at once: each is an exec of the worker, on every `beam serve`.
+    version = _start_worker_query(binary, ["--version"])
+    image_env = _image_env_query(binary, pass_env)
+    extra = _key_extra(workers, volume_root, _worker_answer(image_env, "--print-image-env"))
     try:
-        return compute_key(app, sys.executable, _worker_version(binary), extra,
-                           worker_binary=binary)
+        return compute_key(app, sys.executable, _worker_answer(version, "--version").strip(),
+                           extra, worker_binary=binary)
     except AppSpecError as exc:
         raise CLIError(str(exc)) from exc
 
