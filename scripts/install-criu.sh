@@ -58,7 +58,7 @@ while [ $# -gt 0 ]; do
     --no-kdat-tmpfs) KDAT_TMPFS=0 ;;
     --force-build) FORCE_BUILD=1 ;;
     -v|--verbose) VERBOSE=1 ;;
-    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
     *) echo "install-criu: unknown argument: $1" >&2; exit 2 ;;
   esac
   shift
@@ -239,7 +239,7 @@ if [ -z "$CHOSEN" ]; then
   for d in $(ls -1 "$CACHE_ROOT" 2>/dev/null | sort -rV); do
     b=$CACHE_ROOT/$d/criu
     [ -x "$b" ] && criu_ok "$b" || continue
-    k=$(awk -F= '$1 == "kdat_dir" {print $2}' "$CACHE_ROOT/$d/BUILDINFO" 2>/dev/null)
+    k=$(awk -F= '$1 == "kdat_dir" {print $2}' "$CACHE_ROOT/$d/BUILDINFO" 2>/dev/null || true)
     CHOSEN=$b SOURCE=cache-fallback KDAT_OF_CHOSEN=${k:-/run}
     echo "install-criu: build failed; using cached $b ($(grep -h '^build_id=' "$CACHE_ROOT/$d/BUILDINFO" 2>/dev/null))" >&2
     break
