@@ -6,6 +6,12 @@
 #     criu_bin=<path> criu_version=X.Y.Z
 # See docs/criu-provisioning.md for the why and the measurements.
 #
+# Our builds carry the patches in scripts/criu-patches/<X.Y.Z>/ (applied in name
+# order; today: 4.2.1 reads big anonymous regions into huge pages at restore). A
+# cached build is used only if it was built with exactly those patches; otherwise the
+# script rebuilds, and only if that build fails does it fall back to an older cached
+# build or the system's criu (whichever passes `criu check`).
+#
 # Usage: scripts/install-criu.sh [--kdat-tmpfs|--no-kdat-tmpfs] [--force-build] [-v]
 #
 # Environment:
@@ -29,10 +35,20 @@ FORCE_BUILD=0
 # default is /run, which is not tmpfs on these machines, and mounting over /run
 # would hide dbus/systemd/postgres state). Baked into the binary at build time.
 KDAT_DIR=/run/beam-criu
-# Bump when build flags change so cached binaries are rebuilt.
-BUILD_ID="rundir=${KDAT_DIR};rev=1"
+# Bump rev when build flags change so cached binaries are rebuilt; the patch set of
+# the version is part of the id too, so adding or changing a patch rebuilds.
+BUILD_REV=2
+PATCH_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/criu-patches
+patches_of() { compgen -G "$PATCH_ROOT/$1/*.patch" | LC_ALL=C sort || true; }  # $1 = X.Y.Z
+build_id() {  # $1 = X.Y.Z
+  local sum=none
+  if [ -n "$(patches_of "$1")" ]; then
+    sum=$(patches_of "$1" | xargs cat | sha256sum | cut -c1-16)
+  fi
+  echo "rundir=${KDAT_DIR};rev=${BUILD_REV};patches=${sum}"
+}
 
-APT_PKGS=(criu build-essential python3 libbsd-dev libcap-dev libgnutls28-dev
+APT_PKGS=(criu build-essential patch python3 libbsd-dev libcap-dev libgnutls28-dev
   libnet1-dev libnftables-dev libnl-3-dev libprotobuf-c-dev libprotobuf-dev
   pkgconf protobuf-c-compiler protobuf-compiler uuid-dev)
 
@@ -42,7 +58,7 @@ while [ $# -gt 0 ]; do
     --no-kdat-tmpfs) KDAT_TMPFS=0 ;;
     --force-build) FORCE_BUILD=1 ;;
     -v|--verbose) VERBOSE=1 ;;
-    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
     *) echo "install-criu: unknown argument: $1" >&2; exit 2 ;;
   esac
   shift
@@ -167,6 +183,12 @@ build_criu() {  # $1 = Debian version; prints upstream version on success
   mkdir -p "$WORK/build"
   q tar -C "$WORK/build" -xf "$tarball" || return 1
   src=$(find "$WORK/build" -mindepth 1 -maxdepth 1 -type d | head -n1)
+  # A patch that does not apply fails this version, like a failed build.
+  local p
+  for p in $(patches_of "$up"); do
+    say "criu $up: applying ${p##*/}"
+    q patch -p1 -N -d "$src" -i "$p" || { say "criu $up: ${p##*/} does not apply"; return 1; }
+  done
   say "building criu $up (make criu)"
   # SOURCE_DATE_EPOCH pins KDAT_MAGIC_2, so rebuilds keep the kdat cache valid.
   q env SOURCE_DATE_EPOCH="$(stat -c %Y "$src/Makefile")" \
@@ -175,40 +197,59 @@ build_criu() {  # $1 = Debian version; prints upstream version on success
   mkdir -p "$dest" &&
     install -m 0755 "$src/criu/criu" "$dest/criu.new" &&
     mv -f "$dest/criu.new" "$dest/criu" || return 1
-  printf 'debian_version=%s\nsha256=%s\nbuild_id=%s\nkdat_dir=%s\n' \
-    "$dver" "$(sha256sum "$tarball" | cut -d' ' -f1)" "$BUILD_ID" "$KDAT_DIR" >"$dest/BUILDINFO"
+  printf 'debian_version=%s\nsha256=%s\nbuild_id=%s\nkdat_dir=%s\npatches=%s\n' \
+    "$dver" "$(sha256sum "$tarball" | cut -d' ' -f1)" "$(build_id "$up")" "$KDAT_DIR" \
+    "$(patches_of "$up" | xargs -r -n1 basename | paste -sd' ')" >"$dest/BUILDINFO"
   echo "$up"
 }
 
 # ---------------------------------------------------------------- 2. choose
+# 1) a cached build with the current build id (flags + patches); 2) a fresh build;
+# 3) only if that fails: an older cached build, then the system's criu.
 CHOSEN='' SOURCE='' KDAT_OF_CHOSEN=''
 if [ "$FORCE_BUILD" = 0 ]; then
   for d in $(ls -1 "$CACHE_ROOT" 2>/dev/null | sort -rV); do
     b=$CACHE_ROOT/$d/criu
-    [ -x "$b" ] && grep -qxF "build_id=$BUILD_ID" "$CACHE_ROOT/$d/BUILDINFO" 2>/dev/null || continue
+    [ -x "$b" ] && grep -qxF "build_id=$(build_id "$d")" "$CACHE_ROOT/$d/BUILDINFO" 2>/dev/null || continue
     if criu_ok "$b"; then CHOSEN=$b SOURCE=cache KDAT_OF_CHOSEN=$KDAT_DIR; break; fi
   done
-  if [ -z "$CHOSEN" ] && [ -x /usr/sbin/criu ] && criu_ok /usr/sbin/criu; then
-    CHOSEN=/usr/sbin/criu SOURCE=system KDAT_OF_CHOSEN=/run
+fi
+if [ -z "$CHOSEN" ]; then
+  say "no cached criu with the current build id and patches; building from Debian source"
+  MIRROR=$(mirror_uri)
+  up=
+  if setup_private_apt; then
+    for v in $SOURCE_VERSIONS; do
+      if up=$(build_criu "$v"); then break; fi
+      up=
+    done
+    if [ -z "${up:-}" ]; then
+      # Named versions gone from the archive: newest criu >= 4.1 it has now.
+      v=$(apt-cache "${APT_PRIV[@]}" showsrc criu 2>/dev/null | awk '/^Version:/ {print $2}' | sort -rV | head -n1)
+      if [ -n "$v" ] && dpkg --compare-versions "$v" ge 4.1; then up=$(build_criu "$v") || up=; fi
+    fi
+  fi
+  if [ -n "${up:-}" ] && criu_ok "$CACHE_ROOT/$up/criu"; then
+    CHOSEN=$CACHE_ROOT/$up/criu SOURCE=built KDAT_OF_CHOSEN=$KDAT_DIR
   fi
 fi
 if [ -z "$CHOSEN" ]; then
-  say "no working cached/system criu; building from Debian source"
-  MIRROR=$(mirror_uri)
-  setup_private_apt
-  for v in $SOURCE_VERSIONS; do
-    if up=$(build_criu "$v"); then break; fi
-    up=
+  # Build failed (offline, archive changed, patch no longer applies): any cached
+  # build that works, even one with other flags or patches, then the system's.
+  for d in $(ls -1 "$CACHE_ROOT" 2>/dev/null | sort -rV); do
+    b=$CACHE_ROOT/$d/criu
+    [ -x "$b" ] && criu_ok "$b" || continue
+    k=$(awk -F= '$1 == "kdat_dir" {print $2}' "$CACHE_ROOT/$d/BUILDINFO" 2>/dev/null || true)
+    CHOSEN=$b SOURCE=cache-fallback KDAT_OF_CHOSEN=${k:-/run}
+    echo "install-criu: build failed; using cached $b ($(grep -h '^build_id=' "$CACHE_ROOT/$d/BUILDINFO" 2>/dev/null))" >&2
+    break
   done
-  if [ -z "${up:-}" ]; then
-    # Named versions gone from the archive: newest criu >= 4.1 it has now.
-    v=$(apt-cache "${APT_PRIV[@]}" showsrc criu 2>/dev/null | awk '/^Version:/ {print $2}' | sort -rV | head -n1)
-    if [ -n "$v" ] && dpkg --compare-versions "$v" ge 4.1; then up=$(build_criu "$v") || up=; fi
-  fi
-  [ -n "${up:-}" ] || die "could not download/build CRIU (tried: $SOURCE_VERSIONS)"
-  CHOSEN=$CACHE_ROOT/$up/criu SOURCE=built KDAT_OF_CHOSEN=$KDAT_DIR
-  criu_ok "$CHOSEN" || die "freshly built $CHOSEN fails 'criu check'"
 fi
+if [ -z "$CHOSEN" ] && [ -x /usr/sbin/criu ] && criu_ok /usr/sbin/criu; then
+  CHOSEN=/usr/sbin/criu SOURCE=system KDAT_OF_CHOSEN=/run
+  echo "install-criu: build failed; using the system's /usr/sbin/criu (unpatched)" >&2
+fi
+[ -n "$CHOSEN" ] || die "could not download/build CRIU (tried: $SOURCE_VERSIONS) and no cached or system criu passes 'criu check'"
 
 # Stable path (atomic replace, no-op when already right).
 mkdir -p "$PREFIX"
