@@ -182,34 +182,54 @@ static int image_runs_here(const struct bw_ckpt *ck, const char *dir, const char
     return 0;
 }
 
-/* Copy the store's image into the local cache: into a temporary directory, verified
- * (sizes and XXH3 of every file, as before a restore), then renamed into place. */
+/* The check of the store's copy (sizes and XXH3 of every file), run beside the copy. */
+struct source_check {
+    struct bw_ckpt ck; /* dir: the store's image */
+    unsigned long long bytes;
+    int rc;
+    char err[1024];
+};
+
+static void *source_check_main(void *arg) {
+    struct source_check *sc = arg;
+    sc->rc = bw_ckpt_check(&sc->ck, &sc->bytes, sc->err, sizeof sc->err);
+    return NULL;
+}
+
+/* Copy the store's image into the local cache: into a temporary directory, then renamed
+ * into place, once the store's files proved sound (sizes and XXH3 of every file, page
+ * data included). The check reads the store's files on the other core while the kernel
+ * copies them (copy_bytes): it costs no time of its own. What the copy wrote is checked
+ * again by every restore, as any local image is. */
 static void fetch(struct bw_store *s, struct bw_ckpt *ck) {
+    struct source_check sc = {.ck = *ck};
+    snprintf(sc.ck.dir, sizeof sc.ck.dir, "%s", s->dir);
+    pthread_t checker;
+    bool beside = pthread_create(&checker, NULL, source_check_main, &sc) == 0;
     char err[1024];
     struct bw_ckpt tmp = *ck;
     snprintf(tmp.dir, sizeof tmp.dir, "%s/.tmp-%s-%d", ck->root, ck->key, (int)getpid());
     bw_rm_rf(tmp.dir);
     double t0 = bw_now_ms();
-    if (copy_image(s->dir, tmp.dir, NULL, err, sizeof err) < 0) {
+    int copied = copy_image(s->dir, tmp.dir, NULL, err, sizeof err);
+    if (beside)
+        pthread_join(checker, NULL);
+    else
+        source_check_main(&sc);
+    if (copied < 0) {
         bw_warn("cannot fetch checkpoint %.12s from the store (%s); booting cold", ck->key, err);
-        bw_rm_rf(tmp.dir);
-        return;
-    }
-    unsigned long long bytes = 0;
-    if (bw_ckpt_check(&tmp, &bytes, err, sizeof err) < 0) {
+    } else if (sc.rc < 0) {
         bw_warn("checkpoint %.12s in the store is corrupt (%s): not using it; booting cold "
-                "(remove %s to let a machine publish a new one)", ck->key, err, s->dir);
+                "(remove %s to let a machine publish a new one)", ck->key, sc.err, s->dir);
         s->unusable = true;
-        bw_rm_rf(tmp.dir);
-        return;
-    }
-    if (rename(tmp.dir, ck->dir) < 0) {
+    } else if (rename(tmp.dir, ck->dir) < 0) {
         bw_warn("cannot install %s: %s; booting cold", ck->dir, strerror(errno));
-        bw_rm_rf(tmp.dir);
+    } else {
+        bw_info("checkpoint fetched from store: %s -> %s (%.1f MiB in %.0f ms)", s->dir,
+                ck->dir, (double)sc.bytes / 1048576.0, bw_now_ms() - t0);
         return;
     }
-    bw_info("checkpoint fetched from store: %s -> %s (%.1f MiB in %.0f ms)", s->dir, ck->dir,
-            (double)bytes / 1048576.0, bw_now_ms() - t0);
+    bw_rm_rf(tmp.dir);
 }
 
 static bool store_has_image(const struct bw_store *s) {

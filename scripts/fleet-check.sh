@@ -14,7 +14,7 @@
 #       boots cold and logs "incompatible"
 #   D   default capabilities only: serves cold and logs why
 # "start to first response" is measured the same way for every container: from just before
-# `podman run -d` to the first HTTP 200 of POST / (curl, polled every 20 ms), so it includes
+# `podman run -d` to the first HTTP 200 of POST / (curl, polled every 5 ms), so it includes
 # the container runtime's own start (a few hundred ms here) in both figures.
 #
 # Last line: fleet_restore_ok=<0|1> fleet_restore_ms=<B> fleet_cold_ms=<A>
@@ -105,7 +105,7 @@ first_response() {
     if [ "$(podman inspect -f '{{.State.Running}}' "$name" 2>/dev/null)" != true ]; then
       say "$name exited before answering"; podman logs "$name" 2>&1 | tail -n 20 >&2; return 1
     fi
-    sleep 0.02
+    sleep 0.005
   done
   say "$name: no answer in 90 s"; podman logs "$name" 2>&1 | tail -n 20 >&2
   return 1
