@@ -220,8 +220,8 @@ static void fetch(struct bw_store *s, struct bw_ckpt *ck) {
         bw_warn("cannot fetch checkpoint %.12s from the store (%s); booting cold", ck->key, err);
     } else if (sc.rc < 0) {
         bw_warn("checkpoint %.12s in the store is corrupt (%s): not using it; booting cold "
-                "(remove %s to let a machine publish a new one)", ck->key, sc.err, s->dir);
-        s->unusable = true;
+                "(the machine that checkpoints next replaces it)", ck->key, sc.err);
+        s->unusable = s->corrupt = true;
     } else if (rename(tmp.dir, ck->dir) < 0) {
         bw_warn("cannot install %s: %s; booting cold", ck->dir, strerror(errno));
     } else {
@@ -491,12 +491,31 @@ void bw_store_lease_release(struct bw_store *s) {
 
 /* ---- publishing -------------------------------------------------------------------------- */
 
+/* The store's image failed its check here: under our lease, move it out of the way of
+ * the new one. Renamed first, removed after, so that no machine fetching it meanwhile
+ * sees a half-deleted directory by its key's name; a machine whose check passed it
+ * (a transient read error here) loses nothing: the new image is as good. */
+static void set_aside_corrupt(const struct bw_store *s) {
+    char aside[PATH_MAX + 600];
+    snprintf(aside, sizeof aside, "%s/.corrupt-%s-%s-%d", s->root, s->key, s->host,
+             (int)getpid());
+    if (rename(s->dir, aside) < 0) {
+        if (errno != ENOENT)
+            bw_warn("cannot move the corrupt checkpoint %s aside: %s", s->dir, strerror(errno));
+        return;
+    }
+    bw_rm_rf(aside);
+    bw_info("removed the corrupt checkpoint %.12s from the store", s->key);
+}
+
 /* In the child: copy, then rename into place (first publisher wins), then release. */
 static int publish_child(struct bw_store *s, const struct bw_ckpt *ck) {
     char tmp[PATH_MAX + 600], err[1024];
     snprintf(tmp, sizeof tmp, "%s/.tmp-%s-%s-%d", s->root, s->key, s->host, (int)getpid());
     double t0 = bw_now_ms();
     int rc = copy_image(ck->dir, tmp, s, err, sizeof err);
+    if (rc == 0 && s->corrupt)
+        set_aside_corrupt(s);
     if (rc == 0 && rename(tmp, s->dir) < 0) {
         if (errno == EEXIST || errno == ENOTEMPTY) {
             bw_info("the store already has checkpoint %.12s: keeping it", s->key);
@@ -520,7 +539,7 @@ static int publish_child(struct bw_store *s, const struct bw_ckpt *ck) {
 void bw_store_publish(struct bw_store *s, const struct bw_ckpt *ck) {
     if (!s->on || s->lease_fd < 0)
         return;
-    if (store_has_image(s)) { /* one this machine could not use (else it was fetched) */
+    if (!s->corrupt && store_has_image(s)) { /* one it could not use (else it was fetched) */
         bw_info("the store already has checkpoint %.12s, which this machine could not use "
                 "(said above): keeping this one local", s->key);
         bw_store_lease_release(s);

@@ -38,6 +38,7 @@ struct bw_store {
     char host[256];
     double term_s;
     bool unusable;              /* its image of the key cannot run here (said why) */
+    bool corrupt;               /* ... because it failed its check: replace it on publishing */
     int lease_fd;               /* the lease we hold, or -1 */
     double renewed;             /* bw_now_ms() of the last renewal */
     /* Renews the lease while the loop is busy booting or dumping (it cannot tick). */

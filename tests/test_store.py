@@ -187,6 +187,17 @@ def test_corrupt_store_copy_boots_cold(serve_cli, app, exports, workdir):
     assert "mode=cold" in log and "restored from checkpoint" not in log
     assert on_start_runs(workdir) == 2
     assert not [p for p in (workdir / "m2").iterdir() if p.name.startswith(".tmp-")]
+    # The machine that found it corrupt checkpoints and, holding the lease, replaces it:
+    # the fleet heals without anyone removing the store's copy by hand.
+    log = s.wait_for("checkpoint published to store: ", 60)
+    assert "removed the corrupt checkpoint" in log, log
+    assert s.stop() == 0
+    assert images(workdir / "store") == [img]
+    assert not [p for p in (workdir / "store").iterdir() if p.name.startswith((".tmp-", ".corrupt-"))]
+    s = serve_cli(app, exports, *flags(workdir, "m3"))
+    log = s.log()
+    assert "checkpoint fetched from store: " in log and "restored from checkpoint" in log, log
+    assert on_start_runs(workdir) == 2
 
 
 def test_incompatible_machine_boots_cold(serve_cli, app, exports, workdir):
