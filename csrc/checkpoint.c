@@ -798,9 +798,10 @@ int bw_ckpt_verify_end(struct bw_ckpt_verify **vp, char *err, size_t errlen) {
     struct bw_ckpt_verify *v = *vp;
     if (!v)
         return 0;
-    bw_ckpt_verify_start(v, false); /* nothing started it: check now */
     if (v->started)
         pthread_join(v->thread, NULL);
+    else if (atomic_load(&v->state) == VERIFY_RUNNING) /* nothing started it: check here */
+        verify_main(v);
     v->started = false;
     int rc = atomic_load(&v->state) == VERIFY_OK ? 0 : -1;
     if (rc < 0)

@@ -352,15 +352,7 @@ void bw_lazy_finished(struct bw_lazy *lz) {
     if (lz->record && bw_ws_record(lz->ck, log, err, sizeof err) < 0)
         bw_warn("working set not recorded (%s); lazy restores fault every page in", err);
     lz->record = false;
-    DIR *d = opendir(lz->workdir); /* flat: the socket, logs, pidfile, criu's stats */
-    if (d) {
-        struct dirent *e;
-        while ((e = readdir(d)) != NULL)
-            if (strcmp(e->d_name, ".") != 0 && strcmp(e->d_name, "..") != 0)
-                unlinkat(dirfd(d), e->d_name, 0);
-        closedir(d);
-    }
-    rmdir(lz->workdir);
+    bw_rm_rf(lz->workdir); /* the socket, logs, pidfile, criu's stats */
     lz->workdir[0] = '\0';
     lz->pager = 0;
     release_uffds(lz); /* first: MADV_COLLAPSE skips memory still registered with them */
