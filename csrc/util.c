@@ -1,12 +1,17 @@
-/* util.c - clock, ids and full reads/writes. */
+/* util.c - clock, ids, full reads/writes and file-tree removal. */
 #define _GNU_SOURCE
 #include "util.h"
 
+#include <dirent.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <ftw.h>
+#include <signal.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/random.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -122,6 +127,33 @@ static int rm_entry(const char *path, const struct stat *st, int flag, struct FT
 }
 
 void bw_rm_rf(const char *path) { nftw(path, rm_entry, 16, FTW_DEPTH | FTW_PHYS); }
+
+static bool pid_gone(long pid) {
+    return pid == (long)getpid() || (kill((pid_t)pid, 0) < 0 && errno == ESRCH);
+}
+
+void bw_rm_dead_pid_dirs(const char *dir, const char *prefix) {
+    DIR *d = opendir(dir);
+    if (!d)
+        return;
+    size_t plen = strlen(prefix);
+    struct dirent *e;
+    while ((e = readdir(d))) {
+        char *end;
+        if (strncmp(e->d_name, prefix, plen) != 0)
+            continue;
+        long pid = strtol(e->d_name + plen, &end, 10);
+        struct stat st;
+        if (end == e->d_name + plen || *end != '-' || pid <= 0 ||
+            fstatat(dirfd(d), e->d_name, &st, AT_SYMLINK_NOFOLLOW) < 0 ||
+            !S_ISDIR(st.st_mode) || st.st_uid != geteuid() || !pid_gone(pid))
+            continue;
+        char path[4096];
+        if (snprintf(path, sizeof path, "%s/%s", dir, e->d_name) < (int)sizeof path)
+            bw_rm_rf(path);
+    }
+    closedir(d);
+}
 
 unsigned long long bw_proc_sum(const char *path, const char *fmt) {
     char line[256];

@@ -154,11 +154,39 @@ def test_sockets_and_private_dirs_are_owner_only(start_worker, workdir):
     assert stat.S_ISSOCK(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o600
     assert st.st_uid == os.geteuid()
     # The replicas' private sockets (HTTP front -> replica) live in a 0700 directory.
-    rundirs = [Path(f"/tmp/{d}") for d in os.listdir("/tmp") if d.startswith(f"beam-{w.proc.pid}-")]
+    rundirs = rundirs_of(w.proc.pid)
     assert len(rundirs) == 1
     assert stat.S_IMODE(rundirs[0].stat().st_mode) == 0o700
     for s in rundirs[0].iterdir():
         assert stat.S_IMODE(s.stat().st_mode) & 0o077 == 0, s
+
+
+def rundirs_of(pid: int):
+    return [Path(f"/tmp/{d}") for d in os.listdir("/tmp") if d.startswith(f"beam-{pid}-")]
+
+
+def test_private_dirs_of_killed_workers_are_removed_by_the_next(start_worker, workdir):
+    """kill -9 (the kubelet after its grace period, the OOM killer) leaves the front's
+    private directory behind; the next worker removes those whose process is gone, and
+    only those: a live process's and another user's stay."""
+    first = start_worker(APP, "--no-checkpoint", "--port", "0")
+    left = rundirs_of(first.proc.pid)
+    assert len(left) == 1
+    first.kill()
+    assert left[0].is_dir(), "SIGKILL cannot clean up; the next worker must"
+    live = Path(f"/tmp/beam-{os.getpid()}-livetest")
+    theirs = Path(f"/tmp/beam-{first.proc.pid}-nottheirs")
+    live.mkdir(mode=0o700)
+    theirs.mkdir(mode=0o700)
+    os.chown(theirs, 65534, 65534)
+    try:
+        second = start_worker(APP, "--no-checkpoint", "--port", "0")
+        assert not left[0].exists()
+        assert live.is_dir() and theirs.is_dir()
+        assert len(rundirs_of(second.proc.pid)) == 1
+    finally:
+        live.rmdir()
+        theirs.rmdir()
 
 
 @pytest.mark.parametrize("mode, owner", [(0o770, 0), (0o707, 0), (0o700, 65534)],
