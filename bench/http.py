@@ -144,6 +144,25 @@ def run_beam_http(args, workers: int, server_cpus, client_cpus) -> Dict:
         b.stop()
 
 
+def run_floor(args, server_cpus, client_cpus) -> Dict:
+    """beam-http-floor (bench/http_floor.c): a C responder that does nothing but read and
+    write, on the same core and with the same client: the most any server gets here."""
+    port = S.free_port()
+    proc = subprocess.Popen([args.floor, str(port)], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            preexec_fn=S.affinity(server_cpus))
+    try:
+        deadline = time.monotonic() + 10
+        while not S.http_ready(port):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise S.BenchError(f"beam-http-floor did not listen: {proc.stderr.read()!r}")
+            time.sleep(0.02)
+        res = S.loadgen(args, ["--tcp", f"127.0.0.1:{port}"], "http", client_cpus, proc.pid)
+        return dict(res, server="floor (C, no work)", transport="http/tcp", workers=1)
+    finally:
+        S.stop(proc, "beam-http-floor")
+
+
 # ---- 2. scale from zero vs cold ------------------------------------------------------------
 
 
@@ -245,8 +264,9 @@ def main(argv=None) -> int:
 
     build = os.path.abspath(args.build_dir)
     try:
-        args.loadgen = S.find_loadgen(build)
+        args.loadgen = S.find_tool(build, "beam-loadgen")
         args.worker = S.find_worker(build)
+        args.floor = S.find_tool(build, "beam-http-floor")
         impl = None if args.skip_throughput else S.uvicorn_impl(args.fastapi_python or args.python)
     except S.SetupError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -263,6 +283,8 @@ def main(argv=None) -> int:
                    if server_cpus else "unpinned")
             print(f"throughput: {pin}", file=sys.stderr)
             rows.append(run_beam_http(args, args.workers, server_cpus, client_cpus))
+            if args.workers == 1:
+                rows.append(run_floor(args, server_cpus, client_cpus))
             fa = SimpleNamespace(**vars(args))
             fa.python = args.fastapi_python or args.python
             for v in (["def"] if args.no_async else ["def", "async def"]):
@@ -321,6 +343,13 @@ def main(argv=None) -> int:
         print(f"server CPU per request: beam {cpu['beam (HTTP front)']:.1f} us, fastapi (async "
               f"def) {cpu['fastapi (async def)']:.1f} us: "
               f"{cpu['fastapi (async def)'] / cpu['beam (HTTP front)']:.1f}x less for beam")
+    floor, floor_cpu = rps("floor (C, no work)"), cpu.get("floor (C, no work)")
+    if floor and base_async and floor_cpu and cpu.get("fastapi (async def)"):
+        # What bounds the async ratio here: a server that did no work at all would reach this.
+        print(f"floor: a server doing nothing gets {floor:.0f} req/s at {floor_cpu:.1f} us/req: "
+              f"{floor / base_async:.1f}x fastapi (async def) by req/s, "
+              f"{cpu['fastapi (async def)'] / floor_cpu:.1f}x by CPU; beam reaches "
+              f"{beam / floor:.0%} of the floor's req/s")
     errors = sum(r["errors"] for r in rows)
     if args.json:
         with open(args.json, "w") as f:

@@ -115,13 +115,14 @@ def stop(proc: subprocess.Popen, name: str, grace: float = 15.0) -> None:
 # ---- the load generator ----------------------------------------------------------------
 
 
-def find_loadgen(build_dir: str) -> str:
-    path = os.path.join(build_dir, "beam-loadgen")
+def find_tool(build_dir: str, name: str) -> str:
+    """A benchmark tool built by CMake (beam-loadgen, beam-http-floor); built if missing."""
+    path = os.path.join(build_dir, name)
     if os.access(path, os.X_OK):
         return path
     if os.path.exists(os.path.join(build_dir, "CMakeCache.txt")) and shutil.which("cmake"):
         print(f"building {path} ...", file=sys.stderr)
-        r = subprocess.run(["cmake", "--build", build_dir, "--target", "beam-loadgen"],
+        r = subprocess.run(["cmake", "--build", build_dir, "--target", name],
                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         if r.returncode == 0 and os.access(path, os.X_OK):
             return path
@@ -129,7 +130,7 @@ def find_loadgen(build_dir: str) -> str:
     raise SetupError(
         f"{path} not found. Build it with:\n"
         f"  cmake -S {REPO} -B {build_dir} -DBEAM_BUILD_BENCH=ON && "
-        f"cmake --build {build_dir} --target beam-loadgen")
+        f"cmake --build {build_dir} --target {name}")
 
 
 def find_worker(build_dir: str) -> str:
@@ -485,7 +486,7 @@ def main(argv=None) -> int:
 
     build = os.path.abspath(args.build_dir)
     try:
-        args.loadgen = find_loadgen(build)
+        args.loadgen = find_tool(build, "beam-loadgen")
         args.worker = find_worker(build)
         impl = uvicorn_impl(args.python)
     except SetupError as e:

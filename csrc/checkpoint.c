@@ -1048,7 +1048,8 @@ int bw_ckpt_restore(const struct bw_ckpt *c, struct bw_ckpt_image *img, int out_
     else {
         *pid = r;
         rc = 0;
-        unlink(log);
+        if (!getenv("BEAM_CRIU_LOG_LEVEL")) /* asked for: kept, to be read */
+            unlink(log);
         bw_thp_collapse_async(r); /* CRIU filled it with 4 KiB pages (thp.c) */
     }
 out:
