@@ -93,7 +93,6 @@ int bw_ckpt_open(struct bw_ckpt *c, const char *root, const char *key, const cha
     if (!c->criu)
         c->criu = "criu";
     c->timeout_s = timeout_s;
-    bw_compat_detect(&c->compat, c->criu);
     struct stat st;
     if (mkdirs(root) < 0 || stat(root, &st) < 0) {
         snprintf(err, errlen, "cannot create checkpoint dir %s: %s", root, strerror(errno));
@@ -108,6 +107,7 @@ int bw_ckpt_open(struct bw_ckpt *c, const char *root, const char *key, const cha
     }
     if (st.st_mode & 077)
         chmod(root, 0700);
+    bw_compat_detect(&c->compat, c->criu, root); /* the root: ours alone, checked above */
     remove_stale_dumps(root);
     return 0;
 }

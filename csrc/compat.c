@@ -5,10 +5,12 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <gnu/libc-version.h>
+#include <limits.h>
 #include <poll.h>
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <sys/utsname.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -110,12 +112,65 @@ static void detect_criu(const char *criu, char *out, size_t cap) {
     }
 }
 
-void bw_compat_detect(struct bw_compat *c, const char *criu) {
+/* `criu --version` costs a fork and exec (3 ms here) on every start, restores included,
+ * for an answer that changes only with the binary. So it is kept in cache_dir/.criu-version
+ * beside the identity of the binary it came from (device, inode, size, mtime): a new
+ * criu, installed in place or elsewhere, is asked again. A criu named without a path,
+ * and the answer "unknown", are never kept. */
+#define CRIU_CACHE_FMT "%lu %lu %lld %lld.%09ld %63s"
+
+static bool cached_criu(const char *file, const struct stat *st, char *out, size_t cap) {
+    unsigned long dev, ino;
+    long long size, sec;
+    long nsec;
+    char v[64];
+    FILE *f = fopen(file, "r");
+    bool hit = f && fscanf(f, CRIU_CACHE_FMT, &dev, &ino, &size, &sec, &nsec, v) == 6 &&
+               dev == (unsigned long)st->st_dev && ino == (unsigned long)st->st_ino &&
+               size == (long long)st->st_size && sec == (long long)st->st_mtim.tv_sec &&
+               nsec == st->st_mtim.tv_nsec;
+    if (f)
+        fclose(f);
+    if (hit)
+        snprintf(out, cap, "%s", v);
+    return hit;
+}
+
+static void keep_criu(const char *file, const struct stat *st, const char *version) {
+    char tmp[PATH_MAX + 32];
+    snprintf(tmp, sizeof tmp, "%s.%d", file, (int)getpid());
+    int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+    FILE *f = fd >= 0 ? fdopen(fd, "w") : NULL;
+    if (!f) {
+        if (fd >= 0)
+            close(fd);
+        return;
+    }
+    bool ok = fprintf(f, "%lu %lu %lld %lld.%09ld %s\n", (unsigned long)st->st_dev,
+                      (unsigned long)st->st_ino, (long long)st->st_size,
+                      (long long)st->st_mtim.tv_sec, st->st_mtim.tv_nsec, version) > 0;
+    if (fclose(f) != 0 || !ok || rename(tmp, file) < 0) /* whole, or not at all */
+        unlink(tmp);
+}
+
+static void criu_version(const char *criu, const char *cache_dir, char *out, size_t cap) {
+    char file[PATH_MAX];
+    struct stat st;
+    bool known = cache_dir && strchr(criu, '/') && stat(criu, &st) == 0 &&
+                 snprintf(file, sizeof file, "%s/.criu-version", cache_dir) < (int)sizeof file;
+    if (known && cached_criu(file, &st, out, cap))
+        return;
+    detect_criu(criu, out, cap);
+    if (known && strcmp(out, "unknown") != 0)
+        keep_criu(file, &st, out);
+}
+
+void bw_compat_detect(struct bw_compat *c, const char *criu, const char *cache_dir) {
     memset(c, 0, sizeof *c);
     struct utsname u;
     detect_cpu_flags(c->cpu_flags, sizeof c->cpu_flags);
     snprintf(c->kernel, sizeof c->kernel, "%s", uname(&u) == 0 ? u.release : "unknown");
-    detect_criu(criu, c->criu, sizeof c->criu);
+    criu_version(criu, cache_dir, c->criu, sizeof c->criu);
     snprintf(c->glibc, sizeof c->glibc, "%s", gnu_get_libc_version());
     const char *spec = getenv("BEAM_TEST_COMPAT");
     char err[256];

@@ -29,8 +29,9 @@ struct bw_compat {
 };
 
 /* This machine's values (gpu left empty: bw_compat_detect_gpu fills it when an image
- * needs it), then BEAM_TEST_COMPAT applied. criu: the binary whose version counts. */
-void bw_compat_detect(struct bw_compat *c, const char *criu);
+ * needs it), then BEAM_TEST_COMPAT applied. criu: the binary whose version counts;
+ * cache_dir: a directory only this user writes, where that version is kept per binary. */
+void bw_compat_detect(struct bw_compat *c, const char *criu, const char *cache_dir);
 /* The GPU field of this machine (loads the driver); stays "" without a usable GPU. */
 void bw_compat_detect_gpu(struct bw_compat *c);
 /* The GPU field of an image from its GPU metadata (the "gpu" map of restore.msgpack). */

@@ -265,6 +265,33 @@ def test_hanging_criu_times_out(start_worker, workdir, ckpt_env):
     assert w.client().call()["digest"]
 
 
+def test_criu_version_is_asked_once_per_binary(start_worker, workdir, ckpt_env):
+    """`criu --version` (the image's compatibility key) is a fork and exec on every start,
+    restores included: it is kept per criu binary in the checkpoint root and asked again
+    only when the binary changes. The restore it feeds must still work."""
+    from test_router import real_criu
+    calls, fake = workdir / "criu-calls", workdir / "criu-counting"
+    fake.write_text(f'#!/bin/sh\necho "$1" >> {calls}\nexec {real_criu()} "$@"\n')
+    fake.chmod(0o755)
+    versions = lambda: calls.read_text().split().count("--version")  # noqa: E731
+    w = start_ckpt(start_worker, workdir, ckpt_env, "a", "--criu", str(fake))
+    w.wait_for("checkpoint written")
+    w.kill()
+    assert versions() == 1
+    w = start_ckpt(start_worker, workdir, ckpt_env, "b", "--criu", str(fake))
+    assert "restored from checkpoint" in w.log()
+    w.kill()
+    assert versions() == 1, "asked again although the binary is the same"
+    cache = workdir / "checkpoints" / ".criu-version"
+    assert stat.S_IMODE(cache.stat().st_mode) == 0o600
+    said = subprocess.run([real_criu(), "--version"], capture_output=True, text=True).stdout
+    assert f"Version: {cache.read_text().split()[-1]}\n" in said
+    os.utime(fake, ns=(0, 10**18))  # a new binary in place
+    w = start_ckpt(start_worker, workdir, ckpt_env, "c", "--criu", str(fake))
+    assert "restored from checkpoint" in w.log()
+    assert versions() == 2
+
+
 def test_unsafe_checkpoint_dir_is_refused(start_worker, workdir, ckpt_env):
     root = workdir / "checkpoints"
     root.mkdir(mode=0o777)

@@ -278,5 +278,5 @@ def test_export_import_round_trip_and_damaged_archives(serve_cli, app, exports, 
         r = beam_ckpt("import", str(bad), "--checkpoint-dir", str(workdir / "m3"))
         assert r.returncode != 0, r.stdout
         assert f"refusing {bad}: " in r.stderr, r.stderr
-        assert list((workdir / "m3").iterdir()) in ([], [workdir / "m3" / ".logs"]), \
-            list((workdir / "m3").iterdir())
+        left = {p.name for p in (workdir / "m3").iterdir()}
+        assert left <= {".logs", ".criu-version"}, left  # no image, whole or partial
