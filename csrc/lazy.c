@@ -39,6 +39,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "job.h"
 #include "log.h"
 #include "thp.h"
 #include "util.h"
@@ -226,6 +227,15 @@ static pid_t read_pidfile(const char *path) {
 static int start_daemon(const struct bw_ckpt *c, struct bw_lazy *lz, const char *imgdir) {
     lz->ck = c;
     lz->record = !bw_ws_recorded(c->dir);
+    /* Which image it serves, seen before it opens imgdir: one renamed into <key>/ in
+     * between is then another image, and nothing is recorded (record_faults). */
+    struct stat st;
+    if (lz->record && stat(c->dir, &st) == 0) {
+        lz->image_dev = st.st_dev;
+        lz->image_ino = st.st_ino;
+    } else {
+        lz->record = false;
+    }
     char *argv[] = {(char *)c->criu, "lazy-pages", "-D", (char *)imgdir, "-W", lz->workdir,
                     "-o", "lazy-pages.log", lz->record ? "-v4" : "-v2", NULL};
     lz->pager = spawn_criu(argv, NULL);
@@ -346,17 +356,75 @@ void bw_lazy_abort(struct bw_lazy *lz) {
     }
 }
 
-void bw_lazy_finished(struct bw_lazy *lz) {
-    char log[sizeof lz->workdir + 32], err[512] = "";
-    snprintf(log, sizeof log, "%s/lazy-pages.log", lz->workdir);
-    if (lz->record && bw_ws_record(lz->ck, log, err, sizeof err) < 0)
-        bw_warn("working set not recorded (%s); lazy restores fault every page in", err);
-    lz->record = false;
-    bw_rm_rf(lz->workdir); /* the socket, logs, pidfile, criu's stats */
-    lz->workdir[0] = '\0';
+/* The end of a daemon's run that takes time, off the loop: on it, parsing the log and
+ * rewriting and hashing the pagemaps would stall every replica's calls meanwhile. */
+struct finish_job {
+    struct bw_job job;
+    struct bw_ckpt ck; /* a copy: the job reads nothing that the loop owns */
+    bool record;
+    dev_t image_dev;
+    ino_t image_ino;
+    char workdir[sizeof ((struct bw_lazy *)0)->workdir];
+};
+
+/* Record the daemon's faults into the image it served, if <key>/ still holds it: a dump
+ * or a store fetch may have renamed a newer one into place meanwhile, whose pagemap
+ * these faults do not describe. The image is written through a descriptor of the
+ * directory just checked (/proc/self/fd/N resolves to it, whatever its name now): a
+ * newer image renamed in after the check is never touched; the old one, on its way out,
+ * is written instead. */
+static void record_faults(const struct finish_job *f) {
+    char log[sizeof f->workdir + 32], err[512] = "";
+    snprintf(log, sizeof log, "%s/lazy-pages.log", f->workdir);
+    int fd = open(f->ck.dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    struct stat st;
+    if (fd < 0 || fstat(fd, &st) < 0 || st.st_dev != f->image_dev ||
+        st.st_ino != f->image_ino) {
+        bw_info("working set not recorded: %s no longer holds the image this lazy restore "
+                "served (a newer one was published meanwhile)", f->ck.dir);
+    } else {
+        struct bw_ckpt c = f->ck;
+        snprintf(c.dir, sizeof c.dir, "/proc/self/fd/%d", fd);
+        if (bw_ws_record(&c, log, err, sizeof err) < 0)
+            bw_warn("working set not recorded (%s); lazy restores fault every page in", err);
+    }
+    if (fd >= 0)
+        close(fd);
+}
+
+static void finish_work(struct bw_job *j) {
+    struct finish_job *f = (struct finish_job *)j;
+    if (f->record)
+        record_faults(f);
+    bw_rm_rf(f->workdir); /* the socket, logs, pidfile, criu's stats: the log is read */
+}
+
+static void finish_done(struct bw_job *j) { free(j); }
+
+void bw_lazy_finished(struct bw_lazy *lz, uv_loop_t *loop) {
     lz->pager = 0;
     release_uffds(lz); /* first: MADV_COLLAPSE skips memory still registered with them */
     if (lz->host > 0)
         bw_thp_collapse_async(lz->host);
     lz->host = 0;
+    struct finish_job *f = calloc(1, sizeof *f);
+    if (!f) {
+        bw_warn("working set not recorded: out of memory");
+        bw_rm_rf(lz->workdir);
+    } else {
+        f->job.work = finish_work;
+        f->job.done = finish_done;
+        f->record = lz->record;
+        if (lz->record)
+            f->ck = *lz->ck;
+        f->image_dev = lz->image_dev;
+        f->image_ino = lz->image_ino;
+        memcpy(f->workdir, lz->workdir, sizeof f->workdir);
+        if (!loop || bw_job_start(loop, &f->job) < 0) { /* off the loop, or no pool: here */
+            finish_work(&f->job);
+            finish_done(&f->job);
+        }
+    }
+    lz->record = false;
+    lz->workdir[0] = '\0';
 }

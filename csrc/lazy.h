@@ -5,6 +5,7 @@
 #include <limits.h>
 #include <stdbool.h>
 #include <sys/types.h>
+#include <uv.h>
 
 #include "checkpoint.h"
 
@@ -17,6 +18,8 @@ struct bw_lazy {
     struct bw_ckpt_verify *verify; /* the page data's XXH3 check, still running */
     const struct bw_ckpt *ck;      /* the image's, to record its working set in */
     bool record;                   /* the daemon logs its faults: the working set */
+    dev_t image_dev;               /* the image it serves (its <key>/ directory), */
+    ino_t image_ino;               /* seen before it opened it */
     pid_t host;                    /* the restored host, once restored */
     char workdir[PATH_MAX + 32]; /* its socket and logs; "" once removed */
 };
@@ -33,10 +36,12 @@ int bw_lazy_restore(const struct bw_ckpt *c, struct bw_ckpt_image *img, int out_
 /* Kill and reap the page daemon (its logs stay for diagnosis); let its userfaultfds go;
  * stop checking the page data. Call it once the restored process is dead. */
 void bw_lazy_abort(struct bw_lazy *lz);
-/* The daemon exited 0 (reaped by the caller): record the image's working set if this
- * restore was the one to (workingset.c); remove its work directory; collapse the
- * host's memory, all 4 KiB pages so far, into huge pages (thp.c). */
-void bw_lazy_finished(struct bw_lazy *lz);
+/* The daemon exited 0 (reaped by the caller): let its userfaultfds go; collapse the
+ * host's memory, all 4 KiB pages so far, into huge pages (thp.c); then record the
+ * image's working set if this restore was the one to (workingset.c) and remove the
+ * daemon's work directory. Those last take time (the log is MBs): a job on loop's
+ * thread pool (job.h), or done here when loop is NULL (the caller is off the loop). */
+void bw_lazy_finished(struct bw_lazy *lz, uv_loop_t *loop);
 /* Whether the page data's check, which goes on while the replica serves, found it
  * corrupt (err names the file). Poll it; the check's state is freed when it is done. */
 bool bw_lazy_pages_corrupt(struct bw_lazy *lz, char *err, size_t errlen);

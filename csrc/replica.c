@@ -759,7 +759,7 @@ static int criu_restore(struct restore_job *rj) {
         if (bw_lazy_restore(&bw_sup.ck, &rj->img, io->host_out, io->host_err, io->host_ctl,
                             &rj->pid, &rj->lz, rj->lazy_err, sizeof rj->lazy_err) == 0) {
             if (rj->lz.pager == 0) /* every page was in before the restore returned */
-                bw_lazy_finished(&rj->lz);
+                bw_lazy_finished(&rj->lz, NULL); /* off the loop already */
             return 1;
         }
         rj->lazy_failed = true;
@@ -934,7 +934,7 @@ void bw_replica_pager_exited(struct bw_replica *r, int status) {
     if (WIFEXITED(status) && WEXITSTATUS(status) == 0) {
         bw_info("replica %d: all memory in %.0f ms after its lazy restore", r->id,
                 bw_now_ms() - r->restored_at);
-        bw_lazy_finished(&r->lazy);
+        bw_lazy_finished(&r->lazy, bw_sup.loop); /* its slow part as a job */
         return;
     }
     char why[128];

@@ -19,6 +19,7 @@
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <pthread.h>
 #include <stdbool.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -338,7 +339,7 @@ static int write_ws(const char *ckdir, const struct ws_page *ws, size_t n) {
     return write_replace(path, ws, n * sizeof *ws);
 }
 
-int bw_ws_record(const struct bw_ckpt *c, const char *daemon_log, char *err, size_t errlen) {
+static int record(const struct bw_ckpt *c, const char *daemon_log, char *err, size_t errlen) {
     struct ws_page *ws = NULL;
     size_t n = 0;
     char imgdir[PATH_MAX + 300], name[64];
@@ -371,5 +372,20 @@ int bw_ws_record(const struct bw_ckpt *c, const char *daemon_log, char *err, siz
                 "restore; %.1f MiB of the image now restored eagerly, the rest lazily",
                 n, WS_WINDOW / 1024, eager * PAGE / 1048576.0);
     free(ws);
+    return rc;
+}
+
+int bw_ws_record(const struct bw_ckpt *c, const char *daemon_log, char *err, size_t errlen) {
+    /* Recordings run as jobs (lazy.c), two replicas' at once now and then: they would
+     * write the same temporary files. One at a time, and the first wins: a later one
+     * would only add faults seen on the untuned image. */
+    static pthread_mutex_t one = PTHREAD_MUTEX_INITIALIZER;
+    pthread_mutex_lock(&one);
+    int rc = 0;
+    if (bw_ws_recorded(c->dir))
+        bw_debug("working set already recorded by another lazy restore of this image");
+    else
+        rc = record(c, daemon_log, err, errlen);
+    pthread_mutex_unlock(&one);
     return rc;
 }

@@ -11,7 +11,8 @@
 int bw_ws_recorded(const char *ckdir);
 /* From the log of a finished page daemon run at -v4: mark the pages it faulted in as
  * eager in the image, rehash what changed, write <key>/workingset.bin. 0, or -1 with
- * a reason (the image stays as it was, or is rewritten consistently). */
+ * a reason (the image stays as it was, or is rewritten consistently). Recordings run one
+ * at a time; one of an image already recorded does nothing. */
 int bw_ws_record(const struct bw_ckpt *c, const char *daemon_log, char *err, size_t errlen);
 
 /* After a dump: warn when CRIU marked no page of the image in imgdir lazy. */

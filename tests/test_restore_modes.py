@@ -7,10 +7,14 @@ takes the replica with it (pages it never delivered would read as zeros) and lat
 restores are eager; where lazy restore cannot work, restore is eager."""
 from __future__ import annotations
 
+import errno
+import http.client
 import json
 import os
+import re
 import signal
 import stat
+import subprocess
 import time
 from pathlib import Path
 
@@ -188,3 +192,112 @@ def test_slow_dump_and_restore_report_progress_as_json_events(serve_cli, app, wo
 def serve_log_lines(workdir: Path):
     for log in sorted(workdir.glob("serve-*.log")):
         yield from log.read_text(errors="replace").splitlines()
+
+
+# Like FREEZE, but the daemon itself runs as this script's pid (exec): it holds the
+# userfaultfds the supervisor copies. A watcher, detached, stops it once the restored host
+# is the supervisor's (the restore is over) and it holds a userfaultfd, and writes its pid.
+HOLD = '''
+( (
+n=0
+while [ $((n += 1)) -lt 5000000 ]; do
+  [ -s "$5/pid" ] || continue
+  read -r restored < "$5/pid"
+  ppid=
+  while read -r k v; do [ "$k" = PPid: ] && ppid=$v && break; done < /proc/$restored/status
+  [ "$ppid" = "$PPID" ] || continue
+  [ -n "$(find /proc/$$/fd -lname 'anon_inode:\\[userfaultfd\\]' 2>/dev/null)" ] && break
+done
+kill -STOP $$
+echo $$ > {stopped}.tmp && mv {stopped}.tmp {stopped}
+) & )
+exec "$REAL" "$@"'''
+
+
+def test_image_published_during_the_first_lazy_restore_keeps_its_own_pagemap(serve_cli, app,
+                                                                              workdir):
+    """A dump or a store fetch publishes a new image by renaming a directory into <key>/.
+    One published while the first lazy restore's daemon still fills must not get that
+    restore's working set: its pagemap stays as it was, no workingset.bin appears
+    (csrc/lazy.c, record). The daemon is held stopped while the image is replaced; the new
+    image is a hard-linked copy, a directory of its own as a real publish makes."""
+    stopped = workdir / "daemon.pid"
+    criu = fake_criu(workdir, HOLD.format(stopped=stopped))
+    env = {"MEMORY_APP_MB": "256"}
+    s = serve_cli(app, env, "--pass-env", "MEMORY_APP_MB")
+    first = s.call(i=12345)
+    assert s.stop() == 0
+    key = next(p for p in (workdir / "checkpoints").iterdir() if (p / "img").is_dir())
+    newer = workdir / "newer-image"
+    subprocess.run(["cp", "-al", str(key), str(newer)], check=True)
+    pagemaps = {p.name: p.read_bytes() for p in (newer / "img").glob("pagemap-*.img")}
+    s = serve_cli(app, env, "--pass-env", "MEMORY_APP_MB", "--restore", "lazy", "--criu", criu,
+                  ready=False)
+    deadline = time.monotonic() + 60
+    while not stopped.exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    pid = int(stopped.read_text())
+    status = Path(f"/proc/{pid}/status").read_text()
+    assert "\nState:\tT" in status, "the page daemon was not held mid-fill: " + status
+    os.rename(key, workdir / "older-image")
+    os.rename(newer, key)
+    os.kill(pid, signal.SIGCONT)
+    s.wait_for("all memory in", 60)
+    assert s.call(i=12345) == first and s.call(full=True) is True
+    deadline = time.monotonic() + 30
+    while not any(t in s.log() for t in ("working set recorded", "no longer holds the image")):
+        assert time.monotonic() < deadline, s.log()
+        time.sleep(0.02)
+    assert not (key / "workingset.bin").exists(), "the older image's working set went into it"
+    assert {p.name: p.read_bytes() for p in (key / "img").glob("pagemap-*.img")} == pagemaps
+    assert "no longer holds the image" in s.log()
+
+
+# The daemon logs to daemon.log; lazy-pages.log, which the supervisor reads the working
+# set from once the daemon is done, is a FIFO the test feeds.
+FIFO_LOG = '''
+mkfifo "$5/lazy-pages.log"
+args=("$@")
+for i in "${!args[@]}"; do [ "${args[$i]}" = lazy-pages.log ] && args[$i]=daemon.log; done
+exec "$REAL" "${args[@]}"'''
+
+
+def test_recording_the_working_set_leaves_the_supervisor_serving(serve_cli, app, workdir):
+    """The first lazy restore's working set is recorded from its daemon's log (MBs at
+    -v4): parsed, pagemaps rewritten and rehashed, off the supervisor's loop (csrc/lazy.c,
+    a job). Here the log is a FIFO that gives its bytes only once the supervisor has
+    answered /health while the recording waits on it: a recording on the loop would
+    leave /health unanswered."""
+    criu = fake_criu(workdir, FIFO_LOG)
+    env = {"MEMORY_APP_MB": "256"}
+    serve_cli(app, env, "--pass-env", "MEMORY_APP_MB").stop()
+    s = serve_cli(app, env, "--pass-env", "MEMORY_APP_MB", "--restore", "lazy", "--criu", criu,
+                  "--port", "0", "--no-auth")
+    port = int(re.search(r"HTTP on http://127\.0\.0\.1:(\d+)", s.log()).group(1))
+    s.wait_for("all memory in", 60)
+    fifo = next((workdir / "checkpoints" / ".logs").glob("lazy-*/lazy-pages.log"))
+    deadline = time.monotonic() + 30
+    while True:  # until the recording has it open: a writer's open then succeeds
+        try:
+            fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+            break
+        except OSError as e:
+            assert e.errno == errno.ENXIO and time.monotonic() < deadline, e
+            time.sleep(0.01)
+    status = None
+    try:
+        c = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        c.request("GET", "/health")
+        status = c.getresponse().status
+    except TimeoutError:
+        pass
+    finally:
+        os.set_blocking(fd, True)
+        with os.fdopen(fd, "wb") as w:
+            w.write((fifo.parent / "daemon.log").read_bytes())
+    assert status == 200, "the supervisor did not answer while it recorded the working set"
+    s.wait_for("working set recorded", 30)
+    assert list((workdir / "checkpoints").glob("*/workingset.bin"))
+    assert s.call(full=True) is True
+    assert not list((workdir / "checkpoints" / ".logs").glob("lazy-*")), \
+        "a finished page daemon's work directory was left behind"
