@@ -93,6 +93,10 @@ int bw_ckpt_open(struct bw_ckpt *c, const char *root, const char *key, const cha
     if (!c->criu)
         c->criu = "criu";
     c->timeout_s = timeout_s;
+    /* Read once, here: jobs run CRIU on other threads, and getenv races setenv. */
+    const char *lvl = getenv("BEAM_CRIU_LOG_LEVEL");
+    c->keep_logs = lvl && *lvl;
+    c->log_level = c->keep_logs ? atoi(lvl) : 2;
     struct stat st;
     if (mkdirs(root) < 0 || stat(root, &st) < 0) {
         snprintf(err, errlen, "cannot create checkpoint dir %s: %s", root, strerror(errno));
@@ -378,8 +382,7 @@ static int criu_opts_new(const struct bw_ckpt *c, criu_opts **o, int img_fd, int
     criu_local_set_images_dir_fd(*o, img_fd);
     criu_local_set_work_dir_fd(*o, work_fd);
     criu_local_set_log_file(*o, log_name);
-    const char *lvl = getenv("BEAM_CRIU_LOG_LEVEL");
-    criu_local_set_log_level(*o, lvl ? atoi(lvl) : 2);
+    criu_local_set_log_level(*o, c->log_level);
     /* Hardware breakpoints never fire in these VMs and dumps hang without
      * CRIU's FI_NO_BREAKPOINTS fault mode. The criu child inherits our environment. */
     const char *fault = getenv("BEAM_CRIU_FAULT");
@@ -1048,7 +1051,7 @@ int bw_ckpt_restore(const struct bw_ckpt *c, struct bw_ckpt_image *img, int out_
     else {
         *pid = r;
         rc = 0;
-        if (!getenv("BEAM_CRIU_LOG_LEVEL")) /* asked for: kept, to be read */
+        if (!c->keep_logs)
             unlink(log);
         bw_thp_collapse_async(r); /* CRIU filled it with 4 KiB pages (thp.c) */
     }

@@ -30,6 +30,8 @@ struct bw_ckpt {
     char key[160];
     const char *criu;
     double timeout_s;
+    int log_level;  /* CRIU's -v: BEAM_CRIU_LOG_LEVEL, else 2 (errors and warnings) */
+    bool keep_logs; /* BEAM_CRIU_LOG_LEVEL was set: logs of calls that worked stay too */
     struct bw_compat compat; /* this machine's (bw_ckpt_open): recorded in each image */
 };
 

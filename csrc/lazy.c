@@ -236,8 +236,10 @@ static int start_daemon(const struct bw_ckpt *c, struct bw_lazy *lz, const char 
     } else {
         lz->record = false;
     }
+    char level[16];
+    snprintf(level, sizeof level, "-v%d", lz->record && c->log_level < 4 ? 4 : c->log_level);
     char *argv[] = {(char *)c->criu, "lazy-pages", "-D", (char *)imgdir, "-W", lz->workdir,
-                    "-o", "lazy-pages.log", lz->record ? "-v4" : "-v2", NULL};
+                    "-o", "lazy-pages.log", level, NULL};
     lz->pager = spawn_criu(argv, NULL);
     return lz->pager > 0 ? 0 : -1;
 }
@@ -252,8 +254,10 @@ static int run_restore(const struct bw_ckpt *c, const struct bw_ckpt_image *img,
     snprintf(pidfile, sizeof pidfile, "%s/pid", lz->workdir);
     char *argv[24];
     int n = 0;
+    char level[16];
+    snprintf(level, sizeof level, "-v%d", c->log_level);
     char *fixed[] = {(char *)c->criu, "restore", "-D", (char *)imgdir, "-W", lz->workdir,
-                     "-o", "restore.log", "-v2", "--lazy-pages", "--restore-detached",
+                     "-o", "restore.log", level, "--lazy-pages", "--restore-detached",
                      "--pidfile", pidfile, "--inherit-fd", out, "--inherit-fd", ctl};
     for (size_t i = 0; i < sizeof fixed / sizeof *fixed; i++)
         argv[n++] = fixed[i];
@@ -361,7 +365,7 @@ void bw_lazy_abort(struct bw_lazy *lz) {
 struct finish_job {
     struct bw_job job;
     struct bw_ckpt ck; /* a copy: the job reads nothing that the loop owns */
-    bool record;
+    bool record, keep; /* keep: BEAM_CRIU_LOG_LEVEL asked for the logs */
     dev_t image_dev;
     ino_t image_ino;
     char workdir[sizeof ((struct bw_lazy *)0)->workdir];
@@ -396,7 +400,8 @@ static void finish_work(struct bw_job *j) {
     struct finish_job *f = (struct finish_job *)j;
     if (f->record)
         record_faults(f);
-    bw_rm_rf(f->workdir); /* the socket, logs, pidfile, criu's stats: the log is read */
+    if (!f->keep)
+        bw_rm_rf(f->workdir); /* the socket, logs, pidfile, criu's stats: the log is read */
 }
 
 static void finish_done(struct bw_job *j) { free(j); }
@@ -415,6 +420,7 @@ void bw_lazy_finished(struct bw_lazy *lz, uv_loop_t *loop) {
         f->job.work = finish_work;
         f->job.done = finish_done;
         f->record = lz->record;
+        f->keep = lz->ck && lz->ck->keep_logs;
         if (lz->record)
             f->ck = *lz->ck;
         f->image_dev = lz->image_dev;
