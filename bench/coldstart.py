@@ -23,7 +23,10 @@ and the machine's bars for as many bytes as the image holds, in the same run:
   pop4k       mmap(MAP_POPULATE) of anonymous memory (4 KiB pages)
   pophuge     the same with MADV_HUGEPAGE, populated with MADV_POPULATE_WRITE
   memcpy      copying between two resident buffers
-and the eager restore's rate (image bytes / CRIU's restore time) against them.
+and the eager restore's rate (image bytes / CRIU's restore time) against them. On a VM
+whose balloon reports free 2 MiB blocks to the hypervisor (this one: a line says so) a
+huge page taken from a reported block is 20-50x slower to fill, and which blocks a run
+draws depends on what was freed how recently: eager rows and bars vary with it.
 
 Times are wall clock from spawning beam-worker to the first answered request, measured
 by this script with the same client for every row. Medians of --repeat runs.
@@ -202,6 +205,17 @@ def populate_seconds(nbytes: int, huge: bool = False) -> float:
     return dt
 
 
+def page_reporting() -> str:
+    """"order N" when this machine's balloon driver reports free memory to the hypervisor
+    (free page reporting: blocks of 2^N pages, a while after they are freed); else ""."""
+    order = Path("/sys/module/page_reporting/parameters/page_reporting_order")
+    try:
+        balloon = Path("/sys/bus/virtio/drivers/virtio_balloon").exists()
+        return f"order {order.read_text().strip()}" if balloon else ""
+    except OSError:
+        return ""
+
+
 def memcpy_seconds(nbytes: int) -> float:
     """Time to copy nbytes between two resident buffers (capped at 512 MiB, scaled)."""
     n = min(max(nbytes, mmap.PAGESIZE), 512 << 20)
@@ -364,8 +378,13 @@ def main() -> int:
                 continue
             rows.append(bench_app(name, binary, repeat, tmp, env, cold_runs=not a.quick))
     print_table(rows)
+    reported = page_reporting()
+    if reported:
+        print(f"this VM reports free memory to its hypervisor in 2 MiB blocks ({reported}): a "
+              "huge page taken from a reported block costs the host's faults, so eager "
+              "restores and the pophuge bar vary 10-40x from run to run (docs/performance.md)")
     if a.json:
-        Path(a.json).write_text(json.dumps(rows, indent=2))
+        Path(a.json).write_text(json.dumps({"apps": rows, "page_reporting": reported}, indent=2))
     print(last_line(rows))
     return 0
 
