@@ -602,9 +602,8 @@ static void on_http_stats(struct bw_http_req *req, void *arg) {
 static int setup_http(void) {
     const struct bw_options *o = bw_sup.o;
     char spec[320], err[512];
-    bw_rm_dead_pid_dirs("/tmp", "beam-"); /* those of workers killed with SIGKILL */
-    snprintf(sup.rundir, sizeof sup.rundir, "/tmp/beam-%d-XXXXXX", (int)getpid());
-    if (!mkdtemp(sup.rundir)) { /* 0700: the replicas' private sockets */
+    /* 0700: the replicas' private sockets. Its descriptor stays open: the lock on it. */
+    if (bw_private_dir("/tmp", "beam-", sup.rundir, sizeof sup.rundir) < 0) {
         bw_error("cannot create a private directory: %s", strerror(errno));
         return -1;
     }

@@ -10,6 +10,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/file.h>
 #include <sys/random.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
@@ -132,27 +133,67 @@ static bool pid_gone(long pid) {
     return pid == (long)getpid() || (kill((pid_t)pid, 0) < 0 && errno == ESRCH);
 }
 
-void bw_rm_dead_pid_dirs(const char *dir, const char *prefix) {
+/* Whether dir/name, a directory of this user, is held by no process: its maker's flock
+ * went with it. A pid says the same only within one PID namespace: containers that share
+ * /tmp see each other's directories but not each other's processes. */
+static bool unheld(int dirfd, const char *name) {
+    struct stat st;
+    int fd = openat(dirfd, name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+    bool free_ = fd >= 0 && fstat(fd, &st) == 0 && st.st_uid == geteuid() &&
+                 flock(fd, LOCK_EX | LOCK_NB) == 0;
+    if (fd >= 0)
+        close(fd);
+    return free_;
+}
+
+/* Removes dir's <prefix><pid>-… directories (and the .<prefix>… ones not yet renamed)
+ * whose maker is gone: its pid runs no more (or is ours: an earlier process of the same
+ * pid made it) and nothing holds its lock. Directories of makers older than the lock
+ * have only the pid to go by. */
+static void rm_dead_dirs(const char *dir, const char *prefix) {
     DIR *d = opendir(dir);
     if (!d)
         return;
     size_t plen = strlen(prefix);
     struct dirent *e;
     while ((e = readdir(d))) {
+        const char *name = e->d_name + (e->d_name[0] == '.');
         char *end;
-        if (strncmp(e->d_name, prefix, plen) != 0)
+        if (strncmp(name, prefix, plen) != 0)
             continue;
-        long pid = strtol(e->d_name + plen, &end, 10);
-        struct stat st;
-        if (end == e->d_name + plen || *end != '-' || pid <= 0 ||
-            fstatat(dirfd(d), e->d_name, &st, AT_SYMLINK_NOFOLLOW) < 0 ||
-            !S_ISDIR(st.st_mode) || st.st_uid != geteuid() || !pid_gone(pid))
+        long pid = strtol(name + plen, &end, 10);
+        if (end == name + plen || *end != '-' || pid <= 0 || !pid_gone(pid) ||
+            !unheld(dirfd(d), e->d_name))
             continue;
         char path[4096];
         if (snprintf(path, sizeof path, "%s/%s", dir, e->d_name) < (int)sizeof path)
             bw_rm_rf(path);
     }
     closedir(d);
+}
+
+int bw_private_dir(const char *dir, const char *prefix, char *path, size_t cap) {
+    char tmp[4096];
+    rm_dead_dirs(dir, prefix); /* those of processes killed with SIGKILL */
+    /* Made under a hidden name and locked before it takes its own: a sweeper in another
+     * PID namespace never sees it unheld. */
+    if (snprintf(tmp, sizeof tmp, "%s/.%s%d-XXXXXX", dir, prefix, (int)getpid()) >=
+            (int)sizeof tmp || !mkdtemp(tmp)) {
+        return -1;
+    }
+    int fd = open(tmp, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    const char *suffix = strrchr(tmp, '-');
+    if (fd < 0 || flock(fd, LOCK_EX) < 0 ||
+        snprintf(path, cap, "%s/%s%d%s", dir, prefix, (int)getpid(), suffix) >= (int)cap ||
+        rename(tmp, path) < 0) {
+        int saved = errno;
+        if (fd >= 0)
+            close(fd);
+        rmdir(tmp);
+        errno = saved;
+        return -1;
+    }
+    return fd;
 }
 
 unsigned long long bw_proc_sum(const char *path, const char *fmt) {

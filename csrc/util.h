@@ -32,10 +32,11 @@ void bw_describe_status(int status, char *buf, size_t cap);
 /* rm -rf: a directory tree, or a file; errors are ignored (what is left stays). */
 void bw_rm_rf(const char *path);
 
-/* Removes dir's subdirectories named <prefix><pid>-… that this user owns and whose pid no
- * longer runs, or is this process (an earlier process of the same pid made it): a process
+/* A private directory dir/<prefix><pid>-XXXXXX (0700) for this process, its name into
+ * path: returns the descriptor that holds an flock on it as long as the process lives
+ * (keep it open), or -1 and errno. First removes those whose makers are gone: a process
  * killed with SIGKILL cannot remove what it made, so the next one of its kind does. */
-void bw_rm_dead_pid_dirs(const char *dir, const char *prefix);
+int bw_private_dir(const char *dir, const char *prefix, char *path, size_t cap);
 
 /* The sum of the values of the lines of a /proc file that match a scanf format with
  * one %llu (e.g. "AnonHugePages: %llu"); 0 when the file cannot be read. */

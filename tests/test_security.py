@@ -167,8 +167,10 @@ def rundirs_of(pid: int):
 
 def test_private_dirs_of_killed_workers_are_removed_by_the_next(start_worker, workdir):
     """kill -9 (the kubelet after its grace period, the OOM killer) leaves the front's
-    private directory behind; the next worker removes those whose process is gone, and
-    only those: a live process's and another user's stay."""
+    private directory behind; the next worker removes those whose maker is gone, and only
+    those: a live process's stays, another user's stays, and so does one whose pid runs
+    no more here but whose lock is held (a worker in another PID namespace sharing /tmp)."""
+    import fcntl
     first = start_worker(APP, "--no-checkpoint", "--port", "0")
     left = rundirs_of(first.proc.pid)
     assert len(left) == 1
@@ -176,17 +178,27 @@ def test_private_dirs_of_killed_workers_are_removed_by_the_next(start_worker, wo
     assert left[0].is_dir(), "SIGKILL cannot clean up; the next worker must"
     live = Path(f"/tmp/beam-{os.getpid()}-livetest")
     theirs = Path(f"/tmp/beam-{first.proc.pid}-nottheirs")
-    live.mkdir(mode=0o700)
-    theirs.mkdir(mode=0o700)
+    held = Path(f"/tmp/beam-{first.proc.pid}-heldelsewhere")
+    for d in (live, theirs, held):
+        d.mkdir(mode=0o700)
     os.chown(theirs, 65534, 65534)
+    lock = os.open(held, os.O_RDONLY | os.O_DIRECTORY)
+    fcntl.flock(lock, fcntl.LOCK_EX)
     try:
         second = start_worker(APP, "--no-checkpoint", "--port", "0")
         assert not left[0].exists()
-        assert live.is_dir() and theirs.is_dir()
-        assert len(rundirs_of(second.proc.pid)) == 1
+        assert live.is_dir() and theirs.is_dir() and held.is_dir()
+        mine = rundirs_of(second.proc.pid)
+        assert len(mine) == 1
+        # Its own is held the same way while it runs.
+        probe = os.open(mine[0], os.O_RDONLY | os.O_DIRECTORY)
+        with pytest.raises(BlockingIOError):
+            fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.close(probe)
     finally:
-        live.rmdir()
-        theirs.rmdir()
+        os.close(lock)
+        for d in (live, theirs, held):
+            d.rmdir()
 
 
 @pytest.mark.parametrize("mode, owner", [(0o770, 0), (0o707, 0), (0o700, 65534)],
