@@ -738,6 +738,26 @@ static void cleanup(void) {
         rmdir(sup.rundir);
 }
 
+static void on_jobs_deadline(uv_timer_t *t) { (void)t; }
+
+/* The loop has stopped with no replica left, but a job that belongs to none may still
+ * run: a working set being recorded (lazy.c) rewrites an image's pagemaps and then its
+ * hashes, and killed between the two it would leave an image that the next start
+ * discards. Let such jobs end, for up to --grace seconds. */
+static void finish_jobs(void) {
+    double until = bw_now_ms() + bw_sup.o->grace_s * 1000;
+    if (bw_jobs_in_flight() > 0)
+        bw_info("waiting for %d background job(s) to end", bw_jobs_in_flight());
+    while (bw_jobs_in_flight() > 0 && bw_now_ms() < until) {
+        uv_timer_start(&sup.tick, on_jobs_deadline, (uint64_t)(until - bw_now_ms()) + 1, 0);
+        uv_run(bw_sup.loop, UV_RUN_ONCE);
+    }
+    uv_timer_stop(&sup.tick);
+    if (bw_jobs_in_flight() > 0)
+        bw_warn("%d background job(s) still running after %gs; exiting anyway",
+                bw_jobs_in_flight(), bw_sup.o->grace_s);
+}
+
 static void log_to_stderr(const char *line, size_t len) { bw_output_write(2, line, len); }
 
 int bw_supervisor_main(const struct bw_options *o, int argc, char **argv) {
@@ -782,10 +802,12 @@ int bw_supervisor_main(const struct bw_options *o, int argc, char **argv) {
     uv_signal_start(&sup.sigchld, on_sigchld, SIGCHLD);
     bw_job_set_after(reap);
     uv_timer_start(&sup.tick, on_tick, TICK_MS, TICK_MS);
-    if (start_replica(NULL))
+    if (start_replica(NULL)) {
         uv_run(bw_sup.loop, UV_RUN_DEFAULT);
-    else
+        finish_jobs();
+    } else {
         sup.exit_code = 1;
+    }
     if (isatty(STDERR_FILENO) && sup.http && !o->json_logs)
         fputc('\n', stderr);
     cleanup();

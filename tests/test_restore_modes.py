@@ -262,6 +262,41 @@ for i in "${!args[@]}"; do [ "${args[$i]}" = lazy-pages.log ] && args[$i]=daemon
 exec "$REAL" "${args[@]}"'''
 
 
+def test_a_stop_during_the_recording_waits_for_it_and_keeps_the_image(serve_cli, app, workdir):
+    """SIGTERM while the working set is being recorded (a job: pagemaps rewritten, then
+    their hashes): the worker waits for the job instead of exiting in the middle, so the
+    image stays whole and tuned, and the next start restores it."""
+    criu = fake_criu(workdir, FIFO_LOG)
+    env = {"MEMORY_APP_MB": "256"}
+    serve_cli(app, env, "--pass-env", "MEMORY_APP_MB").stop()
+    s = serve_cli(app, env, "--pass-env", "MEMORY_APP_MB", "--restore", "lazy", "--criu", criu)
+    s.wait_for("all memory in", 60)
+    fifo = next((workdir / "checkpoints" / ".logs").glob("lazy-*/lazy-pages.log"))
+    deadline = time.monotonic() + 30
+    while True:  # until the recording has it open
+        try:
+            fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+            break
+        except OSError as e:
+            assert e.errno == errno.ENXIO and time.monotonic() < deadline, e
+            time.sleep(0.01)
+    s.proc.send_signal(signal.SIGTERM)
+    try:
+        s.wait_for("waiting for 1 background job(s) to end", 10)
+        time.sleep(0.5)
+        assert s.proc.poll() is None, "the worker exited while the working set was recorded"
+    finally:
+        os.set_blocking(fd, True)
+        with os.fdopen(fd, "wb") as w:
+            w.write((fifo.parent / "daemon.log").read_bytes())
+    assert s.proc.wait(30) == 0  # by itself, once the job is done
+    assert "working set recorded" in s.log()
+    assert list((workdir / "checkpoints").glob("*/workingset.bin"))
+    s = serve_cli(app, env, "--pass-env", "MEMORY_APP_MB", "--restore", "lazy")
+    assert "restored from checkpoint" in s.log() and "unusable" not in s.log(), s.log()
+    assert s.call(full=True) is True
+
+
 def test_recording_the_working_set_leaves_the_supervisor_serving(serve_cli, app, workdir):
     """The first lazy restore's working set is recorded from its daemon's log (MBs at
     -v4): parsed, pagemaps rewritten and rehashed, off the supervisor's loop (csrc/lazy.c,
