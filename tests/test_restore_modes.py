@@ -262,6 +262,18 @@ for i in "${!args[@]}"; do [ "${args[$i]}" = lazy-pages.log ] && args[$i]=daemon
 exec "$REAL" "${args[@]}"'''
 
 
+def writer_once_read(fifo: Path) -> int:
+    """A non-blocking write end of fifo, once the recording has opened it to read (a
+    writer's open fails with ENXIO until then)."""
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            return os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError as e:
+            assert e.errno == errno.ENXIO and time.monotonic() < deadline, e
+            time.sleep(0.01)
+
+
 def test_a_stop_during_the_recording_waits_for_it_and_keeps_the_image(serve_cli, app, workdir):
     """SIGTERM while the working set is being recorded (a job: pagemaps rewritten, then
     their hashes): the worker waits for the job instead of exiting in the middle, so the
@@ -272,14 +284,7 @@ def test_a_stop_during_the_recording_waits_for_it_and_keeps_the_image(serve_cli,
     s = serve_cli(app, env, "--pass-env", "MEMORY_APP_MB", "--restore", "lazy", "--criu", criu)
     s.wait_for("all memory in", 60)
     fifo = next((workdir / "checkpoints" / ".logs").glob("lazy-*/lazy-pages.log"))
-    deadline = time.monotonic() + 30
-    while True:  # until the recording has it open
-        try:
-            fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
-            break
-        except OSError as e:
-            assert e.errno == errno.ENXIO and time.monotonic() < deadline, e
-            time.sleep(0.01)
+    fd = writer_once_read(fifo)
     s.proc.send_signal(signal.SIGTERM)
     try:
         s.wait_for("waiting for 1 background job(s) to end", 10)
@@ -311,14 +316,7 @@ def test_recording_the_working_set_leaves_the_supervisor_serving(serve_cli, app,
     port = int(re.search(r"HTTP on http://127\.0\.0\.1:(\d+)", s.log()).group(1))
     s.wait_for("all memory in", 60)
     fifo = next((workdir / "checkpoints" / ".logs").glob("lazy-*/lazy-pages.log"))
-    deadline = time.monotonic() + 30
-    while True:  # until the recording has it open: a writer's open then succeeds
-        try:
-            fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
-            break
-        except OSError as e:
-            assert e.errno == errno.ENXIO and time.monotonic() < deadline, e
-            time.sleep(0.01)
+    fd = writer_once_read(fifo)
     status = None
     try:
         c = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
