@@ -265,30 +265,32 @@ def test_hanging_criu_times_out(start_worker, workdir, ckpt_env):
     assert w.client().call()["digest"]
 
 
-def test_criu_version_is_asked_once_per_binary(start_worker, workdir, ckpt_env):
+def test_criu_version_is_asked_once_per_binary(serve_cli, workdir):
     """`criu --version` (the image's compatibility key) is a fork and exec on every start,
     restores included: it is kept per criu binary in the checkpoint root and asked again
     only when the binary changes. The restore it feeds must still work."""
     from test_router import real_criu
+    from usercli import app_copy
     calls, fake = workdir / "criu-calls", workdir / "criu-counting"
     fake.write_text(f'#!/bin/sh\necho "$1" >> {calls}\nexec {real_criu()} "$@"\n')
     fake.chmod(0o755)
     versions = lambda: calls.read_text().split().count("--version")  # noqa: E731
-    w = start_ckpt(start_worker, workdir, ckpt_env, "a", "--criu", str(fake))
-    w.wait_for("checkpoint written")
-    w.kill()
+    app, shell = app_copy(workdir, "user_app.py"), {"USER_SECRET_READ": "s3cr3t-for-on-start"}
+    s = serve_cli(app, shell, "--criu", str(fake))
+    assert "checkpoint written" in s.log()
+    assert s.stop() == 0
     assert versions() == 1
-    w = start_ckpt(start_worker, workdir, ckpt_env, "b", "--criu", str(fake))
-    assert "restored from checkpoint" in w.log()
-    w.kill()
+    s = serve_cli(app, shell, "--criu", str(fake))
+    assert "restored from checkpoint" in s.log()
+    assert s.stop() == 0
     assert versions() == 1, "asked again although the binary is the same"
     cache = workdir / "checkpoints" / ".criu-version"
     assert stat.S_IMODE(cache.stat().st_mode) == 0o600
     said = subprocess.run([real_criu(), "--version"], capture_output=True, text=True).stdout
     assert f"Version: {cache.read_text().split()[-1]}\n" in said
     os.utime(fake, ns=(0, 10**18))  # a new binary in place
-    w = start_ckpt(start_worker, workdir, ckpt_env, "c", "--criu", str(fake))
-    assert "restored from checkpoint" in w.log()
+    s = serve_cli(app, shell, "--criu", str(fake))
+    assert "restored from checkpoint" in s.log()
     assert versions() == 2
 
 

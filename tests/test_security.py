@@ -165,13 +165,15 @@ def rundirs_of(pid: int):
     return [Path(f"/tmp/{d}") for d in os.listdir("/tmp") if d.startswith(f"beam-{pid}-")]
 
 
-def test_private_dirs_of_killed_workers_are_removed_by_the_next(start_worker, workdir):
+def test_private_dirs_of_killed_workers_are_removed_by_the_next(serve_cli, workdir):
     """kill -9 (the kubelet after its grace period, the OOM killer) leaves the front's
     private directory behind; the next worker removes those whose maker is gone, and only
     those: a live process's stays, another user's stays, and so does one whose pid runs
     no more here but whose lock is held (a worker in another PID namespace sharing /tmp)."""
     import fcntl
-    first = start_worker(APP, "--no-checkpoint", "--port", "0")
+    from usercli import app_copy
+    app, shell = app_copy(workdir, "user_app.py"), {"USER_SECRET_READ": "s3cr3t-for-on-start"}
+    first = serve_cli(app, shell, "--no-checkpoint", "--port", "0", "--no-auth")
     left = rundirs_of(first.proc.pid)
     assert len(left) == 1
     first.kill()
@@ -185,7 +187,7 @@ def test_private_dirs_of_killed_workers_are_removed_by_the_next(start_worker, wo
     lock = os.open(held, os.O_RDONLY | os.O_DIRECTORY)
     fcntl.flock(lock, fcntl.LOCK_EX)
     try:
-        second = start_worker(APP, "--no-checkpoint", "--port", "0")
+        second = serve_cli(app, shell, "--no-checkpoint", "--port", "0", "--no-auth")
         assert not left[0].exists()
         assert live.is_dir() and theirs.is_dir() and held.is_dir()
         mine = rundirs_of(second.proc.pid)
