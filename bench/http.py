@@ -152,11 +152,10 @@ def run_floor(args, server_cpus, client_cpus) -> Dict:
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             preexec_fn=S.affinity(server_cpus))
     try:
-        deadline = time.monotonic() + 10
-        while not S.http_ready(port):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise S.BenchError(f"beam-http-floor did not listen: {proc.stderr.read()!r}")
-            time.sleep(0.02)
+        try:
+            S.wait_until(lambda: S.http_ready(port), proc, "beam-http-floor", 10)
+        except S.BenchError as e:
+            raise S.BenchError(f"{e}: {proc.stderr.read()!r}") from None
         res = S.loadgen(args, ["--tcp", f"127.0.0.1:{port}"], "http", client_cpus, proc.pid)
         return dict(res, server="floor (C, no work)", transport="http/tcp", workers=1)
     finally:

@@ -522,16 +522,9 @@ static void write_manifest(const char *path, const struct bw_ckpt *c, const char
 
 /* What a dump will write, about: the process's resident memory. */
 static unsigned long long resident_bytes(pid_t pid) {
-    char path[64], line[128];
-    unsigned long long kib = 0;
+    char path[64];
     snprintf(path, sizeof path, "/proc/%d/status", (int)pid);
-    FILE *f = fopen(path, "r");
-    while (f && fgets(line, sizeof line, f))
-        if (sscanf(line, "VmRSS: %llu", &kib) == 1)
-            break;
-    if (f)
-        fclose(f);
-    return kib * 1024;
+    return bw_proc_sum(path, "VmRSS: %llu") * 1024;
 }
 
 int bw_ckpt_dump(const struct bw_ckpt *c, pid_t pid, const struct bw_ckpt_ids *ids,
@@ -634,24 +627,6 @@ out:
     return rc;
 }
 
-static char *read_file(const char *path, size_t *len) {
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0)
-        return NULL;
-    struct stat st;
-    char *buf = NULL;
-    if (fstat(fd, &st) == 0 && st.st_size < (1 << 24)) {
-        buf = malloc((size_t)st.st_size + 1);
-        if (buf && bw_read_full(fd, buf, (size_t)st.st_size) < 0) {
-            free(buf);
-            buf = NULL;
-        }
-        *len = (size_t)st.st_size;
-    }
-    close(fd);
-    return buf;
-}
-
 /* dir's restore.msgpack, read and unpacked into m (its path left in path). The buffer
  * (which m points into) to free and the zone to destroy after use, or NULL with err set
  * (nothing to free). */
@@ -659,7 +634,7 @@ static char *read_record(const char *dir, char *path, size_t pathcap, msgpack_zo
                          msgpack_object *m, char *err, size_t errlen) {
     snprintf(path, pathcap, "%s/restore.msgpack", dir);
     size_t len = 0;
-    char *buf = read_file(path, &len);
+    char *buf = bw_read_file(path, 1 << 24, &len);
     if (!buf) {
         snprintf(err, errlen, "cannot read %s: %s", path, strerror(errno));
         return NULL;
@@ -897,17 +872,15 @@ static int pack_rehashed(msgpack_packer *pk, const msgpack_object *m, const char
     for (uint32_t i = 0; i < m->via.map.size; i++) {
         const msgpack_object_kv *kv = &m->via.map.ptr[i];
         msgpack_pack_object(pk, kv->key);
-        if (kv->key.type != MSGPACK_OBJECT_STR || kv->key.via.str.size != 5 ||
-            memcmp(kv->key.via.str.ptr, "files", 5) != 0 || kv->val.type != MSGPACK_OBJECT_ARRAY) {
+        if (!bw_mp_is_str(&kv->key, "files") || kv->val.type != MSGPACK_OBJECT_ARRAY) {
             msgpack_pack_object(pk, kv->val);
             continue;
         }
         msgpack_pack_array(pk, kv->val.via.array.size);
         for (uint32_t j = 0; j < kv->val.via.array.size; j++) {
             const msgpack_object *e = &kv->val.via.array.ptr[j];
-            char n[256];
             if (e->type != MSGPACK_OBJECT_ARRAY || e->via.array.size != 3 ||
-                !bw_mp_strdup(&e->via.array.ptr[0], n, sizeof n) || strcmp(n, name) != 0) {
+                !bw_mp_is_str(&e->via.array.ptr[0], name)) {
                 msgpack_pack_object(pk, *e);
                 continue;
             }
@@ -922,40 +895,27 @@ static int pack_rehashed(msgpack_packer *pk, const msgpack_object *m, const char
 }
 
 int bw_ckpt_rehash(const struct bw_ckpt *c, const char *name, char *err, size_t errlen) {
-    char meta[PATH_MAX + 300], imgdir[PATH_MAX + 300], tmp[PATH_MAX + 320];
-    snprintf(meta, sizeof meta, "%s/restore.msgpack", c->dir);
-    snprintf(tmp, sizeof tmp, "%s.tmp", meta);
+    char meta[PATH_MAX + 300], imgdir[PATH_MAX + 300];
     snprintf(imgdir, sizeof imgdir, "%s/img", c->dir);
-    size_t len = 0;
-    char *buf = read_file(meta, &len), *hb = malloc(HASH_BLOCK);
+    msgpack_zone zone;
+    msgpack_object m;
+    char *buf = read_record(c->dir, meta, sizeof meta, &zone, &m, err, errlen);
+    if (!buf)
+        return -1;
+    char *hb = malloc(HASH_BLOCK);
     int dfd = open(imgdir, O_DIRECTORY | O_CLOEXEC), rc = -1;
     struct stat st;
     unsigned long long hash = 0;
-    msgpack_zone zone;
-    msgpack_zone_init(&zone, 4096);
-    msgpack_object m;
     msgpack_sbuffer sb;
     msgpack_sbuffer_init(&sb);
     msgpack_packer pk;
     msgpack_packer_init(&pk, &sb, msgpack_sbuffer_write);
-    if (!buf || !hb || dfd < 0 || fstatat(dfd, name, &st, 0) < 0 ||
-        file_hash(dfd, name, hb, &hash, NULL) < 0 ||
-        bw_mp_unpack_exact(buf, len, &zone, &m) < 0 || m.type != MSGPACK_OBJECT_MAP ||
-        pack_rehashed(&pk, &m, name, (unsigned long long)st.st_size, hash) < 0) {
+    if (!hb || dfd < 0 || fstatat(dfd, name, &st, 0) < 0 ||
+        file_hash(dfd, name, hb, &hash, NULL) < 0 || m.type != MSGPACK_OBJECT_MAP ||
+        pack_rehashed(&pk, &m, name, (unsigned long long)st.st_size, hash) < 0)
         snprintf(err, errlen, "cannot rehash %s in %s", name, meta);
-        goto out;
-    }
-    int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
-    rc = fd >= 0 ? bw_write_full(fd, sb.data, sb.size) : -1;
-    if (fd >= 0 && (fsync(fd) < 0 || close(fd) < 0))
-        rc = -1;
-    if (rc == 0 && rename(tmp, meta) < 0)
-        rc = -1;
-    if (rc < 0) {
+    else if ((rc = bw_write_replace(meta, sb.data, sb.size)) < 0)
         snprintf(err, errlen, "cannot write %s: %s", meta, strerror(errno));
-        unlink(tmp);
-    }
-out:
     msgpack_sbuffer_destroy(&sb);
     msgpack_zone_destroy(&zone);
     if (dfd >= 0)

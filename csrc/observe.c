@@ -149,21 +149,13 @@ static void get_tasks(struct bw_http_req *req, const char *path, const char *que
 /* Proportional set size of a process and its descendants: forked workers share most of
  * their pages with the host, and PSS counts each shared page once in all. Bytes. */
 static unsigned long long pss_of(pid_t pid, int depth, int *budget) {
-    char path[96], line[256];
-    unsigned long long kb = 0, total = 0;
+    char path[96];
     if (--*budget < 0)
         return 0;
     snprintf(path, sizeof path, "/proc/%d/smaps_rollup", (int)pid);
-    FILE *f = fopen(path, "r");
-    if (f) {
-        while (fgets(line, sizeof line, f))
-            if (sscanf(line, "Pss: %llu kB", &kb) == 1)
-                break;
-        fclose(f);
-        total = kb * 1024;
-    }
+    unsigned long long total = bw_proc_sum(path, "Pss: %llu kB") * 1024;
     snprintf(path, sizeof path, "/proc/%d/task/%d/children", (int)pid, (int)pid);
-    f = depth < 4 ? fopen(path, "r") : NULL;
+    FILE *f = depth < 4 ? fopen(path, "r") : NULL;
     if (f) {
         int child;
         while (fscanf(f, "%d", &child) == 1)

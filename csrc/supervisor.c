@@ -108,16 +108,21 @@ static int count_starting(void) {
     return n;
 }
 
+/* r was the replica that held the store's lease to dump: it is done with it. */
+static void dumper_over(const struct bw_replica *r) {
+    if (sup.dumper == r->id) {
+        sup.dumper = 0;
+        bw_store_lease_release(&bw_sup.store);
+    }
+}
+
 static void unlink_replica(struct bw_replica *r) {
     for (struct bw_replica **p = &sup.replicas; *p; p = &(*p)->next)
         if (*p == r) {
             *p = r->next;
             break;
         }
-    if (sup.dumper == r->id) {
-        sup.dumper = 0;
-        bw_store_lease_release(&bw_sup.store); /* its boot ended before a publication */
-    }
+    dumper_over(r); /* its boot ended before a publication */
     bw_replica_free(r);
 }
 
@@ -287,10 +292,7 @@ static void replica_serving(struct bw_replica *r) {
     sup.any_served = true;
     r->serving_since = bw_now_ms();
     bw_obs_replica_serving(r);
-    if (sup.dumper == r->id) {
-        sup.dumper = 0;
-        bw_store_lease_release(&bw_sup.store); /* no dump (a publisher took it otherwise) */
-    }
+    dumper_over(r); /* no dump (a publisher took it otherwise) */
     wake_stop();
     if (sup.http && r->upstream.fd >= 0)
         bw_router_attach(r, r->upstream.unix_path, r->workers > 0 ? r->workers : 1,
@@ -368,7 +370,7 @@ static void replica_restored(struct bw_replica *r, bool ok) {
         bw_obs_replica_started(r, "restore");
     } else if (sup.stopping || r->phase == BW_R_STOPPING) {
         unlink_replica(r); /* stopped meanwhile: nothing to start in its place */
-        if (sup.stopping && count_alive() == 0 && !sup.replicas)
+        if (sup.stopping && !sup.replicas)
             shutdown_loop(sup.exit_code);
     } else {
         boot_cold(r, true);
@@ -428,7 +430,7 @@ static void replica_exited(struct bw_replica *r, int status) {
     bw_replica_reaped(r);
     unlink_replica(r);
     if (sup.stopping) {
-        if (count_alive() == 0 && !sup.replicas)
+        if (!sup.replicas)
             shutdown_loop(sup.exit_code);
         return;
     }
@@ -546,7 +548,7 @@ static void on_signal(uv_signal_t *h, int sig) {
     } else {
         stop_drained(bw_now_ms());
     }
-    if (count_alive() == 0 && !sup.replicas)
+    if (!sup.replicas)
         shutdown_loop(0);
 }
 
@@ -748,10 +750,9 @@ static void finish_jobs(void) {
     double until = bw_now_ms() + bw_sup.o->grace_s * 1000;
     if (bw_jobs_in_flight() > 0)
         bw_info("waiting for %d background job(s) to end", bw_jobs_in_flight());
-    while (bw_jobs_in_flight() > 0 && bw_now_ms() < until) {
-        uv_timer_start(&sup.tick, on_jobs_deadline, (uint64_t)(until - bw_now_ms()) + 1, 0);
-        uv_run(bw_sup.loop, UV_RUN_ONCE);
-    }
+    uv_timer_start(&sup.tick, on_jobs_deadline, (uint64_t)(bw_sup.o->grace_s * 1000) + 1, 0);
+    while (bw_jobs_in_flight() > 0 && bw_now_ms() < until)
+        uv_run(bw_sup.loop, UV_RUN_ONCE); /* a job's end, or the timer, wakes it */
     uv_timer_stop(&sup.tick);
     if (bw_jobs_in_flight() > 0)
         bw_warn("%d background job(s) still running after %gs; exiting anyway",

@@ -83,22 +83,19 @@ static void *collapse_main(void *arg) {
 void bw_thp_collapse_async(pid_t pid) {
     struct collapse *c = malloc(sizeof *c);
     pthread_t t;
-    pthread_attr_t attr;
     int fd = c ? (int)syscall(SYS_pidfd_open, pid, 0) : -1;
-    if (fd < 0 || pthread_attr_init(&attr) != 0) {
+    if (fd < 0) {
         bw_warn("pid %d: not collapsing its memory into huge pages: %s", (int)pid, strerror(errno));
-        if (fd >= 0)
-            close(fd);
         free(c);
         return;
     }
     *c = (struct collapse){.pid = pid, .pidfd = fd};
-    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
-    int rc = pthread_create(&t, &attr, collapse_main, c);
-    pthread_attr_destroy(&attr);
+    int rc = pthread_create(&t, NULL, collapse_main, c);
     if (rc != 0) {
         bw_warn("pid %d: not collapsing its memory into huge pages: %s", (int)pid, strerror(rc));
         close(fd);
         free(c);
+        return;
     }
+    pthread_detach(t);
 }

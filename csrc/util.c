@@ -127,6 +127,48 @@ static int rm_entry(const char *path, const struct stat *st, int flag, struct FT
     return remove(path);
 }
 
+void *bw_read_file(const char *path, size_t max, size_t *len) {
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    struct stat st;
+    char *buf = NULL;
+    if (fd >= 0 && fstat(fd, &st) == 0 && (size_t)st.st_size < max) {
+        buf = malloc((size_t)st.st_size + 1);
+        if (buf && bw_read_full(fd, buf, (size_t)st.st_size) < 0) {
+            free(buf);
+            buf = NULL;
+        }
+        if (buf) {
+            buf[st.st_size] = '\0';
+            *len = (size_t)st.st_size;
+        }
+    }
+    if (fd >= 0)
+        close(fd);
+    return buf;
+}
+
+int bw_write_replace(const char *path, const void *buf, size_t len) {
+    char tmp[4096];
+    if (snprintf(tmp, sizeof tmp, "%s.tmp", path) >= (int)sizeof tmp) {
+        errno = ENAMETOOLONG;
+        return -1;
+    }
+    int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+    int rc = fd >= 0 ? bw_write_full(fd, buf, len) : -1;
+    if (rc == 0 && fsync(fd) < 0)
+        rc = -1;
+    if (fd >= 0 && close(fd) < 0)
+        rc = -1;
+    if (rc == 0 && rename(tmp, path) < 0)
+        rc = -1;
+    if (rc < 0) {
+        int saved = errno;
+        unlink(tmp);
+        errno = saved;
+    }
+    return rc;
+}
+
 void bw_rm_rf(const char *path) { nftw(path, rm_entry, 16, FTW_DEPTH | FTW_PHYS); }
 
 static bool pid_gone(long pid) {

@@ -29,6 +29,13 @@ bool bw_window_admit(double *times, int *n, int max, double window_ms, double no
 /* "exited with status N" or "was killed by signal N (NAME)" for a wait status. */
 void bw_describe_status(int status, char *buf, size_t cap);
 
+/* The whole of path, malloc'd and NUL-terminated (not counted in *len), when it opens and
+ * holds fewer than max bytes; else NULL. */
+void *bw_read_file(const char *path, size_t max, size_t *len);
+/* Replaces path with buf whole or not at all: written to path.tmp (0600), fsync'd,
+ * renamed over it. 0, or -1 and errno (the temporary removed). */
+int bw_write_replace(const char *path, const void *buf, size_t len);
+
 /* rm -rf: a directory tree, or a file; errors are ignored (what is left stays). */
 void bw_rm_rf(const char *path);
 

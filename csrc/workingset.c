@@ -209,35 +209,14 @@ static size_t split_entry(uint8_t *out, const struct pm_entry *e, const struct w
     return run.nr_pages ? o + put_entry(out + o, &run) : o;
 }
 
-static uint8_t *read_all(const char *path, size_t *len) {
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
-    struct stat st;
-    uint8_t *buf = NULL;
-    if (fd >= 0 && fstat(fd, &st) == 0 && st.st_size > 8 && st.st_size < (1 << 26)) {
-        buf = malloc((size_t)st.st_size);
-        *len = (size_t)st.st_size;
-        if (buf && bw_read_full(fd, buf, *len) < 0) {
-            free(buf);
-            buf = NULL;
-        }
+/* A pagemap file: its 8-byte magic and at least the head entry, under 64 MiB. */
+static uint8_t *read_pagemap(const char *path, size_t *len) {
+    uint8_t *buf = bw_read_file(path, 1 << 26, len);
+    if (buf && *len <= 8) {
+        free(buf);
+        buf = NULL;
     }
-    if (fd >= 0)
-        close(fd);
     return buf;
-}
-
-static int write_replace(const char *path, const void *buf, size_t len) {
-    char tmp[PATH_MAX + 400];
-    snprintf(tmp, sizeof tmp, "%s.ws-tmp", path);
-    int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
-    int rc = fd >= 0 ? bw_write_full(fd, buf, len) : -1;
-    if (fd >= 0 && (fsync(fd) < 0 || close(fd) < 0))
-        rc = -1;
-    if (rc == 0 && rename(tmp, path) < 0)
-        rc = -1;
-    if (rc < 0)
-        unlink(tmp);
-    return rc;
 }
 
 #define MAX_ENTRY 40 /* the longest PagemapEntry put_entry writes, with its length */
@@ -261,7 +240,7 @@ static int tune_pagemap(const char *imgdir, uint32_t pid, const struct ws_page *
     char path[PATH_MAX + 400];
     snprintf(path, sizeof path, "%s/pagemap-%u.img", imgdir, pid);
     size_t len = 0, cap = 0, o = 8, i = 8;
-    uint8_t *in = read_all(path, &len), *out = NULL;
+    uint8_t *in = read_pagemap(path, &len), *out = NULL;
     int rc = -1;
     if (!in || reserve(&out, &cap, 0, len) < 0)
         goto done;
@@ -287,7 +266,7 @@ static int tune_pagemap(const char *imgdir, uint32_t pid, const struct ws_page *
         }
         i += 4 + l;
     }
-    rc = i == len ? write_replace(path, out, o) : -1;
+    rc = i == len ? bw_write_replace(path, out, o) : -1;
 done:
     free(in);
     free(out);
@@ -299,7 +278,7 @@ static int count_lazy(const char *imgdir, const char *name, unsigned long long *
     char path[PATH_MAX + 600];
     snprintf(path, sizeof path, "%s/%s", imgdir, name);
     size_t len = 0, i = 8;
-    uint8_t *in = read_all(path, &len);
+    uint8_t *in = read_pagemap(path, &len);
     for (int first = 1; in && i + 4 <= len; first = 0) {
         uint32_t l;
         struct pm_entry e;
@@ -336,7 +315,7 @@ void bw_ws_check_dump(const char *imgdir) {
 static int write_ws(const char *ckdir, const struct ws_page *ws, size_t n) {
     char path[PATH_MAX + 300];
     snprintf(path, sizeof path, "%s/workingset.bin", ckdir);
-    return write_replace(path, ws, n * sizeof *ws);
+    return bw_write_replace(path, ws, n * sizeof *ws);
 }
 
 static int record(const struct bw_ckpt *c, const char *daemon_log, char *err, size_t errlen) {
